@@ -1,0 +1,160 @@
+"""Audio in: load any common file to 16 kHz mono, Whisper log-mel in batches, 30 s chunking, token counts.
+
+The features are exactly Whisper's (openai-whisper ``log_mel_spectrogram`` and transformers'
+``WhisperFeatureExtractor``): 25 ms Hann windows every 10 ms, 128 mel bins, log10, floor at max - 8, (x + 4) / 4.
+What differs from the stock pipelines is the padding: a clip is never padded to 30 s. A batch is padded only to its
+longest clip and a frame mask says which frames are real; audio over 30 s is cut into 30 s chunks.
+
+This module is the one place that turns mel frames into audio-token counts (``audio_token_count``); the collator
+and the model both call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # Hz, what Whisper was trained on
+N_FFT = 400  # samples per STFT window: 25 ms
+HOP_LENGTH = 160  # samples between frames: 10 ms, so 100 mel frames per second
+N_MELS = 128  # mel bins of Whisper-large-v3 (80 for older Whisper sizes)
+CHUNK_SECONDS = 30  # the encoder's positional table covers 30 s
+CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480,000 samples
+MAX_FRAMES = CHUNK_SAMPLES // HOP_LENGTH  # 3,000 mel frames per chunk
+MIN_CHUNK_SAMPLES = N_FFT  # 25 ms: 3 mel frames, the shortest input that yields one audio token
+LOG_RANGE = 8.0  # log10 units kept below a clip's loudest frame (80 dB)
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used, with the file (or caller-given name) in the message."""
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Decode wav/flac/mp3/ogg to 16 kHz mono float32, shape (n_samples,).
+
+    Channels are averaged and other sample rates are resampled (soxr, as librosa does by default).
+    """
+    import librosa  # heavy import: only when a file is actually read
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: audio file not found")
+    try:
+        wav, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True, dtype=np.float32)
+    except Exception as err:  # librosa raises several unrelated types for corrupt files
+        raise AudioError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from err
+    if wav.size == 0:
+        raise AudioError(f"{path}: audio is empty (0 samples)")
+    return wav
+
+
+def mel_frame_count(n_samples: int) -> int:
+    """Mel frames for a clip: one per 10 ms hop whose centre lies inside the clip, ceil(n / 160).
+
+    This is the count transformers' WhisperFeatureExtractor puts in its attention mask.
+    """
+    return -(-n_samples // HOP_LENGTH)
+
+
+def audio_token_count(mel_frames, stack: int = 1):
+    """Audio tokens the model produces for ``mel_frames`` frames of one chunk (int or integer tensor).
+
+    conv2 has stride 2: ``a = (L - 1) // 2 + 1`` frames at 50 Hz; AvgPool1d(2): ``n = (a - 2) // 2 + 1`` at 25 Hz
+    (40 ms per token, 750 tokens for 30 s). A ``stack`` projector then merges k tokens into one: ceil(n / k).
+    """
+    after_conv = (mel_frames - 1) // 2 + 1
+    after_pool = (after_conv - 2) // 2 + 1
+    return (after_pool + stack - 1) // stack
+
+
+def split_chunks(wav: torch.Tensor, name: str = "audio") -> list[torch.Tensor]:
+    """Cut a clip into consecutive 30 s chunks; the last chunk holds the remainder.
+
+    A remainder under 25 ms would give no token, so it is zero-padded to 25 ms and the padding is logged.
+    """
+    if wav.numel() < MIN_CHUNK_SAMPLES:
+        raise AudioError(
+            f"{name}: {wav.numel()} samples ({wav.numel() / SAMPLE_RATE * 1000:.1f} ms) is shorter than the "
+            f"{MIN_CHUNK_SAMPLES * 1000 // SAMPLE_RATE} ms minimum that yields one audio token"
+        )
+    chunks = list(torch.split(wav, CHUNK_SAMPLES))
+    if chunks[-1].numel() < MIN_CHUNK_SAMPLES:
+        short = chunks[-1].numel()
+        chunks[-1] = F.pad(chunks[-1], (0, MIN_CHUNK_SAMPLES - short))
+        log.info("%s: padded the last %d-sample chunk to %d samples", name, short, MIN_CHUNK_SAMPLES)
+    return chunks
+
+
+def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
+    """Whisper's own filterbank (librosa slaney mel, shipped by openai-whisper), shape (n_mels, 201)."""
+    from whisper.audio import mel_filters
+
+    return mel_filters(device, n_mels)
+
+
+def log_mel(wavs: list[torch.Tensor], n_mels: int = N_MELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of a batch of 16 kHz clips, each at most 30 s, padded only to the longest.
+
+    Args:
+        wavs: B float tensors of shape (n_i,), n_i <= 480,000 samples.
+    Returns:
+        features (B, n_mels, T) float32, T = max_i ceil(n_i / 160); padded frames are 0.
+        mask (B, T) int64, 1 on real frames (the ``feature_attention_mask``).
+
+    Each clip is reflect-padded by itself before the batched STFT, so a clip gets the same features alone or in
+    a batch, and the same as Whisper's per-clip ``center=True`` STFT.
+    """
+    if any(w.numel() > CHUNK_SAMPLES for w in wavs):
+        raise AudioError("log_mel takes chunks of at most 30 s; call split_chunks first")
+    device = wavs[0].device
+    half = N_FFT // 2
+    padded = [F.pad(w.float()[None, None], (half, half), mode="reflect")[0, 0] for w in wavs]
+    batch = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)  # (B, n_max + 400)
+    window = torch.hann_window(N_FFT, device=device)
+    stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+    lengths = torch.tensor([mel_frame_count(w.numel()) for w in wavs], device=device)
+    frames = int(lengths.max())
+    power = stft[..., :frames].abs() ** 2  # (B, 201, T)
+    mel = _mel_filters(n_mels, device) @ power  # (B, n_mels, T)
+    logmel = torch.clamp(mel, min=1e-10).log10()
+    mask = torch.arange(frames, device=device)[None, :] < lengths[:, None]  # (B, T)
+    loudest = logmel.masked_fill(~mask[:, None, :], -math.inf).amax(dim=(1, 2), keepdim=True)
+    logmel = (torch.maximum(logmel, loudest - LOG_RANGE) + 4.0) / 4.0
+    return logmel.masked_fill(~mask[:, None, :], 0.0), mask.long()
+
+
+@dataclass
+class AudioBatch:
+    """Encoder inputs for a batch of clips, every clip cut into 30 s chunks.
+
+    input_features: (C, n_mels, T) for the C chunks of all clips, clip by clip, in order.
+    feature_attention_mask: (C, T), 1 on real frames.
+    tokens_per_clip: audio tokens each clip expands to (the sum over its chunks).
+    """
+
+    input_features: torch.Tensor
+    feature_attention_mask: torch.Tensor
+    tokens_per_clip: list[int]
+
+
+def featurize(clips: list, names: list[str] | None = None, stack: int = 1, n_mels: int = N_MELS) -> AudioBatch:
+    """16 kHz mono waveforms (numpy or torch, any length) -> chunked, batch-padded log-mel and token counts."""
+    names = names or [f"audio[{i}]" for i in range(len(clips))]
+    chunks, tokens_per_clip = [], []
+    for clip, name in zip(clips, names):
+        wav = torch.as_tensor(clip, dtype=torch.float32)
+        if wav.ndim != 1:
+            raise AudioError(f"{name}: expected a mono waveform of shape (n_samples,), got {tuple(wav.shape)}")
+        parts = split_chunks(wav, name)
+        chunks += parts
+        tokens_per_clip.append(sum(audio_token_count(mel_frame_count(p.numel()), stack) for p in parts))
+    features, mask = log_mel(chunks, n_mels)
+    return AudioBatch(features, mask, tokens_per_clip)

@@ -1,0 +1,105 @@
+"""The listening model: audio tower -> projector -> any Hugging Face causal LM.
+
+Attribute names give Qwen2-Audio's checkpoint names (``audio_tower.*``, ``multi_modal_projector.*``,
+``language_model.model.*``, ``language_model.lm_head.*``), so a linear-projector model saved here is a stock
+Qwen2-Audio checkpoint, and a released Qwen2-Audio folder loads here unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from audiollm.model.config import AudioLLMConfig
+from audiollm.model.encoder import AudioEncoder
+from audiollm.model.projector import build_projector
+
+
+class AudioLLMForConditionalGeneration(PreTrainedModel):
+    config_class = AudioLLMConfig
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["Qwen2AudioEncoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+
+    def __init__(self, config: AudioLLMConfig):
+        super().__init__(config)
+        self.audio_tower = AudioEncoder(config.audio_config)
+        self.multi_modal_projector = build_projector(
+            config.projector_type, config.audio_config.d_model, config.text_config.hidden_size, config.projector_stack
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
+        """Save as usual, but write the LM head even when it is tied to the input embeddings.
+
+        Stock Qwen2AudioForConditionalGeneration never ties its ``lm_head``, so a tied LLM (Qwen2.5-0.5B/1.5B,
+        Qwen3-0.6B...) saved without the head would load there with a random one.
+        """
+        head, embed = self.get_output_embeddings(), self.get_input_embeddings()
+        if head is not None and head.weight is embed.weight:
+            names = {module: name for name, module in self.named_modules()}
+            state_dict = dict(state_dict if state_dict is not None else self.state_dict())
+            state_dict[f"{names[head]}.weight"] = state_dict[f"{names[embed]}.weight"].clone()
+        super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+
+    def encode_audio(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(C, n_mels, T) chunks -> (sum of real tokens over chunks, hidden), chunk by chunk in order."""
+        frames, lengths = self.audio_tower(input_features, feature_attention_mask)  # (C, N, D), (C,)
+        real = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]
+        frames = frames * real[..., None].to(frames.dtype)  # a stack projector's last group sees zeros, not padding
+        tokens = self.multi_modal_projector(frames)  # (C, ceil(N / k), hidden)
+        stacked = (lengths + self.config.projector_stack - 1) // self.config.projector_stack
+        keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < stacked[:, None]
+        return tokens[keep]
+
+    def embed(self, input_ids, input_features=None, feature_attention_mask=None) -> torch.Tensor:
+        """Token embeddings with the audio tokens written into the ``<|AUDIO|>`` positions, in order."""
+        embeds = self.get_input_embeddings()(input_ids)  # (B, S, hidden)
+        slots = input_ids == self.config.audio_token_id
+        if input_features is None:
+            if slots.any():
+                raise ValueError(f"input_ids hold {int(slots.sum())} <|AUDIO|> tokens but no input_features")
+            return embeds
+        audio = self.encode_audio(input_features, feature_attention_mask)
+        if audio.shape[0] != int(slots.sum()):
+            raise ValueError(
+                f"the audio gives {audio.shape[0]} tokens but input_ids hold {int(slots.sum())} <|AUDIO|> "
+                "placeholders: expand each clip's placeholder to audio_token_count() copies"
+            )
+        return embeds.masked_scatter(slots[..., None], audio.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Same inputs as Qwen2AudioForConditionalGeneration; the LLM computes the loss from ``labels``."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, input_features, feature_attention_mask)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None, **kwargs):
+        """Batched generation (pad on the left). Returns prompt ids followed by new ids, like stock ``generate``."""
+        embeds = self.embed(input_ids, input_features, feature_attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return torch.cat([input_ids, new_ids.to(input_ids.device)], dim=1)
