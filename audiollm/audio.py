@@ -75,6 +75,15 @@ def audio_token_count(mel_frames, stack: int = 1):
     return (after_pool + stack - 1) // stack
 
 
+def clip_token_count(n_samples: int, stack: int = 1) -> int:
+    """Audio tokens for a whole clip of ``n_samples`` at 16 kHz: the sum over its 30 s chunks."""
+    full, rest = divmod(n_samples, CHUNK_SAMPLES)
+    tokens = full * audio_token_count(MAX_FRAMES, stack)
+    if rest:
+        tokens += audio_token_count(mel_frame_count(max(rest, MIN_CHUNK_SAMPLES)), stack)
+    return tokens
+
+
 def split_chunks(wav: torch.Tensor, name: str = "audio") -> list[torch.Tensor]:
     """Cut a clip into consecutive 30 s chunks; the last chunk holds the remainder.
 
@@ -153,8 +162,7 @@ def featurize(clips: list, names: list[str] | None = None, stack: int = 1, n_mel
         wav = torch.as_tensor(clip, dtype=torch.float32)
         if wav.ndim != 1:
             raise AudioError(f"{name}: expected a mono waveform of shape (n_samples,), got {tuple(wav.shape)}")
-        parts = split_chunks(wav, name)
-        chunks += parts
-        tokens_per_clip.append(sum(audio_token_count(mel_frame_count(p.numel()), stack) for p in parts))
+        chunks += split_chunks(wav, name)
+        tokens_per_clip.append(clip_token_count(wav.numel(), stack))
     features, mask = log_mel(chunks, n_mels)
     return AudioBatch(features, mask, tokens_per_clip)

@@ -1,0 +1,143 @@
+"""Manifest rows -> model tensors: chat rendering, placeholder expansion, labels, padding, lazy audio features.
+
+A row is LLaMA-Factory / ms-swift style::
+
+    {"messages": [{"role": "user", "content": "<audio>What is this sound?"},
+                  {"role": "assistant", "content": "A dog barking."}],
+     "audios": ["clip.wav"]}
+
+Audio is decoded here, per batch, never cached as features. Each ``<audio>`` marker becomes one
+``<|audio_bos|><|AUDIO|>...<|AUDIO|><|audio_eos|>`` run with exactly ``clip_token_count`` placeholders (clips over
+30 s: the chunks' tokens follow each other in that one run). A row longer than ``max_length`` is never cut inside
+its audio: it is dropped and counted, or (``overflow="trim_text"``) its text is cut after the last audio token with
+a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from audiollm.audio import clip_token_count, featurize, load_audio
+from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, count_audio_markers, render_segments
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # label value the cross-entropy skips
+
+
+class RowError(ValueError):
+    """A manifest row that cannot be used; the message names the row and what to fix."""
+
+
+@dataclass
+class Encoded:
+    """One tokenized row: ids and labels of equal length, and its clips as 16 kHz waveforms."""
+
+    row_id: str
+    input_ids: list[int]
+    labels: list[int]
+    clips: list[np.ndarray]
+
+
+@dataclass
+class ChatCollator:
+    """Turns a list of manifest rows into a padded batch for ``AudioLLMForConditionalGeneration``.
+
+    generation=True renders the prompt with ``<|im_start|>assistant\\n`` appended (after the conversation; put only
+    the turns before the answer in ``messages``), pads on the left and returns no labels.
+    """
+
+    tokenizer: object
+    max_length: int = 4096
+    stack: int = 1  # the projector's frame stacking; token counts depend on it
+    train_on: str = "all"  # "all" assistant turns or only the "last"
+    overflow: str = "drop"  # "drop" the row, or "trim_text" after its last audio token
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    generation: bool = False
+    skipped: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        if self.overflow not in ("drop", "trim_text"):
+            raise ValueError(f"overflow must be 'drop' or 'trim_text', got {self.overflow!r}")
+        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token: build the model folder with `audiollm init`")
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [e for i, row in enumerate(rows) if (e := self.fit(self.encode(row, i))) is not None]
+        if not encoded:
+            raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
+        batch = self.pad(encoded)
+        clips = [clip for e in encoded for clip in e.clips]
+        if clips:
+            names = [f"{e.row_id} audio {k}" for e in encoded for k in range(len(e.clips))]
+            audio = featurize(clips, names, stack=self.stack)
+            batch["input_features"] = audio.input_features
+            batch["feature_attention_mask"] = audio.feature_attention_mask
+        return batch
+
+    def encode(self, row: dict, index: int) -> Encoded:
+        """Render, tokenize and expand one row. Raises RowError for a marker/audio count mismatch."""
+        row_id = str(row.get("id", f"row {index}"))
+        messages, audios = row["messages"], list(row.get("audios") or [])
+        markers = count_audio_markers(messages)
+        if markers != len(audios):
+            raise RowError(
+                f"{row_id}: {markers} <audio> marker(s) in messages but {len(audios)} file(s) in 'audios'; "
+                "put one <audio> in the text for each audio file"
+            )
+        clips = [load_audio(a) if isinstance(a, str) else np.asarray(a, dtype=np.float32) for a in audios]
+        counts = [clip_token_count(len(c), self.stack) for c in clips]
+        segments = render_segments(messages, self.system_prompt, self.generation, self.train_on)
+        ids, labels, clip = [], [], 0
+        for seg in segments:
+            for tok in self.tokenizer(seg.text, add_special_tokens=False)["input_ids"]:
+                if tok != self.audio_token_id:
+                    ids.append(tok)
+                    labels.append(tok if seg.train else IGNORE_INDEX)
+                    continue
+                if clip == len(counts):
+                    raise RowError(f"{row_id}: the text itself contains {AUDIO_TOKEN}; mark audio with <audio> only")
+                ids += [tok] * counts[clip]
+                labels += [IGNORE_INDEX] * counts[clip]
+                clip += 1
+        return Encoded(row_id, ids, labels, clips)
+
+    def fit(self, row: Encoded) -> Encoded | None:
+        """Apply ``max_length``: keep, trim the text after the last audio token, or drop (counted, logged)."""
+        if len(row.input_ids) <= self.max_length:
+            return row
+        audio_positions = [i for i, t in enumerate(row.input_ids) if t == self.audio_token_id]
+        audio_end = audio_positions[-1] + 1 if audio_positions else 0
+        keeps_labels = any(lab != IGNORE_INDEX for lab in row.labels[: self.max_length])
+        if self.overflow == "trim_text" and audio_end < self.max_length and (keeps_labels or self.generation):
+            log.warning("%s: %d tokens > max_length=%d, text trimmed", row.row_id, len(row.input_ids), self.max_length)
+            self.skipped["trimmed_over_max_length"] += 1
+            return Encoded(row.row_id, row.input_ids[: self.max_length], row.labels[: self.max_length], row.clips)
+        self.skipped["dropped_over_max_length"] += 1
+        log.warning(
+            "%s: %d tokens > max_length=%d, row dropped (%d dropped so far)",
+            row.row_id, len(row.input_ids), self.max_length, self.skipped["dropped_over_max_length"],
+        )
+        return None
+
+    def pad(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Pad ids with the pad token and labels with -100, on the right (training) or left (generation)."""
+        width = max(len(r.input_ids) for r in rows)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r.input_ids), width) if self.generation else slice(0, len(r.input_ids))
+            ids[i, span] = torch.tensor(r.input_ids)
+            labels[i, span] = torch.tensor(r.labels)
+            mask[i, span] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if not self.generation:
+            batch["labels"] = labels
+        return batch
