@@ -56,6 +56,47 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     return wav
 
 
+def load_audio_source(source, name: str = "audio") -> np.ndarray:
+    """A manifest's audio entry -> 16 kHz mono float32.
+
+    Accepts a path, a Hugging Face ``Audio`` value (``{"path", "bytes"}`` undecoded, or ``{"array",
+    "sampling_rate"}``), or a waveform already at 16 kHz.
+    """
+    import librosa
+
+    if isinstance(source, (str, os.PathLike)):
+        return load_audio(source)
+    if isinstance(source, dict):
+        if source.get("array") is not None:
+            wav = np.asarray(source["array"], dtype=np.float32)
+            wav = wav.mean(axis=0) if wav.ndim == 2 else wav
+            return librosa.resample(wav, orig_sr=source["sampling_rate"], target_sr=SAMPLE_RATE)
+        if source.get("bytes"):
+            return _decode_bytes(source["bytes"], source.get("path") or name)
+        if source.get("path"):
+            return load_audio(source["path"])
+    wav = np.asarray(source, dtype=np.float32)
+    if wav.ndim != 1 or wav.size == 0:
+        raise AudioError(f"{name}: expected a path or a non-empty mono 16 kHz waveform, got shape {wav.shape}")
+    return wav
+
+
+def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    import io
+
+    import librosa
+    import soundfile
+
+    try:
+        wav, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as err:
+        raise AudioError(f"{name}: cannot decode embedded audio bytes ({err})") from err
+    wav = wav.mean(axis=1)
+    if wav.size == 0:
+        raise AudioError(f"{name}: audio is empty (0 samples)")
+    return librosa.resample(wav, orig_sr=sr, target_sr=SAMPLE_RATE) if sr != SAMPLE_RATE else wav
+
+
 def mel_frame_count(n_samples: int) -> int:
     """Mel frames for a clip: one per 10 ms hop whose centre lies inside the clip, ceil(n / 160).
 

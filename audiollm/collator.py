@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import clip_token_count, featurize, load_audio
+from audiollm.audio import clip_token_count, featurize, load_audio_source
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, count_audio_markers, render_segments
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ChatCollator:
                 f"{row_id}: {markers} <audio> marker(s) in messages but {len(audios)} file(s) in 'audios'; "
                 "put one <audio> in the text for each audio file"
             )
-        clips = [load_audio(a) if isinstance(a, str) else np.asarray(a, dtype=np.float32) for a in audios]
+        clips = [load_audio_source(a, f"{row_id} audio {k}") for k, a in enumerate(audios)]
         counts = [clip_token_count(len(c), self.stack) for c in clips]
         segments = render_segments(messages, self.system_prompt, self.generation, self.train_on)
         ids, labels, clip = [], [], 0

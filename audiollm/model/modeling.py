@@ -64,6 +64,11 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < stacked[:, None]
         return tokens[keep]
 
+    def _silent_chunk(self) -> torch.Tensor:
+        """The smallest input that yields one audio token: 3 mel frames of zeros, (1, n_mels, 3)."""
+        weight = self.audio_tower.conv1.weight
+        return torch.zeros(1, self.config.audio_config.num_mel_bins, 3, dtype=weight.dtype, device=weight.device)
+
     def embed(self, input_ids, input_features=None, feature_attention_mask=None) -> torch.Tensor:
         """Token embeddings with the audio tokens written into the ``<|AUDIO|>`` positions, in order."""
         embeds = self.get_input_embeddings()(input_ids)  # (B, S, hidden)
@@ -71,6 +76,8 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         if input_features is None:
             if slots.any():
                 raise ValueError(f"input_ids hold {int(slots.sum())} <|AUDIO|> tokens but no input_features")
+            if self.training:  # a text-only batch still runs the audio path: ZeRO-3 / DDP ranks must agree
+                return embeds + 0.0 * self.encode_audio(self._silent_chunk(), None).sum()
             return embeds
         audio = self.encode_audio(input_features, feature_attention_mask)
         if audio.shape[0] != int(slots.sum()):

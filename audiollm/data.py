@@ -1,0 +1,117 @@
+"""Manifests through ``datasets``: local JSONL / JSON / Parquet, ``save_to_disk`` folders, Hub names; mixing.
+
+Rows keep their audio as paths (resolved against the manifest's folder) or undecoded Hub ``Audio`` values: the
+collator decodes audio per batch, so nothing is cached as features. Three row formats, one per stage:
+
+    pretrain:   {"audio": "a.wav", "task": "asr", "text": "the transcript"}   (optional "prompt" overrides the pool)
+    chat (SFT): {"messages": [{"role": "user", "content": "<audio>..."}, {"role": "assistant", ...}],
+                 "audios": ["a.wav"]}
+    preference: the chat row plus "chosen" and "rejected" answers (strings or assistant messages);
+                LLaMA-Factory's "rejected_response" is read as "rejected".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from audiollm.prompts import pick_prompt
+
+log = logging.getLogger(__name__)
+MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_manifest(source: str, streaming: bool = False, split: str = "train"):
+    """One manifest as a ``datasets`` Dataset (IterableDataset when streaming), with ``id`` and absolute paths.
+
+    ``source``: a .jsonl/.json/.parquet file, a folder written by ``save_to_disk``, or a Hub dataset name
+    (``org/name``; needs a network). Row ids are ``file:line`` (1-based) unless the manifest has an ``id``.
+    """
+    import datasets
+
+    name = os.path.basename(os.path.normpath(source))
+    base_dir = os.path.dirname(os.path.abspath(source))
+    if os.path.isdir(source):
+        ds = datasets.load_from_disk(source)
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        ds = ds.to_iterable_dataset() if streaming else ds
+        base_dir = os.path.abspath(source)
+    elif os.path.isfile(source):
+        builder = MANIFEST_BUILDERS.get(os.path.splitext(source)[1].lower())
+        if builder is None:
+            raise ValueError(f"{source}: unknown manifest type; use .jsonl, .json, .parquet or a save_to_disk folder")
+        ds = datasets.load_dataset(builder, data_files=source, split="train", streaming=streaming)
+    elif "/" in source and not os.path.exists(os.path.dirname(source) or "."):
+        ds = _load_hub(source, split, streaming)
+    else:
+        raise FileNotFoundError(f"{source}: manifest not found (not a file, a save_to_disk folder or a Hub name)")
+    ds = _undecoded_audio(ds)
+    return ds.map(_locate, with_indices=True, fn_kwargs={"name": name, "base_dir": base_dir})
+
+
+def _load_hub(name: str, split: str, streaming: bool):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming)
+    except Exception as err:  # offline, unknown name, gated: say which and why
+        raise FileNotFoundError(f"{name}: not a local manifest and the Hub dataset cannot be loaded ({err})") from err
+
+
+def _undecoded_audio(ds):
+    """Keep Hub ``Audio`` columns as {path, bytes}: decoding happens in the collator, batch by batch."""
+    import datasets
+
+    for column in ("audio", "audios"):
+        feature = (ds.features or {}).get(column)
+        if isinstance(feature, datasets.Audio):
+            ds = ds.cast_column(column, datasets.Audio(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Audio):
+            ds = ds.cast_column(column, datasets.List(datasets.Audio(decode=False)))
+    return ds
+
+
+def _locate(row: dict, index: int, name: str, base_dir: str) -> dict:
+    """Give the row an id and make its audio paths absolute (relative paths are relative to the manifest)."""
+    out = {"id": str(row.get("id") or f"{name}:{index + 1}")}
+    if isinstance(row.get("audio"), str):
+        out["audio"] = os.path.join(base_dir, row["audio"])
+    if row.get("audios") is not None:
+        out["audios"] = [os.path.join(base_dir, a) if isinstance(a, str) else a for a in row["audios"]]
+    return out
+
+
+def load_mixture(sources: list[str], weights: list[float] | None = None, streaming: bool = False, seed: int = 0):
+    """Several manifests as one dataset; ``weights`` are sampling probabilities (normalised), None concatenates.
+
+    With weights, sampling stops when every source has been seen once (``all_exhausted``): small sources are
+    oversampled to their weight, none is cut short.
+    """
+    import datasets
+
+    parts = [load_manifest(s, streaming) for s in sources]
+    if len(parts) == 1:
+        return parts[0]
+    if weights is None:
+        return datasets.concatenate_datasets(parts)
+    if len(weights) != len(sources) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"mix_weights {weights} must give one non-negative weight per source ({len(sources)})")
+    probs = [w / sum(weights) for w in weights]
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="all_exhausted")
+
+
+def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
+    """A pretraining row -> a chat row: the audio, one instruction from the task's pool, the target text."""
+    prompt = row.get("prompt") or pick_prompt(row["task"], row["id"], seed)
+    messages = [
+        {"role": "user", "content": f"<audio>{prompt}"},
+        {"role": "assistant", "content": str(row["text"])},
+    ]
+    return {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Small manifests read without ``datasets`` (tests, the demo's evaluation split)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,183 @@
+"""What the three stages share: their argument dataclasses, model preparation, data preparation, final save.
+
+The stages (``stages/*.py``) read top to bottom: parse the recipe, prepare the model, prepare the data, build the
+Hugging Face / TRL trainer, train, save. Everything here works in a single plain process; DeepSpeed arrives only
+through ``TrainingArguments.deepspeed`` and the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from audiollm.chat import DEFAULT_SYSTEM_PROMPT
+from audiollm.collator import ChatCollator
+from audiollm.model.attention import pick_attn_implementation
+from audiollm.model.modeling import AudioLLMForConditionalGeneration
+from audiollm.model.trainable import set_trainable
+
+log = logging.getLogger(__name__)
+
+LLM_LORA_TARGETS = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+ENCODER_LORA_TARGETS = r"audio_tower\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
+# Files of a model folder that training does not rewrite but the next stage, eval and export need.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from and which of its parts train."""
+
+    model_name_or_path: str = field(metadata={"help": "Folder from `audiollm init` or a previous stage's output."})
+    train_encoder: bool = field(default=False, metadata={"help": "Train the Whisper encoder's full weights."})
+    train_projector: bool = field(default=True, metadata={"help": "Train the projector."})
+    train_llm: bool = field(default=False, metadata={"help": "Train the LLM's full weights."})
+    llm_lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM's linear layers; 0 = no LoRA."})
+    encoder_lora_r: int = field(default=0, metadata={"help": "LoRA rank on the encoder's linear layers; 0 = none."})
+    lora_alpha_ratio: float = field(default=2.0, metadata={"help": "LoRA alpha = ratio * r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    model_dtype: str = field(default="float32", metadata={"help": "Weights' dtype in memory: float32 (mixed "
+                             "precision keeps fp32 masters), bfloat16 or float16."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager or flash_attention_2; "
+                                            "default: flash-attention when installed on a GPU, else sdpa."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code in the tokenizer folder."})
+
+    def __post_init__(self):
+        if self.train_llm and self.llm_lora_r:
+            raise ValueError("choose train_llm (full weights) or llm_lora_r > 0 (LoRA), not both")
+        if self.train_encoder and self.encoder_lora_r:
+            raise ValueError("choose train_encoder (full weights) or encoder_lora_r > 0 (LoRA), not both")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.llm_lora_r > 0 or self.encoder_lora_r > 0
+
+
+@dataclass
+class DataArguments:
+    """Where the rows come from and how they become tokens."""
+
+    train_files: list[str] = field(metadata={"help": "Manifests: .jsonl/.json/.parquet, save_to_disk folders or "
+                                             "Hub dataset names."})
+    mix_weights: list[float] | None = field(default=None, metadata={"help": "Sampling weight per train file; "
+                                            "omitted: the files are concatenated."})
+    eval_files: list[str] | None = field(default=None, metadata={"help": "Manifests for evaluation loss."})
+    streaming: bool = field(default=False, metadata={"help": "Stream rows instead of loading the manifest "
+                            "(needs max_steps); for data larger than the disk cache."})
+    max_length: int = field(default=4096, metadata={"help": "Tokens per row, audio included."})
+    overflow: str = field(default="drop", metadata={"help": "Over-long rows: drop (counted) or trim_text "
+                          "(cut after the last audio token)."})
+    train_on: str = field(default="all", metadata={"help": "Assistant turns with loss: all or last."})
+    system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System turn added "
+                                      "when a conversation has none; empty string: no system turn."})
+    prompt_seed: int = field(default=0, metadata={"help": "Seed of the pretraining instruction draw."})
+
+
+def load_model(model_args: ModelArguments):
+    """The model and tokenizer from ``model_name_or_path``, with the stage's trainable parts and LoRA applied."""
+    from transformers import AutoTokenizer
+
+    path = model_args.model_name_or_path
+    model = AudioLLMForConditionalGeneration.from_pretrained(
+        path,
+        dtype=getattr(torch, model_args.model_dtype),
+        attn_implementation=model_args.attn_implementation or pick_attn_implementation(),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    set_trainable(model, encoder=model_args.train_encoder, projector=model_args.train_projector,
+                  llm=model_args.train_llm)
+    if model_args.uses_lora:
+        model = add_lora(model, model_args)
+    return model, tokenizer
+
+
+def add_lora(model, model_args: ModelArguments):
+    """One peft adapter over the chosen parts: rank ``llm_lora_r`` on the LLM, ``encoder_lora_r`` on the encoder.
+
+    Fully trained parts (the projector, usually) go in ``modules_to_save`` so that the adapter checkpoint carries
+    them and a disabled adapter (the DPO reference) sees their original weights.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = [p for p, r in ((LLM_LORA_TARGETS, model_args.llm_lora_r),
+                              (ENCODER_LORA_TARGETS, model_args.encoder_lora_r)) if r > 0]
+    base_rank = model_args.llm_lora_r or model_args.encoder_lora_r
+    rank_pattern = {ENCODER_LORA_TARGETS: model_args.encoder_lora_r} if len(targets) == 2 else {}
+    config = LoraConfig(
+        r=base_rank,
+        lora_alpha=model_args.lora_alpha_ratio * base_rank,
+        lora_dropout=model_args.lora_dropout,
+        target_modules="|".join(f"(?:{t})" for t in targets),
+        rank_pattern=rank_pattern,
+        alpha_pattern={k: model_args.lora_alpha_ratio * v for k, v in rank_pattern.items()},
+        modules_to_save=[name for name, on in (("multi_modal_projector", model_args.train_projector),
+                                               ("audio_tower", model_args.train_encoder),
+                                               ("language_model", model_args.train_llm)) if on],
+    )
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def make_collator(tokenizer, model, data_args: DataArguments) -> ChatCollator:
+    """The chat collator with the model's projector stacking and the recipe's length policy."""
+    return ChatCollator(
+        tokenizer,
+        max_length=data_args.max_length,
+        stack=unwrap(model).config.projector_stack,
+        train_on=data_args.train_on,
+        overflow=data_args.overflow,
+        system_prompt=data_args.system_prompt or None,
+    )
+
+
+def unwrap(model) -> AudioLLMForConditionalGeneration:
+    """The AudioLLM model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` (resume point), or None to start fresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def save_final(trainer, model_args: ModelArguments, tokenizer) -> None:
+    """Write the output folder as a normal model folder that the next stage, eval and export can load.
+
+    ZeRO-3 weights are gathered by the trainer (``stage3_gather_16bit_weights_on_model_save``). A LoRA run saves
+    its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base.
+    """
+    out = trainer.args.output_dir
+    if model_args.uses_lora:
+        trainer.save_model(os.path.join(out, "adapter"))
+        if trainer.is_world_process_zero():
+            merge_adapter(model_args.model_name_or_path, os.path.join(out, "adapter"), out)
+    else:
+        trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        copy_processor_files(model_args.model_name_or_path, out)
+
+
+def merge_adapter(base_path: str, adapter_path: str, out: str) -> None:
+    """Base folder + peft adapter -> one full model folder at ``out`` (on CPU, fp32)."""
+    from peft import PeftModel
+
+    base = AudioLLMForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out)
+    log.info("merged the LoRA adapter %s into %s", adapter_path, out)
+
+
+def copy_processor_files(src: str, dst: str) -> None:
+    """Carry the feature-extractor, processor, chat-template and generation configs to the next stage."""
+    for name in PROCESSOR_FILES:
+        if os.path.isfile(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))

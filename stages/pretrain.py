@@ -1,0 +1,41 @@
+"""Stage 1, audio-text pretraining: align the encoder's output with the LLM on ASR, captioning and classification
+rows. Each row's instruction is drawn from a pool of natural-language prompts for its task (never a task tag), so
+the model learns to follow wording. Usually only the projector trains (optionally the encoder too).
+
+Run:  audiollm train pretrain --config stages/configs/pretrain.yaml [--key value ...]
+Rows: {"audio": "clip.wav", "task": "asr", "text": "the transcript"}   (tasks: audiollm/prompts.py)
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainingArguments
+from trl import TrlParser
+
+from audiollm.data import load_mixture, pretrain_to_chat
+from audiollm.training import DataArguments, ModelArguments, latest_checkpoint, load_model, make_collator, save_final
+
+
+def as_chat(dataset, seed: int):
+    """Pretraining rows -> chat rows (audio + drawn instruction -> target text), lazily for streamed data."""
+    return dataset.map(pretrain_to_chat, fn_kwargs={"seed": seed}, remove_columns=list(dataset.column_names or []))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, args = parser.parse_args_and_config(argv)
+
+    model, tokenizer = load_model(model_args)
+
+    train = as_chat(load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed),
+                    data_args.prompt_seed)
+    evals = as_chat(load_mixture(data_args.eval_files), data_args.prompt_seed) if data_args.eval_files else None
+    collator = make_collator(tokenizer, model, data_args)
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
+
+    save_final(trainer, model_args, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
