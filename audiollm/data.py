@@ -12,7 +12,6 @@ collator decodes audio per batch, so nothing is cached as features. Three row fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -111,7 +110,21 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
     return {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Small manifests read without ``datasets`` (tests, the demo's evaluation split)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def add_lengths(dataset, num_proc: int | None = None):
+    """Add a ``length`` column (estimated tokens) for length-grouped batching; reads audio headers only.
+
+    Text counts about 4 characters a token; audio 25 tokens a second. Grouping needs an order, not exact counts.
+    """
+    return dataset.map(_estimate_length, num_proc=num_proc)
+
+
+def _estimate_length(row: dict) -> dict:
+    import soundfile
+
+    texts = [m["content"] for m in row.get("messages") or []] + [str(row.get("text") or "")]
+    seconds = 0.0
+    for source in row.get("audios") or ([row["audio"]] if row.get("audio") else []):
+        path = source if isinstance(source, str) else (source or {}).get("path")
+        if path and os.path.isfile(path):
+            seconds += soundfile.info(path).duration
+    return {"length": sum(len(t) for t in texts) // 4 + int(seconds * 25)}

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
+from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.model.trainable import set_trainable
@@ -78,6 +80,17 @@ class DataArguments:
     prompt_seed: int = field(default=0, metadata={"help": "Seed of the pretraining instruction draw."})
 
 
+def check_training_args(args) -> None:
+    """Settings every stage needs, whatever the recipe says.
+
+    The collator reads the raw manifest columns (messages, audios), so the trainer must not drop them; and
+    non-reentrant checkpointing works with a frozen encoder or embeddings (reentrant needs an input with grad).
+    """
+    args.remove_unused_columns = False
+    if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
 def load_model(model_args: ModelArguments):
     """The model and tokenizer from ``model_name_or_path``, with the stage's trainable parts and LoRA applied."""
     from transformers import AutoTokenizer
@@ -122,6 +135,20 @@ def add_lora(model, model_args: ModelArguments):
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     return model
+
+
+def load_datasets(data_args: DataArguments, args, to_chat: Callable | None = None):
+    """(train, eval or None) datasets of chat rows; ``to_chat`` converts a stage's own row format first.
+
+    Length-grouped batching (``train_sampling_strategy: group_by_length``) gets its ``length`` column here.
+    """
+    train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed)
+    evals = load_mixture(data_args.eval_files) if data_args.eval_files else None
+    if to_chat is not None:
+        train, evals = to_chat(train), (to_chat(evals) if evals is not None else None)
+    if args.train_sampling_strategy == "group_by_length" and not data_args.streaming:
+        train = add_lengths(train)
+    return train, evals
 
 
 def make_collator(tokenizer, model, data_args: DataArguments) -> ChatCollator:

@@ -8,11 +8,22 @@ Rows: {"audio": "clip.wav", "task": "asr", "text": "the transcript"}   (tasks: a
 
 from __future__ import annotations
 
+from functools import partial
+
 from transformers import Trainer, TrainingArguments
 from trl import TrlParser
 
-from audiollm.data import load_mixture, pretrain_to_chat
-from audiollm.training import DataArguments, ModelArguments, latest_checkpoint, load_model, make_collator, save_final
+from audiollm.data import pretrain_to_chat
+from audiollm.training import (
+    DataArguments,
+    ModelArguments,
+    check_training_args,
+    latest_checkpoint,
+    load_datasets,
+    load_model,
+    make_collator,
+    save_final,
+)
 
 
 def as_chat(dataset, seed: int):
@@ -23,12 +34,11 @@ def as_chat(dataset, seed: int):
 def main(argv: list[str] | None = None) -> None:
     parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, args = parser.parse_args_and_config(argv)
+    check_training_args(args)
 
     model, tokenizer = load_model(model_args)
 
-    train = as_chat(load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed),
-                    data_args.prompt_seed)
-    evals = as_chat(load_mixture(data_args.eval_files), data_args.prompt_seed) if data_args.eval_files else None
+    train, evals = load_datasets(data_args, args, to_chat=partial(as_chat, seed=data_args.prompt_seed))
     collator = make_collator(tokenizer, model, data_args)
 
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)

@@ -11,18 +11,26 @@ from __future__ import annotations
 from transformers import Trainer, TrainingArguments
 from trl import TrlParser
 
-from audiollm.data import load_mixture
-from audiollm.training import DataArguments, ModelArguments, latest_checkpoint, load_model, make_collator, save_final
+from audiollm.training import (
+    DataArguments,
+    ModelArguments,
+    check_training_args,
+    latest_checkpoint,
+    load_datasets,
+    load_model,
+    make_collator,
+    save_final,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, args = parser.parse_args_and_config(argv)
+    check_training_args(args)
 
     model, tokenizer = load_model(model_args)
 
-    train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed)
-    evals = load_mixture(data_args.eval_files) if data_args.eval_files else None
+    train, evals = load_datasets(data_args, args)
     collator = make_collator(tokenizer, model, data_args)
 
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
