@@ -87,8 +87,8 @@ def check_training_args(args) -> None:
     non-reentrant checkpointing works with a frozen encoder or embeddings (reentrant needs an input with grad).
     """
     args.remove_unused_columns = False
-    if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if args.activation_checkpointing and not args.activation_checkpointing_kwargs:
+        args.activation_checkpointing_kwargs = {"use_reentrant": False}
 
 
 def load_model(model_args: ModelArguments):
