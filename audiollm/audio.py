@@ -12,7 +12,6 @@ and the model both call it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ CHUNK_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480,000 samples
 MAX_FRAMES = CHUNK_SAMPLES // HOP_LENGTH  # 3,000 mel frames per chunk
 MIN_CHUNK_SAMPLES = N_FFT  # 25 ms: 3 mel frames, the shortest input that yields one audio token
 LOG_RANGE = 8.0  # log10 units kept below a clip's loudest frame (80 dB)
+EDGE_FRAMES = 2  # frames past a clip's end that the encoder's conv1 (k=3) and stride-2 conv2 (k=3) read
 
 
 class AudioError(ValueError):
@@ -151,34 +151,45 @@ def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
 
 
 def log_mel(wavs: list[torch.Tensor], n_mels: int = N_MELS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mel features of a batch of 16 kHz clips, each at most 30 s, padded only to the longest.
+    """Log-mel features of a batch of 16 kHz clips, each at most 30 s, padded only as far as the encoder reads.
 
     Args:
         wavs: B float tensors of shape (n_i,), n_i <= 480,000 samples.
     Returns:
-        features (B, n_mels, T) float32, T = max_i ceil(n_i / 160); padded frames are 0.
-        mask (B, T) int64, 1 on real frames (the ``feature_attention_mask``).
+        features (B, n_mels, T) float32 with T = min(max_i L_i + 2, 3000), L_i = ceil(n_i / 160).
+        mask (B, T) int64, 1 on a clip's L_i real frames (the ``feature_attention_mask``).
 
-    Each clip is reflect-padded by itself before the batched STFT, so a clip gets the same features alone or in
-    a batch, and the same as Whisper's per-clip ``center=True`` STFT.
+    Every frame, real or padding, is the frame the stock pipelines compute for that clip padded to 30 s (they pad
+    the wave with zeros before the STFT): past a clip's end come two frames holding its windowed tail, then
+    Whisper's silence floor. The encoder's two convolutions read those two frames at the clip's edge, so the
+    unpadded encoder sees exactly the stock input, and a clip gets the same features alone or in a batch.
     """
     if any(w.numel() > CHUNK_SAMPLES for w in wavs):
         raise AudioError("log_mel takes chunks of at most 30 s; call split_chunks first")
     device = wavs[0].device
-    half = N_FFT // 2
-    padded = [F.pad(w.float()[None, None], (half, half), mode="reflect")[0, 0] for w in wavs]
-    batch = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)  # (B, n_max + 400)
+    lengths = torch.tensor([mel_frame_count(w.numel()) for w in wavs], device=device)
+    frames = min(int(lengths.max()) + EDGE_FRAMES, MAX_FRAMES)
+    batch = torch.stack([_stock_framing(w.float(), frames) for w in wavs])  # (B, (frames - 1) * 160 + 400)
     window = torch.hann_window(N_FFT, device=device)
     stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
-    lengths = torch.tensor([mel_frame_count(w.numel()) for w in wavs], device=device)
-    frames = int(lengths.max())
-    power = stft[..., :frames].abs() ** 2  # (B, 201, T)
-    mel = _mel_filters(n_mels, device) @ power  # (B, n_mels, T)
+    mel = _mel_filters(n_mels, device) @ (stft.abs() ** 2)  # (B, 201, T) -> (B, n_mels, T)
     logmel = torch.clamp(mel, min=1e-10).log10()
-    mask = torch.arange(frames, device=device)[None, :] < lengths[:, None]  # (B, T)
-    loudest = logmel.masked_fill(~mask[:, None, :], -math.inf).amax(dim=(1, 2), keepdim=True)
+    loudest = logmel.amax(dim=(1, 2), keepdim=True)  # frames of pure padding are -10: never the loudest
     logmel = (torch.maximum(logmel, loudest - LOG_RANGE) + 4.0) / 4.0
-    return logmel.masked_fill(~mask[:, None, :], 0.0), mask.long()
+    mask = torch.arange(frames, device=device)[None, :] < lengths[:, None]  # (B, T)
+    return logmel, mask.long()
+
+
+def _stock_framing(wav: torch.Tensor, frames: int) -> torch.Tensor:
+    """The samples a centred STFT of ``wav`` zero-padded to 30 s reads for its first ``frames`` frames.
+
+    Like Whisper: the start is reflected (200 samples), zeros follow the clip up to 30 s, and the 30 s end is
+    reflected (which only a clip of nearly 30 s ever reaches).
+    """
+    half = N_FFT // 2
+    padded = F.pad(wav, (0, CHUNK_SAMPLES - wav.numel()))
+    framed = F.pad(padded[None, None], (half, half), mode="reflect")[0, 0]  # (480,400,)
+    return framed[: (frames - 1) * HOP_LENGTH + N_FFT]
 
 
 @dataclass

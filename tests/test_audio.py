@@ -29,43 +29,48 @@ def tone(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     return (0.2 * wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-@pytest.mark.parametrize("seconds", [1.0, 5.0, 12.34])
-def test_log_mel_matches_openai_whisper(seconds):
+def stock_features(clip: np.ndarray) -> torch.Tensor:
+    """transformers' WhisperFeatureExtractor as Qwen2-Audio's processor calls it: padded to 30 s, (128, 3000)."""
+    fe = WhisperFeatureExtractor(feature_size=128)
+    return fe(clip, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="pt")["input_features"][0]
+
+
+@pytest.mark.parametrize("seconds", [1.0, 5.0, 12.34, 30.0])
+def test_log_mel_matches_openai_whisper_and_transformers(seconds):
     clip = tone(seconds)
     ours, mask = log_mel([torch.from_numpy(clip)])
-    ref = whisper.log_mel_spectrogram(torch.from_numpy(clip), n_mels=128)  # (128, n // 160)
-    diff = (ours[0, :, : ref.shape[1]] - ref).abs().max().item()
-    print(f"max |ours - openai-whisper| over {ref.shape[1]} frames: {diff:.2e}")
-    assert diff < 1e-5
-    # Whisper drops the frame centred on the last partial hop; we keep it (transformers' mask counts it too).
+    frames = ours.shape[-1]
     assert mask.sum().item() == mel_frame_count(clip.size) == -(-clip.size // 160)
+    assert frames == min(mask.sum().item() + 2, MAX_FRAMES)  # the real frames + the 2 the convolutions read
+    whisper_30s = whisper.log_mel_spectrogram(torch.from_numpy(clip), n_mels=128, padding=CHUNK_SAMPLES)
+    hf_30s = stock_features(clip)
+    # A full 30 s clip is the one case where the two stock pipelines disagree, on the last frame: openai-whisper
+    # pads another 30 s of zeros, transformers reflects the clip's own end. We follow transformers (Qwen2-Audio).
+    whisper_frames = frames - 1 if clip.size == CHUNK_SAMPLES else frames
+    d_whisper = (ours[0, :, :whisper_frames] - whisper_30s[:, :whisper_frames]).abs().max().item()
+    d_hf = (ours[0] - hf_30s[:, :frames]).abs().max().item()
+    print(f"{seconds} s: max |ours - openai-whisper| {d_whisper:.1e}, max |ours - WhisperFeatureExtractor| {d_hf:.1e}")
+    assert d_whisper < 1e-5 and d_hf < 1e-4
 
 
-def test_log_mel_matches_transformers_feature_extractor():
+def test_only_the_last_frame_differs_from_whisper_without_padding():
+    """Unpadded, openai-whisper reflects the clip's end into the last window; the 30 s-padded pipelines (and we)
+    see zeros there. That frame alone differs."""
     clip = tone(5.0)
-    ours, mask = log_mel([torch.from_numpy(clip)])
-    fe = WhisperFeatureExtractor(feature_size=128)
-    ref = fe(clip, sampling_rate=SAMPLE_RATE, return_attention_mask=True, padding="max_length", return_tensors="pt")
-    frames = int(mask.sum())
-    assert int(ref["attention_mask"].sum()) == frames
-    diff = (ours[0] - ref["input_features"][0, :, :frames]).abs()
-    inner = diff[:, :-1].max().item()
-    print(f"max |ours - WhisperFeatureExtractor|: {inner:.2e} (all but the last frame), {diff.max():.2e} overall")
-    assert inner < 1e-4
-    # The last frame's window reaches past the clip: transformers padded the wave to 30 s with zeros, we (like
-    # openai-whisper) reflect the clip's own end. That frame alone differs.
-    assert diff[:, -1].max().item() > inner
+    ours, _ = log_mel([torch.from_numpy(clip)])
+    unpadded = whisper.log_mel_spectrogram(torch.from_numpy(clip), n_mels=128)  # (128, 500)
+    per_frame = (ours[0, :, :500] - unpadded).abs().amax(dim=0)
+    assert per_frame[:-1].max() < 1e-5 and per_frame[-1] > 1e-3
 
 
-def test_batch_is_padded_to_longest_only_and_is_batch_invariant():
-    clips = [torch.from_numpy(tone(s, seed=i)) for i, s in enumerate([2.0, 7.5, 0.8])]
-    batch, mask = log_mel(clips)
-    assert batch.shape == (3, 128, 750) and mask.sum(1).tolist() == [200, 750, 80]
+def test_batch_is_padded_to_longest_only_and_equals_stock_frames():
+    clips = [tone(s, seed=i) for i, s in enumerate([2.0, 7.5, 0.8])]
+    batch, mask = log_mel([torch.from_numpy(c) for c in clips])
+    assert batch.shape == (3, 128, 752) and mask.sum(1).tolist() == [200, 750, 80]
     for i, clip in enumerate(clips):
-        alone, _ = log_mel([clip])
-        frames = alone.shape[-1]
-        assert torch.equal(batch[i, :, :frames], alone[0])
-        assert batch[i, :, frames:].abs().sum() == 0
+        assert (batch[i] - stock_features(clip)[:, :752]).abs().max() < 1e-4  # padding frames included
+        alone, _ = log_mel([torch.from_numpy(clip)])
+        assert torch.equal(batch[i, :, : alone.shape[-1]], alone[0])
 
 
 def test_token_count_arithmetic():
@@ -86,6 +91,8 @@ def test_long_audio_is_chunked_without_truncation():
     # The chunks are the clip's own consecutive samples: the second chunk equals the features of samples 30-60 s.
     second, _ = log_mel([torch.from_numpy(clip[CHUNK_SAMPLES : 2 * CHUNK_SAMPLES])])
     assert torch.equal(batch.input_features[1], second[0])
+    third, _ = log_mel([torch.from_numpy(clip[2 * CHUNK_SAMPLES :])])
+    assert torch.equal(batch.input_features[2, :, :502], third[0])
 
 
 def test_a_tail_under_25_ms_is_padded_not_dropped(caplog):

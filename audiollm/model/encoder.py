@@ -18,10 +18,9 @@ from audiollm.audio import MAX_FRAMES, audio_token_count
 class AudioEncoder(Qwen2AudioEncoder):
     """Qwen2-Audio's audio tower with variable-length input.
 
-    The stock layout (every clip padded with silence to 3000 frames, as transformers' processor does) is encoded
-    exactly as the stock encoder does. Batch-padded input (our collator: clips padded with zeros only to the
-    longest) also zeroes the first conv's output on padded frames, so that the stride-2 conv at a clip's last frame
-    sees the same zero padding it sees when the clip is alone: a clip encodes the same alone or in a batch.
+    Takes the stock layout (every clip padded to 3000 frames, as transformers' processor does) and the project's
+    (``audio.log_mel``: padded only to the longest clip + the 2 frames the convolutions read past a clip's end,
+    which hold the same values as in the stock layout). Either way a clip's real frames get the same encoding.
     """
 
     def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
@@ -38,8 +37,6 @@ class AudioEncoder(Qwen2AudioEncoder):
         x = input_features.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)
 
         x = nn.functional.gelu(self.conv1(x))  # (C, D, T)
-        if frames < MAX_FRAMES:  # batch padding: make each clip's conv edge independent of its neighbours
-            x = x * feature_attention_mask[:, None, :].to(x.dtype)
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)  # (C, T', D), T' = (T - 1) // 2 + 1
         x = x + self.embed_positions.weight[: x.shape[1]]
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
