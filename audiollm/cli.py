@@ -1,0 +1,142 @@
+"""The ``audiollm`` command. One subcommand per job; each is a pair ``add_<job>_parser`` / ``run_<job>``.
+
+    audiollm init --encoder whisper-large-v3 --llm Qwen2.5-7B-Instruct --out runs/init
+    audiollm init --encoder large-v3.pt --llm Qwen3-8B --projector stack --stack 4 --out runs/init
+    audiollm init --from-qwen2-audio Qwen2-Audio-7B-Instruct --out runs/init
+    audiollm init --tiny --out runs/tiny
+
+A subcommand's user errors (a missing file, a wrong checkpoint) print one line naming the file and exit with 1;
+argument mistakes are parser errors (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from audiollm.model.config import PROJECTORS
+
+INIT_MODES = ("parts", "qwen2_audio", "tiny")
+# Options each init mode takes beyond --out; anything else given with that mode is an argument error.
+INIT_OPTIONS = {
+    "parts": {"projector", "stack", "dtype", "trust_remote_code", "seed"},
+    "qwen2_audio": set(),
+    "tiny": {"projector", "stack", "llm_type", "tie", "seed"},
+}
+INIT_DEFAULTS = {
+    "projector": "linear",
+    "stack": 4,
+    "dtype": "bf16",
+    "trust_remote_code": False,
+    "llm_type": "qwen2",
+    "tie": False,
+    "seed": 0,
+}
+
+
+def add_init_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "init",
+        help="build a model folder: Whisper encoder + LLM + new projector, a released Qwen2-Audio, or a tiny model",
+        description="Write one Hugging Face folder (model, tokenizer with audio tokens, processor, generation "
+        "config). A linear projector gives a stock Qwen2-Audio checkpoint.",
+    )
+    source = p.add_argument_group("source (exactly one)")
+    source.add_argument("--encoder", metavar="PATH", help="HF Whisper folder or OpenAI Whisper .pt (needs --llm)")
+    source.add_argument("--llm", metavar="PATH", help="local HF causal-LM folder, e.g. Qwen2.5-7B-Instruct")
+    source.add_argument("--from-qwen2-audio", metavar="PATH", help="a released Qwen2-Audio folder, re-saved as is")
+    source.add_argument("--tiny", action="store_true", help="tiny random model for tests and the CPU demo")
+    p.add_argument("--out", metavar="DIR", required=True, help="new (or empty) output folder")
+    # None marks "not given", so options that do not fit the chosen source can be refused.
+    p.add_argument("--projector", choices=PROJECTORS, help="linear (Qwen2-Audio, default), mlp or stack")
+    p.add_argument("--stack", type=int, metavar="K", help="frames merged per token by --projector stack (default 4)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights dtype for --encoder/--llm (default bf16)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None, help="run the LLM folder's own code")
+    p.add_argument("--llm-type", choices=("qwen2", "qwen3"), help="--tiny LLM family (default qwen2)")
+    p.add_argument("--tie", action="store_true", default=None, help="--tiny LLM with tied input/output embeddings")
+    p.add_argument("--seed", type=int, help="seed of the random projector / tiny weights (default 0)")
+    p.set_defaults(run=run_init, parser=p)
+
+
+def _init_mode(args, parser: argparse.ArgumentParser) -> str:
+    """Which source was chosen; refuses zero or several sources and options that do not apply to it."""
+    chosen = {
+        "parts": args.encoder is not None or args.llm is not None,
+        "qwen2_audio": args.from_qwen2_audio is not None,
+        "tiny": args.tiny,
+    }
+    modes = [mode for mode in INIT_MODES if chosen[mode]]
+    if len(modes) != 1:
+        parser.error("choose exactly one source: --encoder with --llm, --from-qwen2-audio PATH, or --tiny")
+    mode = modes[0]
+    if mode == "parts" and (args.encoder is None or args.llm is None):
+        parser.error("--encoder and --llm go together")
+    flag = {"parts": "--encoder/--llm", "qwen2_audio": "--from-qwen2-audio", "tiny": "--tiny"}[mode]
+    for option in sorted(set().union(*INIT_OPTIONS.values()) - INIT_OPTIONS[mode]):
+        if getattr(args, option) is not None:
+            parser.error(f"--{option.replace('_', '-')} does not apply to {flag}")
+    if args.stack is not None and (args.projector != "stack" or args.stack < 1):
+        parser.error("--stack K takes K >= 1 and goes with --projector stack")
+    for option, value in INIT_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    return mode
+
+
+def _describe(model, out: Path) -> str:
+    """What was written: the folder's files with sizes and the parameter count of each part."""
+    from audiollm.build import parameter_counts
+
+    lines = [f"wrote {out} (projector {model.config.projector_type}, model dtype {model.dtype}):"]
+    for file in sorted(out.iterdir()):
+        lines.append(f"  {file.name:<32} {file.stat().st_size:>16,} bytes")
+    lines.append("parameters:")
+    for part, count in parameter_counts(model).items():
+        lines.append(f"  {part:<32} {count:>16,}")
+    return "\n".join(lines)
+
+
+def run_init(args) -> int:
+    from audiollm import build  # heavy (transformers, torch): only once the arguments are good
+
+    mode = _init_mode(args, args.parser)
+    out = Path(args.out)
+    if mode == "parts":
+        model = build.init_model(
+            args.encoder, args.llm, out, args.projector, args.stack, args.dtype, args.trust_remote_code, args.seed
+        )
+    elif mode == "qwen2_audio":
+        model = build.from_qwen2_audio(args.from_qwen2_audio, out)
+    else:
+        model = build.build_tiny(out, args.projector, args.stack, args.llm_type, args.tie, args.seed)
+    print(_describe(model, out))
+    return 0
+
+
+SUBCOMMANDS = (add_init_parser,)  # train, demo, eval, export join here as add_<job>_parser functions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audiollm", description="Train Qwen2-Audio-style audio-language models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from audiollm.build import BuildError
+
+    try:
+        return args.run(args)
+    except BuildError as err:
+        args.parser.exit(1, f"audiollm {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
