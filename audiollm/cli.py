@@ -4,6 +4,7 @@
     audiollm init --encoder large-v3.pt --llm Qwen3-8B --projector stack --stack 4 --out runs/init
     audiollm init --from-qwen2-audio Qwen2-Audio-7B-Instruct --out runs/init
     audiollm init --tiny --out runs/tiny
+    audiollm train sft --config stages/configs/sft.yaml --learning_rate 2e-5
 
 A subcommand's user errors (a missing file, a wrong checkpoint) print one line naming the file and exit with 1;
 argument mistakes are parser errors (exit 2).
@@ -115,7 +116,29 @@ def run_init(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_init_parser,)  # train, demo, eval, export join here as add_<job>_parser functions
+STAGES = ("pretrain", "sft", "dpo")  # stages/<name>.py, in pipeline order
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="run one training stage: audiollm train STAGE --config YAML [--key value ...]",
+        description="Runs stages/STAGE.py in this process. Everything after STAGE goes to the stage's own parser "
+        "(a recipe YAML and overrides of any of its keys). Several GPUs: launch/train.sh.",
+    )
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config YAML and overrides")
+    p.set_defaults(run=run_train, parser=p)
+
+
+def run_train(args) -> int:
+    import importlib
+
+    importlib.import_module(f"stages.{args.stage}").main(args.stage_args)
+    return 0
+
+
+SUBCOMMANDS = (add_init_parser, add_train_parser)  # demo, eval, export join here as add_<job>_parser functions
 
 
 def build_parser() -> argparse.ArgumentParser:
