@@ -116,6 +116,26 @@ def run_init(args) -> int:
     return 0
 
 
+def add_data_parser(subparsers) -> None:
+    p = subparsers.add_parser("data", help="data tools: synth (the spoken demo corpus)")
+    jobs = p.add_subparsers(dest="data_job", required=True, metavar="JOB")
+    s = jobs.add_parser("synth", help="synthesise the spoken demo corpus offline with eSpeak NG")
+    s.add_argument("--out", metavar="DIR", required=True, help="new or empty folder")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same corpus (audio included)")
+    s.add_argument("--size", choices=("small", "full"), default="small", help="small: ~1,000 clips in seconds")
+    s.set_defaults(run=run_data_synth, parser=s)
+
+
+def run_data_synth(args) -> int:
+    from audiollm.synth.corpus import synth
+
+    summary = synth(args.out, seed=args.seed, size=args.size)
+    for split, info in summary["splits"].items():
+        print(f"{split}: {info['clips']} clips, {info['audio_seconds']:.0f} s of audio")
+    print(f"wrote {args.out}")
+    return 0
+
+
 STAGES = ("pretrain", "sft", "dpo")  # stages/<name>.py, in pipeline order
 
 
@@ -138,7 +158,7 @@ def run_train(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_init_parser, add_train_parser)  # demo, eval, export join here as add_<job>_parser functions
+SUBCOMMANDS = (add_init_parser, add_data_parser, add_train_parser)  # demo, eval, export join here as add_<job>_parser functions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from audiollm.build import BuildError
+    from audiollm.synth.corpus import CorpusError
 
     try:
         return args.run(args)
-    except BuildError as err:
+    except (BuildError, CorpusError) as err:
         args.parser.exit(1, f"audiollm {args.command}: error: {err}\n")
 
 

@@ -1,0 +1,458 @@
+"""A spoken corpus synthesised offline (``audiollm data synth``): the CPU demo's data for all three stages.
+
+What is said is small on purpose, so a tiny model can learn it in minutes: number words, colours and a few nouns
+(words the tiny tokenizer knows), short questions and short answers. Written under DIR:
+
+    audio/train/00000.wav ...      16 kHz mono PCM_16 clips, 1-3 s each
+    audio/heldout/00000.wav ...
+    pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
+    sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
+                     instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
+    dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, wrong word, or rambling)
+    heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
+    clips.jsonl      one line per clip: what was said, by which voice, at which rate and pitch
+    corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
+
+The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
+seed and the text) and is spoken only by voice variants that training never uses; the builder checks both.
+The manifests depend on the seed and size only. The audio too: each shard of clips is synthesised in a fresh
+process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.espeak``), so a build is
+byte-identical to any other build with the same seed, size and espeak version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from audiollm.chat import AUDIO_MARKER, count_audio_markers
+from audiollm.synth.espeak import SAMPLE_RATE
+
+SPLITS = ("train", "heldout")
+MANIFESTS = ("pretrain", "sft", "dpo")
+HELDOUT_SHARE = 0.15  # held-out rows per training row, per kind
+HELDOUT_TEXT_SHARE = 0.2  # share of all possible utterances reserved for the held-out split
+MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the pool counts as exhausted
+SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
+RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
+
+# Rows per kind for the training split (the held-out split gets HELDOUT_SHARE of each). "small" is ~1,100
+# clips / ~25 min of audio and builds in seconds; "tiny" is for tests.
+SMALL = {
+    "pretrain": {"asr": 200, "sex": 80, "language": 80, "rate": 60, "pitch": 60},
+    "sft": {"voice_chat": 120, "analysis": 120, "multi_turn_voice": 30, "multi_turn_followup": 30},
+    "dpo": {"voice_chat": 50, "analysis": 50, "multi_turn_followup": 20},
+}
+SIZES = {
+    "tiny": {m: {k: 4 if m == "pretrain" else 2 for k in kinds} for m, kinds in SMALL.items()},
+    "small": SMALL,
+    "full": {m: {k: 10 * n for k, n in kinds.items()} for m, kinds in SMALL.items()},
+}
+
+# Voice variants (pitch and formant sets of espeak-ng, usable with every language) per sex and split; the
+# held-out variants never speak in training.
+VARIANTS = {
+    "train": {"female": ("f1", "f2", "f3", "f5"), "male": ("m1", "m2", "m3", "m4")},
+    "heldout": {"female": ("f4",), "male": ("m7",)},
+}
+# Ranges drawn from per clip (inclusive). Rate in words per minute (espeak's default is 175); pitch on espeak's
+# 0-100 scale, 50 being the voice's own. Low/high pitch is relative to the voice: a high male voice (~150 Hz)
+# is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex.
+RATE_NORMAL, RATE_SLOW, RATE_FAST = (150, 200), (100, 120), (250, 280)
+PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (40, 60), (10, 20), (80, 90)
+WORDS_PER_CLIP = (2, 4)  # pretraining utterances
+WORDS_PER_ANALYSIS = (2, 5)  # clips asked about ("how many words")
+
+LANGUAGES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish"}
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
+MAX_NUMBER = len(NUMBER_WORDS) - 1  # answers stay within zero..twenty
+WORDS = {
+    "en": NUMBER_WORDS[1:] + "red green blue cat dog bird house car tree water sun moon".split(),
+    "fr": "un deux trois quatre cinq six sept huit neuf dix rouge vert bleu chat chien oiseau maison voiture "
+    "arbre eau soleil lune".split(),
+    "de": "eins zwei drei vier fünf sechs sieben acht neun zehn rot grün blau Katze Hund Vogel Haus Auto Baum "
+    "Wasser Sonne Mond".split(),
+    "es": "uno dos tres cuatro cinco seis siete ocho nueve diez rojo verde azul gato perro pájaro casa coche "
+    "árbol agua sol luna".split(),
+}
+# Classification tasks: label -> how its clips are spoken (language, sex, rate range, pitch range).
+LABELS = {
+    "sex": {"female": {"sex": "female"}, "male": {"sex": "male"}},
+    "language": {name: {"language": code} for code, name in LANGUAGES.items()},
+    "rate": {"slow": {"rate": RATE_SLOW}, "fast": {"rate": RATE_FAST}},
+    "pitch": {"low": {"pitch": PITCH_LOW}, "high": {"pitch": PITCH_HIGH}},
+}
+ANALYSIS_QUESTIONS = {
+    "count": "How many words does the speaker say?",
+    "first": "What is the first word?",
+    "second": "Repeat the second word.",
+    "last": "What is the last word?",
+}
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be built or violates its own guarantees; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One utterance to synthesise; ``audio`` is relative to the corpus folder."""
+
+    audio: str
+    split: str
+    text: str
+    language: str
+    voice: str
+    sex: str
+    rate: int  # words per minute
+    pitch: int  # espeak 0-100
+
+
+@dataclass
+class Exchange:
+    """A chat prompt (turns up to the last user turn), its clips, the right answer and plausible wrong ones."""
+
+    prompt: list[dict]
+    audios: list[str]
+    answer: str
+    wrong: list[str] = field(default_factory=list)
+
+
+def text_split(text: str, seed: int) -> str:
+    """The split an utterance belongs to: a stable hash of (seed, text), so no text is ever in both."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_TEXT_SHARE else "train"
+
+
+class Speaker:
+    """Draws what one split says and who says it, and records every clip it creates."""
+
+    def __init__(self, split: str, seed: int):
+        self.split, self.seed = split, seed
+        self.clips: list[Clip] = []
+
+    def rng(self, name: str) -> random.Random:
+        """A generator per (seed, split, row kind): changing one kind's count never shifts another's draws."""
+        return random.Random(f"{self.seed}:{self.split}:{name}")
+
+    def draw(self, rng: random.Random, make, key=lambda item: item):
+        """``make(rng)`` until its utterance (``key`` of it) belongs to this split."""
+        for _ in range(MAX_DRAWS):
+            item = make(rng)
+            if text_split(key(item), self.seed) == self.split:
+                return item
+        raise CorpusError(f"no {self.split} utterance in {MAX_DRAWS} draws: too few possible utterances to split")
+
+    def clip(self, rng: random.Random, text: str, language="en", sex=None, rate=RATE_NORMAL, pitch=PITCH_NORMAL):
+        """Plan a clip of ``text`` by a voice of this split; returns its path."""
+        sex = sex or rng.choice(("female", "male"))
+        variant = rng.choice(VARIANTS[self.split][sex])
+        path = f"audio/{self.split}/{len(self.clips):05d}.wav"
+        voice = f"{language}+{variant}"
+        self.clips.append(Clip(path, self.split, text, language, voice, sex, rng.randint(*rate), rng.randint(*pitch)))
+        return path
+
+
+def words_text(rng: random.Random, language: str = "en", span: tuple[int, int] = WORDS_PER_CLIP) -> str:
+    """A few random words of ``language``, e.g. ``"seven red cat"``."""
+    return " ".join(rng.choice(WORDS[language]) for _ in range(rng.randint(*span)))
+
+
+def analysis_text(rng: random.Random) -> str:
+    return words_text(rng, "en", WORDS_PER_ANALYSIS)
+
+
+def spoken_question(rng: random.Random) -> tuple[str, str]:
+    """A question a tiny model can learn to answer from speech alone, and its answer in number words."""
+    kind = rng.choice(("plus", "minus", "after", "before", "count"))
+    n = NUMBER_WORDS
+    if kind == "plus":
+        a, b = rng.randint(0, 10), rng.randint(0, 10)
+        return f"what is {n[a]} plus {n[b]}", n[a + b]
+    if kind == "minus":
+        a = rng.randint(0, 10)
+        b = rng.randint(0, a)
+        return f"what is {n[a]} minus {n[b]}", n[a - b]
+    if kind == "after":
+        a = rng.randint(0, MAX_NUMBER - 1)
+        return f"what comes after {n[a]}", n[a + 1]
+    if kind == "before":
+        a = rng.randint(1, MAX_NUMBER)
+        return f"what comes before {n[a]}", n[a - 1]
+    a = rng.randint(0, MAX_NUMBER - 4)
+    b = a + rng.randint(2, 4)
+    return f"count from {n[a]} to {n[b]}", " ".join(n[a : b + 1])
+
+
+def off_by_one(answer: str) -> list[str]:
+    """Plausible wrong answers to a number answer: one less / one more; for a count, one short / one too far."""
+    parts = answer.split()
+    last = NUMBER_WORDS.index(parts[-1])
+    if len(parts) > 1:
+        longer = [answer + " " + NUMBER_WORDS[last + 1]] if last < MAX_NUMBER else []
+        return [" ".join(parts[:-1])] + longer
+    return [NUMBER_WORDS[i] for i in (last - 1, last + 1) if 0 <= i <= MAX_NUMBER]
+
+
+def ask_about(words: list[str], kind: str) -> tuple[str, str, list[str]]:
+    """An analysis question about a clip of ``words``: (question, answer, plausible wrong answers)."""
+    if kind == "count":
+        answer = NUMBER_WORDS[len(words)]
+        return ANALYSIS_QUESTIONS[kind], answer, off_by_one(answer)
+    answer = {"first": words[0], "second": words[1], "last": words[-1]}[kind]
+    others = [w for w in dict.fromkeys(words) if w != answer]  # the clip's other words, first seen first
+    vocab = WORDS["en"]
+    return ANALYSIS_QUESTIONS[kind], answer, others or [vocab[(vocab.index(answer) + 1) % len(vocab)]]
+
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def voice_chat(s: Speaker, rng: random.Random) -> Exchange:
+    """The question is only spoken: the user turn is the clip and nothing else."""
+    question, answer = s.draw(rng, spoken_question, key=lambda qa: qa[0])
+    return Exchange([user(AUDIO_MARKER)], [s.clip(rng, question)], answer, off_by_one(answer))
+
+
+def analysis(s: Speaker, rng: random.Random) -> Exchange:
+    """A clip of a few words and a text instruction about it."""
+    text = s.draw(rng, analysis_text)
+    question, answer, wrong = ask_about(text.split(), rng.choice(list(ANALYSIS_QUESTIONS)))
+    return Exchange([user(AUDIO_MARKER + question)], [s.clip(rng, text)], answer, wrong)
+
+
+def multi_turn_voice(s: Speaker, rng: random.Random) -> Exchange:
+    """Two spoken questions, one clip per user turn."""
+    first, second = voice_chat(s, rng), voice_chat(s, rng)
+    prompt = first.prompt + [assistant(first.answer)] + second.prompt
+    return Exchange(prompt, first.audios + second.audios, second.answer, second.wrong)
+
+
+def multi_turn_followup(s: Speaker, rng: random.Random) -> Exchange:
+    """A question about a clip, then a text-only follow-up about the same clip."""
+    text = s.draw(rng, analysis_text)
+    first, second = rng.sample(list(ANALYSIS_QUESTIONS), 2)
+    question1, answer1, _ = ask_about(text.split(), first)
+    question2, answer2, wrong = ask_about(text.split(), second)
+    prompt = [user(AUDIO_MARKER + question1), assistant(answer1), user(question2)]
+    return Exchange(prompt, [s.clip(rng, text)], answer2, wrong)
+
+
+EXCHANGES = {
+    "voice_chat": voice_chat,
+    "analysis": analysis,
+    "multi_turn_voice": multi_turn_voice,
+    "multi_turn_followup": multi_turn_followup,
+}
+
+
+def rejected(rng: random.Random, exchange: Exchange) -> str:
+    """A plausible wrong answer, or (RAMBLE_SHARE of the time) a hedging ramble around the right one."""
+    if exchange.wrong and rng.random() >= RAMBLE_SHARE:
+        return rng.choice(exchange.wrong)
+    options = [exchange.answer, rng.choice(exchange.wrong or [exchange.answer])]
+    rng.shuffle(options)
+    return f"well, that is a good question. maybe it is {options[0]} or {options[1]}, it is hard to say"
+
+
+def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
+    """ASR rows (the words spoken) and one row per clip for each classification task, labels in turn."""
+    rng = s.rng("pretrain:asr")
+    rows = []
+    for _ in range(counts["asr"]):
+        text = s.draw(rng, words_text)
+        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text})
+    for task, labels in LABELS.items():
+        rng = s.rng(f"pretrain:{task}")
+        for i in range(counts[task]):
+            label = list(labels)[i % len(labels)]
+            how = labels[label]
+            text = s.draw(rng, lambda r: words_text(r, how.get("language", "en")))
+            rows.append({"audio": s.clip(rng, text, **how), "task": task, "text": label})
+    return rows
+
+
+def chat_rows(s: Speaker, manifest: str, counts: dict[str, int]) -> list[dict]:
+    """SFT rows (prompt + answer) or DPO rows (prompt, chosen, rejected), ``counts[kind]`` of each kind."""
+    rows = []
+    for kind, n in counts.items():
+        rng = s.rng(f"{manifest}:{kind}")
+        for _ in range(n):
+            ex = EXCHANGES[kind](s, rng)
+            if manifest == "sft":
+                rows.append({"messages": ex.prompt + [assistant(ex.answer)], "audios": ex.audios})
+            else:
+                rows.append({"messages": ex.prompt, "audios": ex.audios, "chosen": ex.answer,
+                             "rejected": rejected(rng, ex)})
+    return rows
+
+
+def split_counts(size: str, split: str) -> dict[str, dict[str, int]]:
+    """Rows per manifest and kind: the size's table for training, HELDOUT_SHARE of it (at least 1) held out."""
+    if size not in SIZES:
+        raise CorpusError(f"unknown corpus size {size!r}; choose one of {', '.join(SIZES)}")
+    if split == "train":
+        return SIZES[size]
+    return {m: {k: max(1, round(n * HELDOUT_SHARE)) for k, n in kinds.items()} for m, kinds in SIZES[size].items()}
+
+
+def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]], list[Clip]]:
+    """Every row of one split (shuffled per manifest) and the clips they need, without synthesising anything."""
+    counts = split_counts(size, split)
+    s = Speaker(split, seed)
+    rows = {"pretrain": pretrain_rows(s, counts["pretrain"])}
+    for manifest in ("sft", "dpo"):
+        rows[manifest] = chat_rows(s, manifest, counts[manifest])
+    for manifest, manifest_rows in rows.items():
+        random.Random(f"{seed}:{split}:{manifest}:order").shuffle(manifest_rows)
+    return rows, s.clips
+
+
+def check_heldout(clips: list[Clip]) -> None:
+    """Raise unless the held-out split shares no utterance and no voice variant with training."""
+    train = [c for c in clips if c.split == "train"]
+    heldout = [c for c in clips if c.split == "heldout"]
+    shared_texts = sorted({c.text for c in train} & {c.text for c in heldout})
+    if shared_texts:
+        raise CorpusError(f"held-out utterances also spoken in training: {shared_texts[:5]}")
+    variants = [{c.voice.partition("+")[2] for c in cs} for cs in (train, heldout)]
+    if not heldout or variants[0] & variants[1]:
+        raise CorpusError(f"held-out voice variants {sorted(variants[1])} must all be unused in training")
+
+
+def check_chat_rows(rows: list[dict], name: str) -> None:
+    """Raise unless every chat row has as many ``<audio>`` markers as audios."""
+    for i, row in enumerate(rows, 1):
+        if count_audio_markers(row["messages"]) != len(row["audios"]):
+            raise CorpusError(f"{name}:{i}: {count_audio_markers(row['messages'])} <audio> markers, "
+                              f"{len(row['audios'])} audios")
+
+
+def render(clips: list[Clip], root: Path) -> tuple[list[int], str]:
+    """Synthesise every clip under ``root``: shards of SHARD_CLIPS, each in a fresh process, up to one per core.
+
+    Returns the samples of each clip (in order) and espeak's version.
+    """
+    shards = [clips[i : i + SHARD_CLIPS] for i in range(0, len(clips), SHARD_CLIPS)]
+    with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda shard: _render_shard(shard, root), shards))
+    return [n for result in results for n in result["samples"]], results[0]["espeak"]
+
+
+def _render_shard(shard: list[Clip], root: Path) -> dict:
+    """Run this module as a worker (``python -m audiollm.synth.corpus``) on one shard; the job goes in on stdin."""
+    job = {"root": str(root), "clips": [[c.audio, c.text, c.voice, c.rate, c.pitch] for c in shard]}
+    package_parent = str(Path(__file__).resolve().parents[2])  # so the worker imports this very audiollm
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiollm.synth.corpus"], input=json.dumps(job), capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise CorpusError(f"speech synthesis failed in a worker process: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _render_worker() -> None:
+    """Worker side of ``_render_shard``: synthesise the job's clips in order and write 16 kHz PCM_16 wavs."""
+    import numpy as np
+    import soundfile
+
+    from audiollm.synth.espeak import Espeak, version
+
+    job = json.load(sys.stdin)
+    engine, samples = Espeak(), []
+    for audio, text, voice, rate, pitch in job["clips"]:
+        wav = np.clip(engine.synth(text, voice, rate, pitch), -1.0, 1.0)  # resampling can overshoot full scale
+        path = Path(job["root"]) / audio
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
+        samples.append(len(wav))
+    print(json.dumps({"samples": samples, "espeak": version()}))
+
+
+def manifest_name(split: str, manifest: str) -> str:
+    return f"{manifest}.jsonl" if split == "train" else f"heldout_{manifest}.jsonl"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def summarise(seed: int, size: str, clips: list[Clip], samples: list[int], espeak: str) -> dict:
+    """``corpus.json``: what was built, per split (rows per manifest and kind, clips, voices, seconds)."""
+    splits = {}
+    for split in SPLITS:
+        mine = [(c, n) for c, n in zip(clips, samples) if c.split == split]
+        counts = split_counts(size, split)
+        splits[split] = {
+            "manifests": {manifest_name(split, m): counts[m] for m in MANIFESTS},
+            "clips": len(mine),
+            "audio_seconds": round(sum(n for _, n in mine) / SAMPLE_RATE, 1),
+            "voices": sorted({c.voice for c, _ in mine}),
+            "languages": sorted({LANGUAGES[c.language] for c, _ in mine}),
+        }
+    return {"seed": seed, "size": size, "sample_rate": SAMPLE_RATE, "espeak_version": espeak, "splits": splits}
+
+
+def _require_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CorpusError(f"{out}: exists and is not an empty folder; a corpus is never written over, "
+                          "choose a new --out or delete this one")
+
+
+def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
+    """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary.
+
+    The corpus is assembled in a hidden sibling folder and renamed into place, so a failed build leaves nothing.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    _require_empty(out)
+    plans = {split: plan_split(split, seed, size) for split in SPLITS}
+    clips = [c for split in SPLITS for c in plans[split][1]]
+    check_heldout(clips)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        samples, espeak = render(clips, tmp)
+        for split, (rows, _) in plans.items():
+            for manifest in MANIFESTS:
+                if manifest != "pretrain":
+                    check_chat_rows(rows[manifest], manifest_name(split, manifest))
+                write_jsonl(tmp / manifest_name(split, manifest), rows[manifest])
+        write_jsonl(tmp / "clips.jsonl", [asdict(c) for c in clips])
+        summary = summarise(seed, size, clips, samples, espeak)
+        summary["build_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _require_empty(out)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+if __name__ == "__main__":
+    _render_worker()

@@ -1,0 +1,207 @@
+"""Offline speech from libespeak-ng through ctypes: text + voice + rate + pitch -> 16 kHz float32 waveform.
+
+The library and its voice data come from the ``espeakng-loader`` wheel, so nothing is installed system-wide and
+nothing is downloaded. espeak-ng synthesises 22,050 Hz int16 audio; it is handed to a Python callback chunk by
+chunk (synchronous mode: ``espeak_Synth`` returns once the whole utterance has been delivered) and resampled to the
+16 kHz the Whisper encoder expects.
+
+Global state, threads and processes: libespeak-ng is one global synthesiser per process (current voice, rate,
+pitch, and wave-generator state such as the pitch-flutter phase, the echo buffer and the gain control). This
+module initialises it once per process and serialises every synthesis behind one lock, so threads may share an
+``Espeak`` but never run in parallel. For parallel work use processes: a spawned process initialises its own
+copy, a forked one inherits the parent's, state included.
+
+Determinism: espeak seeds its breath-noise generator from the clock when it initialises; this module reseeds it
+with a constant. The wave-generator state (pitch-flutter phase, gain control, echo buffer) still carries over from
+one utterance to the next and no API call resets it, so the same (text, voice, rate, pitch) gives slightly
+different samples depending on what the process said before. The same sequence of utterances in a fresh process
+gives identical samples; ``audiollm.synth.corpus`` relies on that by synthesising each shard in a fresh process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+
+import numpy as np
+
+SAMPLE_RATE_ESPEAK = 22_050  # Hz, what libespeak-ng synthesises
+SAMPLE_RATE = 16_000  # Hz, = audiollm.audio.SAMPLE_RATE (not imported: that module pulls in torch)
+INT16_SCALE = 32_768.0  # int16 full scale -> float [-1, 1)
+
+RATE_MIN, RATE_MAX = 80, 450  # words per minute that espeak accepts (it clamps silently outside)
+RATE_DEFAULT = 175  # words per minute, espeak's default
+PITCH_MIN, PITCH_MAX = 0, 100  # espeak's pitch scale; 50 is the voice's own pitch
+PITCH_DEFAULT = 50
+RANGE_DEFAULT = 50  # pitch range (intonation) 0-100; set every call so one caller's setting never leaks
+VOLUME_DEFAULT = 100  # percent
+
+# speak_lib.h constants (ESPEAK_API_REVISION 12, espeak-ng 1.52).
+AUDIO_OUTPUT_SYNCHRONOUS = 2  # no audio device; espeak_Synth returns after the callback received everything
+INITIALIZE_DONT_EXIT = 0x8000  # report data errors instead of calling exit() inside the library
+CHARS_UTF8 = 1  # espeakCHARS_UTF8: the text is UTF-8 (needed for French / German / Spanish letters)
+POS_CHARACTER = 1  # espeak_POSITION_TYPE: start position counted in characters (we always start at 0)
+PARAM_RATE, PARAM_VOLUME, PARAM_PITCH, PARAM_RANGE = 1, 2, 3, 4  # espeak_PARAMETER
+EE_OK = 0
+RAND_SEED = 0  # replaces the clock seed of espeak's noise generator (breathy variants such as f2, f3, f5)
+ESPEAK_ERRORS = {-1: "EE_INTERNAL_ERROR", 1: "EE_BUFFER_FULL", 2: "EE_NOT_FOUND"}
+
+# int callback(short *wav, int numsamples, espeak_EVENT *events); return 0 to go on, 1 to abort.
+# The event list is not read, so it stays an opaque pointer.
+SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class EspeakError(RuntimeError):
+    """A failing espeak call, with the voice and text it was asked for."""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """argtypes / restype of the few functions used: ctypes would otherwise pass every int as C int and
+    truncate the size_t / pointer arguments on 64-bit systems."""
+    # int espeak_Initialize(espeak_AUDIO_OUTPUT output, int buflength, const char *path, int options)
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_Initialize.restype = ctypes.c_int  # the sample rate in Hz, or -1 on error
+    # void espeak_SetSynthCallback(t_espeak_callback *SynthCallback)
+    lib.espeak_SetSynthCallback.argtypes = [SYNTH_CALLBACK]
+    lib.espeak_SetSynthCallback.restype = None
+    # espeak_ERROR espeak_SetVoiceByName(const char *name)
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetVoiceByName.restype = ctypes.c_int
+    # espeak_ERROR espeak_SetParameter(espeak_PARAMETER parameter, int value, int relative)
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_SetParameter.restype = ctypes.c_int
+    # espeak_ERROR espeak_Synth(const void *text, size_t size, unsigned int position,
+    #     espeak_POSITION_TYPE position_type, unsigned int end_position, unsigned int flags,
+    #     unsigned int *unique_identifier, void *user_data)
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_uint),
+        ctypes.c_void_p,
+    ]
+    lib.espeak_Synth.restype = ctypes.c_int
+    # void espeak_ng_SetRandSeed(long seed): the breath-noise generator, seeded from the clock at initialisation
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    lib.espeak_ng_SetRandSeed.restype = None
+    # const char *espeak_Info(const char **path_data): the version string; path_data may be NULL
+    lib.espeak_Info.argtypes = [ctypes.c_void_p]
+    lib.espeak_Info.restype = ctypes.c_char_p
+
+
+class _Engine:
+    """The process's one libespeak-ng: loaded, declared and initialised on first use."""
+
+    lock = threading.Lock()  # espeak is global state: one utterance at a time per process
+    lib: ctypes.CDLL | None = None
+    chunks: list[np.ndarray] = []  # int16 chunks of the utterance being synthesised
+    callback = None  # the ctypes callback object; must stay referenced or espeak calls freed memory
+
+
+def _on_samples(wav, numsamples: int, events) -> int:
+    """espeak's synth callback: copy the chunk (espeak reuses its buffer); a NULL/0 call marks the end."""
+    if numsamples > 0 and wav:
+        _Engine.chunks.append(np.ctypeslib.as_array(wav, shape=(numsamples,)).copy())
+    return 0
+
+
+def _engine() -> type[_Engine]:
+    """Initialise libespeak-ng in this process if not done yet (call with ``_Engine.lock`` held)."""
+    if _Engine.lib is not None:
+        return _Engine
+    import espeakng_loader
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    _declare(lib)
+    data_path = espeakng_loader.get_data_path()
+    rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), INITIALIZE_DONT_EXIT)
+    if rate != SAMPLE_RATE_ESPEAK:
+        raise EspeakError(f"espeak_Initialize with data {data_path} returned {rate}, expected {SAMPLE_RATE_ESPEAK} Hz")
+    lib.espeak_ng_SetRandSeed(RAND_SEED)
+    _Engine.callback = SYNTH_CALLBACK(_on_samples)
+    lib.espeak_SetSynthCallback(_Engine.callback)
+    _Engine.lib = lib
+    return _Engine
+
+
+@functools.lru_cache(maxsize=1)
+def version() -> str:
+    """libespeak-ng's version, e.g. ``1.52.0`` (audio is only reproducible within one version)."""
+    with _Engine.lock:
+        return _engine().lib.espeak_Info(None).decode()
+
+
+@functools.lru_cache(maxsize=1)
+def voice_variants() -> tuple[str, ...]:
+    """Names of the voice variants shipped with the data (``f1``..``f5``, ``m1``..``m8``, ``klatt``, ...)."""
+    import espeakng_loader
+
+    return tuple(sorted(os.listdir(os.path.join(espeakng_loader.get_data_path(), "voices", "!v"))))
+
+
+class Espeak:
+    """Text to 16 kHz speech with libespeak-ng.
+
+    >>> wav = Espeak().synth("what is three plus four", voice="en+f3", rate=175, pitch=50)
+
+    ``voice`` is a language voice with an optional variant: ``en``, ``de``, ``fr+m3``, ``en+f4``. ``rate`` is in
+    words per minute (80-450), ``pitch`` on espeak's 0-100 scale (50 = the voice's own pitch). Instances share
+    the process's one synthesiser (see the module docstring); creating many is free.
+    """
+
+    def __init__(self):
+        with _Engine.lock:
+            _engine()
+
+    def synth(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT) -> np.ndarray:
+        """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text."""
+        where = f"voice {voice!r}, text {text!r}"
+        if not RATE_MIN <= rate <= RATE_MAX or not PITCH_MIN <= pitch <= PITCH_MAX:
+            raise EspeakError(f"{where}: rate must be {RATE_MIN}-{RATE_MAX} words per minute and pitch "
+                              f"{PITCH_MIN}-{PITCH_MAX}, got rate {rate}, pitch {pitch}")
+        if not text.strip():
+            raise EspeakError(f"{where}: nothing to say")
+        with _Engine.lock:
+            engine = _engine()
+            self._set_voice(engine.lib, voice, where)
+            for param, value in ((PARAM_RATE, rate), (PARAM_PITCH, pitch), (PARAM_RANGE, RANGE_DEFAULT),
+                                 (PARAM_VOLUME, VOLUME_DEFAULT)):
+                _check(engine.lib.espeak_SetParameter(param, int(value), 0), f"espeak_SetParameter({param})", where)
+            engine.chunks = []
+            data = text.encode("utf-8") + b"\0"  # the size passed includes the terminating NUL
+            status = engine.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
+            _check(status, "espeak_Synth", where)
+            chunks, engine.chunks = engine.chunks, []
+        if not chunks:
+            raise EspeakError(f"{where}: espeak produced no audio")
+        return resample(np.concatenate(chunks).astype(np.float32) / INT16_SCALE)
+
+    @staticmethod
+    def _set_voice(lib: ctypes.CDLL, voice: str, where: str) -> None:
+        """Select ``voice``. espeak ignores an unknown variant silently (``en+nope`` speaks plain ``en``) and keeps
+        the previous voice after an unknown language, so both are checked here."""
+        variant = voice.partition("+")[2]
+        if variant and variant not in voice_variants():
+            raise EspeakError(f"{where}: unknown voice variant {variant!r}; known: {', '.join(voice_variants())}")
+        _check(lib.espeak_SetVoiceByName(voice.encode()), "espeak_SetVoiceByName", where)
+
+
+def _check(status: int, call: str, where: str) -> None:
+    if status != EE_OK:
+        raise EspeakError(f"{where}: {call} failed with {ESPEAK_ERRORS.get(status, status)}")
+
+
+def resample(wav: np.ndarray) -> np.ndarray:
+    """22,050 Hz -> 16 kHz, float32: exactly ``librosa.resample`` with its default ``soxr_hq``.
+
+    soxr is called directly because librosa's first ``resample`` call costs ~2 s of lazy imports (scipy.signal
+    and more), paid again by every fresh worker process; soxr is librosa's own dependency.
+    """
+    import soxr
+
+    return soxr.resample(wav, SAMPLE_RATE_ESPEAK, SAMPLE_RATE, quality="soxr_hq").astype(np.float32)

@@ -1,0 +1,244 @@
+"""The offline speech synthesiser (libespeak-ng through ctypes) and the spoken demo corpus built with it."""
+
+import json
+import re
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+
+from audiollm.audio import SAMPLE_RATE, load_audio
+from audiollm.chat import count_audio_markers
+from audiollm.data import load_manifest, pretrain_to_chat
+from audiollm.prompts import PROMPT_POOLS
+from audiollm.synth import espeak
+from audiollm.synth.corpus import (
+    ANALYSIS_QUESTIONS,
+    NUMBER_WORDS,
+    VARIANTS,
+    Clip,
+    CorpusError,
+    check_heldout,
+    spoken_question,
+    synth,
+)
+from audiollm.synth.espeak import Espeak, EspeakError
+
+SENTENCE = "what is three plus four"
+MANIFESTS = ("pretrain", "sft", "dpo")
+
+
+def median_f0(wav: np.ndarray) -> float:
+    """Median YIN F0 (Hz) over the loud frames; unvoiced frames give octave errors, so quiet ones are dropped."""
+    f0 = librosa.yin(wav, fmin=50, fmax=500, sr=SAMPLE_RATE, frame_length=1024, hop_length=256)
+    rms = librosa.feature.rms(y=wav, frame_length=1024, hop_length=256)[0]
+    n = min(len(f0), len(rms))
+    return float(np.median(f0[:n][rms[:n] > 0.3 * rms.max()]))
+
+
+@pytest.fixture(scope="module")
+def tts():
+    return Espeak()
+
+
+def test_speech_is_audible_16k_float_of_plausible_length(tts):
+    wav = tts.synth(SENTENCE, "en+m3")
+    assert espeak.SAMPLE_RATE == SAMPLE_RATE
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    seconds = wav.size / SAMPLE_RATE
+    assert 0.8 < seconds < 3.0  # five words at 175 words per minute: about 1.7 s
+    assert np.sqrt(np.mean(wav**2)) > 0.02 and np.abs(wav).max() <= 1.0
+
+
+def test_resample_is_librosas_default():
+    wav = np.random.default_rng(0).standard_normal(22_050).astype(np.float32)
+    expected = librosa.resample(wav, orig_sr=espeak.SAMPLE_RATE_ESPEAK, target_sr=SAMPLE_RATE)
+    np.testing.assert_array_equal(espeak.resample(wav), expected)
+
+
+def test_female_variant_speaks_higher_than_male(tts):
+    female, male = median_f0(tts.synth(SENTENCE, "en+f3")), median_f0(tts.synth(SENTENCE, "en+m3"))
+    assert female > 1.5 * male, (female, male)  # measured ~215 Hz vs ~110 Hz
+
+
+@pytest.mark.parametrize("voice", ["en+f4", "en+m7"])
+def test_pitch_setting_moves_f0(tts, voice):
+    low, high = (median_f0(tts.synth(SENTENCE, voice, pitch=p)) for p in (15, 85))
+    assert high > 1.4 * low, (low, high)
+
+
+def test_slow_rate_lasts_longer_than_fast(tts):
+    slow, fast = (tts.synth(SENTENCE, "en+f2", rate=r).size for r in (110, 260))
+    assert slow > 1.8 * fast, (slow, fast)  # 260 / 110 = 2.4 for the words; pauses scale less
+
+
+@pytest.mark.parametrize(
+    "voice, text, rate, pitch, message",
+    [
+        ("en+nope", "hello", 175, 50, "unknown voice variant 'nope'"),
+        ("xx", "hello", 175, 50, "EE_NOT_FOUND"),
+        ("en", "hello", 20, 50, "rate 20"),
+        ("en", "  ", 175, 50, "nothing to say"),
+    ],
+)
+def test_espeak_errors_name_voice_and_text(tts, voice, text, rate, pitch, message):
+    with pytest.raises(EspeakError, match=re.escape(message)) as err:
+        tts.synth(text, voice, rate, pitch)
+    assert repr(voice) in str(err.value) and repr(text) in str(err.value)
+    assert tts.synth("one", "en").size > 0  # a failed call leaves the synthesiser usable
+
+
+def test_spoken_questions_have_right_answers():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        question, answer = spoken_question(rng)
+        numbers = [NUMBER_WORDS.index(w) for w in question.split() if w in NUMBER_WORDS]
+        got = [NUMBER_WORDS.index(w) for w in answer.split()]
+        if " plus " in question:
+            assert got == [sum(numbers)]
+        elif " minus " in question:
+            assert got == [numbers[0] - numbers[1]]
+        elif "after" in question:
+            assert got == [numbers[0] + 1]
+        elif "before" in question:
+            assert got == [numbers[0] - 1]
+        else:
+            assert got == list(range(numbers[0], numbers[1] + 1)) and 3 <= len(got) <= 5
+
+
+# ---- the corpus -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "seed0"
+    synth(out, seed=0, size="tiny")
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def manifest_files(root: Path) -> dict[str, list[dict]]:
+    names = [f"{m}.jsonl" for m in MANIFESTS] + [f"heldout_{m}.jsonl" for m in MANIFESTS]
+    return {name: read_jsonl(root / name) for name in names}
+
+
+def row_audios(row: dict) -> list[str]:
+    return row["audios"] if "audios" in row else [row["audio"]]
+
+
+def test_manifests_have_the_project_formats(corpus):
+    for name, rows in manifest_files(corpus).items():
+        assert rows, name
+        for row in rows:
+            if "pretrain" in name:
+                assert set(row) == {"audio", "task", "text"} and row["task"] in PROMPT_POOLS
+                continue
+            roles = [m["role"] for m in row["messages"]]
+            assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:])), row
+            assert count_audio_markers(row["messages"]) == len(row["audios"]) >= 1
+            if "dpo" in name:
+                assert set(row) == {"messages", "audios", "chosen", "rejected"} and roles[-1] == "user"
+                assert row["chosen"] != row["rejected"]
+            else:
+                assert set(row) == {"messages", "audios"} and roles[-1] == "assistant"
+    train = manifest_files(corpus)
+    assert {r["task"] for r in train["pretrain.jsonl"]} == {"asr", "sex", "language", "rate", "pitch"}
+    assert any(len(r["audios"]) == 2 for r in train["sft.jsonl"])  # multi-turn, one clip per spoken question
+    assert any(r["messages"][0]["content"] == "<audio>" for r in train["sft.jsonl"])  # voice chat: speech only
+
+
+def test_every_clip_decodes_at_16k_and_matches_its_plan(corpus):
+    clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
+    used = {a for rows in manifest_files(corpus).values() for r in rows for a in row_audios(r)}
+    assert used == set(clips)  # every planned clip is used, every used clip is planned
+    seconds = 0.0
+    for audio in sorted(used):
+        wav = load_audio(corpus / audio)
+        assert 0.3 < wav.size / SAMPLE_RATE < 4.0 and np.abs(wav).max() > 0.05, audio
+        seconds += wav.size / SAMPLE_RATE
+    summary = json.loads((corpus / "corpus.json").read_text())
+    assert sum(s["audio_seconds"] for s in summary["splits"].values()) == pytest.approx(seconds, abs=0.2)
+    for name, rows in manifest_files(corpus).items():
+        split = "heldout" if name.startswith("heldout") else "train"
+        assert sum(summary["splits"][split]["manifests"][name].values()) == len(rows)
+
+
+def test_labels_describe_the_clips(corpus):
+    clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
+    for row in read_jsonl(corpus / "pretrain.jsonl") + read_jsonl(corpus / "heldout_pretrain.jsonl"):
+        clip = clips[row["audio"]]
+        expected = {
+            "asr": clip["text"],
+            "sex": clip["sex"],
+            "language": {"en": "English", "fr": "French", "de": "German", "es": "Spanish"}[clip["language"]],
+            "rate": "slow" if clip["rate"] < 150 else "fast" if clip["rate"] > 200 else None,
+            "pitch": "low" if clip["pitch"] < 40 else "high" if clip["pitch"] > 60 else None,
+        }[row["task"]]
+        assert row["text"] == expected, (row, clip)
+    for row in read_jsonl(corpus / "sft.jsonl"):
+        user = row["messages"][0]["content"]
+        if user.endswith(ANALYSIS_QUESTIONS["count"]):
+            words = clips[row["audios"][0]]["text"].split()
+            assert row["messages"][1]["content"] == NUMBER_WORDS[len(words)]
+
+
+def test_heldout_never_repeats_training_words_or_voices(corpus):
+    clips = read_jsonl(corpus / "clips.jsonl")
+    split_of = {c["audio"]: c["split"] for c in clips}
+    for name, rows in manifest_files(corpus).items():
+        expected = "heldout" if name.startswith("heldout") else "train"
+        assert {split_of[a] for r in rows for a in row_audios(r)} == {expected}, name
+    texts = {s: {c["text"] for c in clips if c["split"] == s} for s in ("train", "heldout")}
+    variants = {s: {c["voice"].split("+")[1] for c in clips if c["split"] == s} for s in ("train", "heldout")}
+    assert texts["heldout"] and not texts["train"] & texts["heldout"]
+    assert variants["heldout"] and not variants["train"] & variants["heldout"]
+    assert variants["heldout"] <= set(VARIANTS["heldout"]["female"] + VARIANTS["heldout"]["male"])
+
+
+def test_check_heldout_refuses_shared_words_or_voices():
+    def clip(split, text, voice):
+        return Clip(f"audio/{split}/{text}.wav", split, text, "en", voice, "female", 175, 50)
+
+    check_heldout([clip("train", "one two", "en+f1"), clip("heldout", "three", "en+f4")])
+    with pytest.raises(CorpusError, match="utterances"):
+        check_heldout([clip("train", "one two", "en+f1"), clip("heldout", "one two", "en+f4")])
+    with pytest.raises(CorpusError, match="voice variants"):
+        check_heldout([clip("train", "one two", "en+f4"), clip("heldout", "three", "fr+f4")])
+
+
+def test_manifests_load_through_datasets(corpus):
+    ds = load_manifest(str(corpus / "pretrain.jsonl"))
+    chat = pretrain_to_chat(ds[0])
+    assert Path(chat["audios"][0]).is_file() and chat["messages"][1]["content"] == ds[0]["text"]
+    sft = load_manifest(str(corpus / "sft.jsonl"))
+    assert all(Path(a).is_file() for row in sft for a in row["audios"])
+
+
+def test_same_seed_same_bytes_other_seed_other_corpus(corpus, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    synth(again, seed=0, size="tiny")
+    synth(other, seed=1, size="tiny")
+    files = sorted(p.relative_to(corpus) for p in corpus.rglob("*") if p.is_file() and p.name != "corpus.json")
+    assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file() and p.name != "corpus.json") == files
+    for rel in files:  # manifests and audio alike
+        assert (again / rel).read_bytes() == (corpus / rel).read_bytes(), rel
+    assert (other / "pretrain.jsonl").read_bytes() != (corpus / "pretrain.jsonl").read_bytes()
+    assert (other / "clips.jsonl").read_bytes() != (corpus / "clips.jsonl").read_bytes()
+
+
+def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CorpusError, match="not an empty folder"):
+        synth(out, size="tiny")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(CorpusError, match="unknown corpus size"):
+        synth(tmp_path / "new", size="huge")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no partial build left
