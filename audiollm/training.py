@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -197,10 +198,24 @@ def merge_adapter(base_path: str, adapter_path: str, out: str) -> None:
     """Base folder + peft adapter -> one full model folder at ``out`` (on CPU, fp32)."""
     from peft import PeftModel
 
-    base = AudioLLMForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
-    merged.save_pretrained(out)
+    with zero3_paused():  # only rank 0 merges; a ZeRO-3 load would wait for ranks that have finished
+        base = AudioLLMForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+        merged.save_pretrained(out)
     log.info("merged the LoRA adapter %s into %s", adapter_path, out)
+
+
+@contextmanager
+def zero3_paused():
+    """Load models in this process alone while a ZeRO-3 run's global DeepSpeed config is set."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
 def copy_processor_files(src: str, dst: str) -> None:

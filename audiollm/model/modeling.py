@@ -31,6 +31,7 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        self.generation_config = self.language_model.generation_config  # generate() runs the LLM's
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
