@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from audiollm.model.config import PROJECTORS
+from eval.cli import add_eval_parser
 
 INIT_MODES = ("parts", "qwen2_audio", "tiny")
 # Options each init mode takes beyond --out; anything else given with that mode is an argument error.
@@ -158,7 +159,7 @@ def run_train(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_init_parser, add_data_parser, add_train_parser)  # demo, eval, export join here as add_<job>_parser functions
+SUBCOMMANDS = (add_init_parser, add_data_parser, add_train_parser, add_eval_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

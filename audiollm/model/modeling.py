@@ -42,6 +42,19 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
+    def enable_input_require_grads(self):
+        """Hook only the LLM's token embeddings (used by checkpointing and peft).
+
+        The stock version hooks every sub-model's input layer, the audio tower's conv1 included: a frozen encoder
+        would then build a graph, be recomputed in backward and backpropagate into nothing.
+        """
+
+        def require_grad(module, args, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(require_grad)]
+        self._require_grads_hook = self._require_grads_hooks[0]
+
     def save_pretrained(self, save_directory, state_dict=None, **kwargs):
         """Save as usual, but write the LM head even when it is tied to the input embeddings.
 
