@@ -184,12 +184,18 @@ def _stock_framing(wav: torch.Tensor, frames: int) -> torch.Tensor:
     """The samples a centred STFT of ``wav`` zero-padded to 30 s reads for its first ``frames`` frames.
 
     Like Whisper: the start is reflected (200 samples), zeros follow the clip up to 30 s, and the 30 s end is
-    reflected (which only a clip of nearly 30 s ever reaches).
+    reflected, which only a clip of nearly 30 s ever reaches. Built piece by piece: padding every clip to 480,000
+    samples first would cost more than the STFT itself.
     """
     half = N_FFT // 2
-    padded = F.pad(wav, (0, CHUNK_SAMPLES - wav.numel()))
-    framed = F.pad(padded[None, None], (half, half), mode="reflect")[0, 0]  # (480,400,)
-    return framed[: (frames - 1) * HOP_LENGTH + N_FFT]
+    needed = (frames - 1) * HOP_LENGTH + N_FFT  # samples read by `frames` frames, 400 + 160 per extra frame
+    start = wav[1 : half + 1].flip(0)  # reflect pad of a centred STFT
+    body = F.pad(wav, (0, min(needed - half, CHUNK_SAMPLES) - wav.numel()))
+    past_end = needed - half - CHUNK_SAMPLES
+    if past_end <= 0:
+        return torch.cat([start, body])
+    end = F.pad(wav[-(half + 1) :], (0, CHUNK_SAMPLES - wav.numel()))  # the last 201 samples of the 30 s wave
+    return torch.cat([start, body, end[-(half + 1) : -1].flip(0)[:past_end]])
 
 
 @dataclass
