@@ -375,12 +375,15 @@ def build_tiny(
     llm_type: str = "qwen2",
     tie: bool = False,
     seed: int = 0,
+    size: str = "test",
 ) -> AudioLLMForConditionalGeneration:
-    """A tiny random model (2-layer encoder and LLM, width 64) for tests and the CPU demo; same seed, same weights."""
+    """A tiny random model for tests ("test": width 64, 2 layers) and the CPU demo ("demo": width 128, 4 layers).
+
+    Same seed, same weights."""
     tokenizer = tiny_tokenizer()
     config = AudioLLMConfig(
-        audio_config=tiny_audio_config(),
-        text_config=tiny_text_config(len(tokenizer), llm_type, tie),
+        audio_config=tiny_audio_config(size),
+        text_config=tiny_text_config(len(tokenizer), llm_type, tie, size),
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
         projector_type=projector,
         projector_stack=stack,

@@ -25,7 +25,7 @@ INIT_MODES = ("parts", "qwen2_audio", "tiny")
 INIT_OPTIONS = {
     "parts": {"projector", "stack", "dtype", "trust_remote_code", "seed"},
     "qwen2_audio": set(),
-    "tiny": {"projector", "stack", "llm_type", "tie", "seed"},
+    "tiny": {"projector", "stack", "llm_type", "tie", "seed", "size"},
 }
 INIT_DEFAULTS = {
     "projector": "linear",
@@ -35,6 +35,7 @@ INIT_DEFAULTS = {
     "llm_type": "qwen2",
     "tie": False,
     "seed": 0,
+    "size": "test",
 }
 
 
@@ -59,6 +60,8 @@ def add_init_parser(subparsers) -> None:
     p.add_argument("--llm-type", choices=("qwen2", "qwen3"), help="--tiny LLM family (default qwen2)")
     p.add_argument("--tie", action="store_true", default=None, help="--tiny LLM with tied input/output embeddings")
     p.add_argument("--seed", type=int, help="seed of the random projector / tiny weights (default 0)")
+    p.add_argument("--size", choices=("test", "demo"), help="--tiny size: test (width 64, 2 layers, default) or "
+                   "demo (width 128, 4 layers)")
     p.set_defaults(run=run_init, parser=p)
 
 
@@ -112,7 +115,7 @@ def run_init(args) -> int:
     elif mode == "qwen2_audio":
         model = build.from_qwen2_audio(args.from_qwen2_audio, out)
     else:
-        model = build.build_tiny(out, args.projector, args.stack, args.llm_type, args.tie, args.seed)
+        model = build.build_tiny(out, args.projector, args.stack, args.llm_type, args.tie, args.seed, args.size)
     print(_describe(model, out))
     return 0
 

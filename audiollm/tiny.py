@@ -63,30 +63,37 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast
     return tokenizer
 
 
-def tiny_text_config(vocab_size: int, model_type: str = "qwen2", tie: bool = False) -> dict:
-    """A 2-layer causal LM config of the given family (qwen2 covers Qwen2 and Qwen2.5; qwen3 adds q/k norms)."""
+# (width, layers) of both the encoder and the LLM. "test": fast unit tests (~0.4 M parameters); "demo": enough
+# capacity to learn the synthesised corpus on a laptop CPU in minutes (~2 M parameters).
+TINY_SIZES = {"test": (64, 2), "demo": (128, 4)}
+
+
+def tiny_text_config(vocab_size: int, model_type: str = "qwen2", tie: bool = False, size: str = "test") -> dict:
+    """A small causal LM config of the given family (qwen2 covers Qwen2 and Qwen2.5; qwen3 adds q/k norms)."""
+    width, layers = TINY_SIZES[size]
     return dict(
         model_type=model_type,
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=width // 4,
         max_position_embeddings=4096,
         tie_word_embeddings=tie,
     )
 
 
-def tiny_audio_config() -> dict:
-    """Whisper-large-v3's encoder shape (128 mels, 1500 positions) with 2 layers of width 64."""
+def tiny_audio_config(size: str = "test") -> dict:
+    """Whisper-large-v3's encoder shape (128 mels, 1500 positions), scaled down in width and depth."""
+    width, layers = TINY_SIZES[size]
     return dict(
         model_type="qwen2_audio_encoder",
         num_mel_bins=128,
-        d_model=64,
-        encoder_layers=2,
+        d_model=width,
+        encoder_layers=layers,
         encoder_attention_heads=4,
-        encoder_ffn_dim=128,
+        encoder_ffn_dim=2 * width,
         max_source_positions=1500,
     )
