@@ -183,6 +183,7 @@ def save_final(trainer, model_args: ModelArguments, tokenizer) -> None:
     its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base.
     """
     out = trainer.args.output_dir
+    trainer.save_state()  # trainer_state.json: the loss curve and metrics, for reports and plots
     if model_args.uses_lora:
         trainer.save_model(os.path.join(out, "adapter"))
         if trainer.is_world_process_zero():
@@ -192,6 +193,7 @@ def save_final(trainer, model_args: ModelArguments, tokenizer) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
         copy_processor_files(model_args.model_name_or_path, out)
+    trainer.accelerator.end_training()  # close trackers and process group: gloo ranks can abort at exit otherwise
 
 
 def merge_adapter(base_path: str, adapter_path: str, out: str) -> None:

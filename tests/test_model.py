@@ -335,3 +335,10 @@ def test_left_padded_batched_generate_matches_one_by_one(tiny_model, tokenizer, 
         assert torch.equal(batched[row, width:], torch.cat([new, filler])), f"row {row}"
         continuations.append(new.tolist())
     assert continuations[0] != continuations[1]  # the rows depend on their inputs, so the check has teeth
+
+
+def test_a_new_encoder_has_whisper_sinusoid_positions_frozen(tiny_model):
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    table = tiny_model("linear", "qwen2").audio_tower.embed_positions.weight
+    assert torch.equal(table, sinusoids(*table.shape)) and not table.requires_grad

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+from transformers.models.whisper.modeling_whisper import sinusoids
 
 from audiollm.audio import MAX_FRAMES, audio_token_count
 
@@ -22,6 +24,14 @@ class AudioEncoder(Qwen2AudioEncoder):
     (``audio.log_mel``: padded only to the longest clip + the 2 frames the convolutions read past a clip's end,
     which hold the same values as in the stock layout). Either way a clip's real frames get the same encoding.
     """
+
+    def _init_weights(self, module):
+        """Standard init, except the positional table: fixed sinusoids, as in every Whisper checkpoint (a random
+        model would otherwise get a frozen table of noise, std 0.02, and no usable positions)."""
+        if module is self.embed_positions:
+            init.copy_(module.weight, sinusoids(*module.weight.shape))
+        else:
+            super()._init_weights(module)
 
     def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
         """(C, n_mels, T) mel chunks, T <= 3000, mask (C, T) -> hidden (C, N, d_model), token lengths (C,).
