@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
 from eval.cli import add_eval_parser
 
@@ -182,7 +183,8 @@ def run_train(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_demo_parser, add_init_parser, add_data_parser, add_train_parser, add_eval_parser)
+SUBCOMMANDS = (add_demo_parser, add_init_parser, add_data_parser, add_train_parser, add_eval_parser,
+               add_export_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
