@@ -1,0 +1,58 @@
+"""A shortened demo (2 steps per stage, the tests' tiny corpus) runs end to end and writes every artefact.
+
+The full demo's figures are measured by running `audiollm demo` (see the README); this test checks the pipeline,
+not the learning.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from audiollm.demo import RESULT_KEYS, STAGES, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, seed=0, max_steps=2, corpus_size="tiny")
+
+
+def test_results_hold_every_figure_measured(demo):
+    out, results = demo
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in (*RESULT_KEYS, "wall_seconds"):
+        assert isinstance(saved[key], float) and math.isfinite(saved[key]), key
+    for key in ("analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved["asr_wer"] >= 0.0
+    # The figures are the harness's own, computed from its saved per-item predictions.
+    harness = json.loads((out / "eval" / "results.json").read_text())
+    assert harness["tasks"]["heldout/asr"]["value"] == saved["asr_wer"]
+    predictions = (out / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == sum(t["n"] for t in harness["tasks"].values())
+
+
+def test_every_stage_wrote_a_model_and_its_loss_curve(demo):
+    out, _ = demo
+    for stage in STAGES:
+        state = json.loads((out / stage / "trainer_state.json").read_text())
+        assert state["global_step"] == 2
+        assert any("loss" in entry for entry in state["log_history"])
+        assert (out / stage / "model.safetensors").is_file()
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    report = (out / "report.md").read_text()
+    assert "asr_wer" in report and "voice_chat_accuracy" in report
+
+
+def test_export_loads_in_stock_transformers(demo):
+    out, _ = demo
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(out / "export")
+    processor = AutoProcessor.from_pretrained(out / "export")
+    ids = processor.tokenizer("hello", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
