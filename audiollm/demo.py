@@ -44,7 +44,7 @@ class Clock:
         return round(time.perf_counter() - self.start, 1)
 
 
-def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpus_size: str = "small") -> dict:
+def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpus_size: str = "full") -> dict:
     """Run the pipeline into ``out`` (new or empty); returns the results written to ``out/results.json``.
 
     ``max_steps`` caps every stage (tests run a shortened demo); None keeps the recipes' schedules.

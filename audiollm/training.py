@@ -176,12 +176,15 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def save_final(trainer, model_args: ModelArguments, tokenizer) -> None:
+def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataArguments, tokenizer) -> None:
     """Write the output folder as a normal model folder that the next stage, eval and export can load.
 
     ZeRO-3 weights are gathered by the trainer (``stage3_gather_16bit_weights_on_model_save``). A LoRA run saves
-    its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base.
+    its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base. The folder
+    also gets ``training_summary.json``: this stage appended to the previous stages' record, for the model card.
     """
+    from audiollm.model_card import stage_entry, write_training_summary
+
     out = trainer.args.output_dir
     trainer.save_state()  # trainer_state.json: the loss curve and metrics, for reports and plots
     if model_args.uses_lora:
@@ -193,6 +196,9 @@ def save_final(trainer, model_args: ModelArguments, tokenizer) -> None:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
         copy_processor_files(model_args.model_name_or_path, out)
+        rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
+        entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
+        write_training_summary(out, model_args.model_name_or_path, entry)
     trainer.accelerator.end_training()  # close trackers and process group: gloo ranks can abort at exit otherwise
 
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = AudioDPOTrainer(model, ref_model, args, collator, train, evals, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
-    save_final(trainer, model_args, tokenizer)
+    save_final(trainer, "dpo", model_args, data_args, tokenizer)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
-    save_final(trainer, model_args, tokenizer)
+    save_final(trainer, "pretrain", model_args, data_args, tokenizer)
 
 
 if __name__ == "__main__":
