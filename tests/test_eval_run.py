@@ -20,7 +20,7 @@ from eval.generate import GenerationSettings, generate_answers, load_model, pref
 from eval.pipeline import evaluate, load_tasks
 from eval.speech import intelligibility, load_transcriber, transcript_wer
 
-MMAU_JSON = Path("/work/shared/benchmarks/mmau-test-mini.json")
+MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"  # shared/ sits beside the checkout
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:
