@@ -26,10 +26,19 @@ class AudioEncoder(Qwen2AudioEncoder):
     """
 
     def _init_weights(self, module):
-        """Standard init, except the positional table: fixed sinusoids, as in every Whisper checkpoint (a random
-        model would otherwise get a frozen table of noise, std 0.02, and no usable positions)."""
+        """Standard init, except where a random encoder could not learn to hear (only new encoders; checkpoints
+        keep their weights):
+
+        - positions: Whisper's fixed sinusoids (std 0.68), not a frozen table of noise;
+        - the two convolutions: He init for GELU, std sqrt(2 / fan_in). At std 0.02 their output (std 0.02) is
+          drowned by the positions: every clip encodes alike (cosine 0.999 between clips) and the encoder gets
+          almost no gradient.
+        """
         if module is self.embed_positions:
             init.copy_(module.weight, sinusoids(*module.weight.shape))
+        elif module is self.conv1 or module is self.conv2:
+            init.kaiming_normal_(module.weight, nonlinearity="relu")  # GELU's gain is close to ReLU's
+            init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 
