@@ -81,15 +81,18 @@ def _locate(row: dict, index: int, name: str, base_dir: str) -> dict:
     return out
 
 
-def load_mixture(sources: list[str], weights: list[float] | None = None, streaming: bool = False, seed: int = 0):
-    """Several manifests as one dataset; ``weights`` are sampling probabilities (normalised), None concatenates.
+def load_mixture(sources: list[str], weights: list[float] | None = None, streaming: bool = False, seed: int = 0,
+                 prompt_seed: int = 0):
+    """Several manifests as one dataset of chat rows; ``weights`` are sampling probabilities (normalised), None
+    concatenates. Pretraining manifests are turned into chat rows first, so any stage can mix in any format
+    (e.g. replay ASR rows during SFT so that the model keeps transcribing).
 
     With weights, sampling stops when every source has been seen once (``all_exhausted``): small sources are
     oversampled to their weight, none is cut short.
     """
     import datasets
 
-    parts = [load_manifest(s, streaming) for s in sources]
+    parts = [as_chat(load_manifest(s, streaming), prompt_seed) for s in sources]
     if len(parts) == 1:
         return parts[0]
     if weights is None:
@@ -98,6 +101,14 @@ def load_mixture(sources: list[str], weights: list[float] | None = None, streami
         raise ValueError(f"mix_weights {weights} must give one non-negative weight per source ({len(sources)})")
     probs = [w / sum(weights) for w in weights]
     return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="all_exhausted")
+
+
+def as_chat(dataset, prompt_seed: int = 0):
+    """Chat rows as they are; pretraining rows (audio, task, text) -> chat rows, lazily for streamed data."""
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if "messages" in columns or "task" not in columns:
+        return dataset
+    return dataset.map(pretrain_to_chat, fn_kwargs={"seed": prompt_seed}, remove_columns=list(columns))
 
 
 def pretrain_to_chat(row: dict, seed: int = 0) -> dict:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 STAGES = ("pretrain", "sft", "dpo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
 # Which manifest of the corpus each stage trains on.
-STAGE_DATA = {"pretrain": "pretrain.jsonl", "sft": "sft.jsonl", "dpo": "dpo.jsonl"}
+STAGE_DATA = {"pretrain": ["pretrain.jsonl"], "sft": ["sft.jsonl", "pretrain.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
                "dpo_pref_accuracy_after")
 
@@ -80,7 +80,8 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
     import importlib
 
     argv = ["--config", str(CONFIG_DIR / f"{stage}_demo.yaml"), "--model_name_or_path", str(model),
-            "--train_files", str(data / STAGE_DATA[stage]), "--output_dir", str(output), "--seed", str(seed)]
+            "--train_files", *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
+            "--seed", str(seed)]
     if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
         argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
     importlib.import_module(f"stages.{stage}").main(argv)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -138,15 +137,14 @@ def add_lora(model, model_args: ModelArguments):
     return model
 
 
-def load_datasets(data_args: DataArguments, args, to_chat: Callable | None = None):
-    """(train, eval or None) datasets of chat rows; ``to_chat`` converts a stage's own row format first.
+def load_datasets(data_args: DataArguments, args):
+    """(train, eval or None) datasets of chat rows from the recipe's manifests, in any of the row formats.
 
     Length-grouped batching (``train_sampling_strategy: group_by_length``) gets its ``length`` column here.
     """
-    train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed)
-    evals = load_mixture(data_args.eval_files) if data_args.eval_files else None
-    if to_chat is not None:
-        train, evals = to_chat(train), (to_chat(evals) if evals is not None else None)
+    train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed,
+                         data_args.prompt_seed)
+    evals = load_mixture(data_args.eval_files, prompt_seed=data_args.prompt_seed) if data_args.eval_files else None
     if args.train_sampling_strategy == "group_by_length" and not data_args.streaming:
         train = add_lengths(train)
     return train, evals

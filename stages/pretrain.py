@@ -8,12 +8,9 @@ Rows: {"audio": "clip.wav", "task": "asr", "text": "the transcript"}   (tasks: a
 
 from __future__ import annotations
 
-from functools import partial
-
 from transformers import Trainer, TrainingArguments
 from trl import TrlParser
 
-from audiollm.data import pretrain_to_chat
 from audiollm.training import (
     DataArguments,
     ModelArguments,
@@ -26,11 +23,6 @@ from audiollm.training import (
 )
 
 
-def as_chat(dataset, seed: int):
-    """Pretraining rows -> chat rows (audio + drawn instruction -> target text), lazily for streamed data."""
-    return dataset.map(pretrain_to_chat, fn_kwargs={"seed": seed}, remove_columns=list(dataset.column_names or []))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, args = parser.parse_args_and_config(argv)
@@ -38,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(model_args)
 
-    train, evals = load_datasets(data_args, args, to_chat=partial(as_chat, seed=data_args.prompt_seed))
+    train, evals = load_datasets(data_args, args)  # each row gets an instruction from its task's pool
     collator = make_collator(tokenizer, model, data_args)
 
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
