@@ -197,7 +197,10 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
         rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
         entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
         write_training_summary(out, model_args.model_name_or_path, entry)
-    trainer.accelerator.end_training()  # close trackers and process group: gloo ranks can abort at exit otherwise
+    # Rank 0 writes files after the others are done; wait for it, then close trackers and the process group
+    # together: a gloo rank that exits while the group is still open can abort ("terminate called ...").
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def merge_adapter(base_path: str, adapter_path: str, out: str) -> None:

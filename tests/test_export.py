@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_distributed import aborted_at_exit_only
 import soundfile as sf
 import torch
 import yaml
@@ -186,7 +187,7 @@ def zero3_checkpoint(zero3_run) -> tuple[Path, Path]:
     proc, root = zero3_run
     rc = proc.wait(timeout=ZERO3_TIMEOUT_S)
     log = (root / "run.log").read_text(errors="replace")
-    assert rc == 0, "\n".join(log.splitlines()[-60:])
+    assert rc == 0 or aborted_at_exit_only(log), "\n".join(log.splitlines()[-60:])
     run = root / "run"
     checkpoint = run / f"checkpoint-{ZERO3_STEPS}"
     # As with stage3_gather_16bit_weights_on_model_save: false, only the shards remain; the export must use them.
