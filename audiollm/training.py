@@ -80,6 +80,25 @@ class DataArguments:
     prompt_seed: int = field(default=0, metadata={"help": "Seed of the pretraining instruction draw."})
 
 
+def skip_cpu_shm_allreduce_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU ranks.
+
+    On a CPU accelerator DeepSpeed's comm backend compiles ``deepspeed_shm_comm`` (C++, 30 s to over 7 min on 2
+    cores, and the kernels need AVX2/AVX-512 or the ranks hang) when the process group starts. Only inference
+    all-reduce uses it; ZeRO training reduces over gloo either way. Marking the op incompatible, in the dict
+    DeepSpeed keeps for exactly that, makes the backend fall back to gloo at once. GPU runs are untouched.
+    Call before the training arguments are parsed: parsing starts the process group.
+    """
+    if torch.cuda.is_available():
+        return
+    try:
+        import deepspeed.ops
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    except ImportError:  # DeepSpeed is an extra; a plain single-process run has nothing to skip
+        return
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def check_training_args(args) -> None:
     """Settings every stage needs, whatever the recipe says.
 

@@ -31,6 +31,7 @@ from audiollm.training import (
     load_datasets,
     load_model,
     save_final,
+    skip_cpu_shm_allreduce_op,
     unwrap,
 )
 
@@ -153,6 +154,7 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
 
     ``max_length`` and ``trust_remote_code`` are parsed once, as DPOConfig fields, and copied to the shared ones.
     """
+    skip_cpu_shm_allreduce_op()  # before parsing, which starts the process group
     parser = TrlParser((_without(ModelArguments, SHARED_MODEL_FIELDS), _without(DataArguments, SHARED_DATA_FIELDS),
                         DPOConfig))
     model_fields, data_fields, args = parser.parse_args_and_config(argv)

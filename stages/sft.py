@@ -20,10 +20,12 @@ from audiollm.training import (
     load_model,
     make_collator,
     save_final,
+    skip_cpu_shm_allreduce_op,
 )
 
 
 def main(argv: list[str] | None = None) -> None:
+    skip_cpu_shm_allreduce_op()  # before parsing, which starts the process group
     parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, args = parser.parse_args_and_config(argv)
     check_training_args(args)

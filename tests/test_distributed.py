@@ -12,8 +12,8 @@ the single process. Global batch: 2 ranks x 2 rows x 2 accumulation steps = 1 pr
 
 The recipes are the shipped YAMLs with a few keys changed for a 2-core CPU (see ``TEST_OVERRIDES``). On CPU the
 HF Trainer needs ``--use_cpu true`` to start its ranks (gloo); DeepSpeed then runs its ZeRO engine on them.
-The first DeepSpeed run on a machine JIT-builds DeepSpeed's shared-memory all-reduce op (about a minute on 2 cores,
-cached in ~/.cache/torch_extensions afterwards).
+The stages keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op (``skip_cpu_shm_allreduce_op``), so
+no run here compiles anything.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s for s in ("pretrain", "sft", "dpo") if (REPO_ROOT / "stages" / f"{s}.py").is_file()]
 DS_CONFIGS = sorted((REPO_ROOT / "deepspeed_configs").glob("*.json"))
 LAUNCH_SCRIPTS = sorted((REPO_ROOT / "launch").glob("*.sh")) + sorted((REPO_ROOT / "launch").glob("*.sbatch"))
-RUN_TIMEOUT_S = 600  # one training run; the first DeepSpeed run also builds a C++ op
+RUN_TIMEOUT_S = 600  # one launch (pipeline.sh: all three stages); each takes under a minute or two here
 
 STEPS = 4  # optimizer steps per run
 RESUME_AT = 2  # checkpoint every RESUME_AT steps; resume tests restart from checkpoint-RESUME_AT
@@ -100,12 +101,19 @@ def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     """Run ``cmd`` from the repo root with output in ``log``; on failure show the log's tail."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env or run_env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=RUN_TIMEOUT_S)
+        # Own session, so a timeout kills the launcher's ranks too (left running, they would starve later runs).
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env or run_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = f"nothing: killed after {RUN_TIMEOUT_S} s"
     text = log.read_text(errors="replace")
-    if proc.returncode != 0 and not aborted_at_exit_only(text):
+    if returncode != 0 and not aborted_at_exit_only(text):
         tail = "".join(text.splitlines(keepends=True)[-60:])
-        raise AssertionError(f"{' '.join(cmd)}\nexited with {proc.returncode}; log {log}:\n{tail}")
+        raise AssertionError(f"{' '.join(cmd)}\nexited with {returncode}; log {log}:\n{tail}")
 
 
 GLOO_EXIT_ABORT = "terminate called without an active exception"
@@ -199,7 +207,7 @@ class Runs:
         self.data = write_manifests(root)
         self.recipes = {stage: write_recipe(stage, root / "recipes" / f"{stage}.yaml", train_files=[self.data[stage]])
                         for stage in STAGES}
-        self._done: dict[tuple[str, str], Path] = {}
+        self._done: dict[tuple[str, str], Path | Exception] = {}
         self.pipeline_zero: dict[str, str] = {}  # stage -> the config pipeline.sh chose, read from its log
 
     def recipe_path(self, stage: str) -> Path:
@@ -210,21 +218,34 @@ class Runs:
         index = STAGES.index(stage)
         return self.init_model if index == 0 else self.pipeline() / STAGES[index - 1]
 
+    def once(self, key: tuple[str, str], make) -> Path:
+        """``make()``'s folder, made on first request. A failure is kept too: the tests that read a failed run
+        fail at once with its error instead of each running it again (a timed-out pipeline once cost 4 x 600 s)."""
+        if key not in self._done:
+            try:
+                self._done[key] = make()
+            except Exception as error:  # noqa: BLE001 -- re-raised now and to every later reader
+                self._done[key] = error
+        if isinstance(self._done[key], Exception):
+            raise self._done[key]
+        return self._done[key]
+
     def pipeline(self) -> Path:
         """launch/pipeline.sh over all stages on 2 ranks, with the pipeline's own choice of ZeRO config per stage."""
-        if ("pipeline", "") not in self._done:
-            run_dir, log = self.root / "pipeline", self.root / "logs" / "pipeline.log"
-            env = run_env()
-            env.update({f"{s.upper()}_CONFIG": str(self.recipe_path(s)) for s in STAGES},
-                       STAGES=" ".join(STAGES), MASTER_PORT=str(free_port()))
-            run(["bash", "launch/pipeline.sh", str(run_dir), str(self.init_model), "2",
-                 "--per_device_train_batch_size", str(MICRO_BATCH[2])], log, env)
-            # The deepspeed launcher logs each rank's command: which config did each stage get?
-            used = dict(re.findall(r"'stages/(\w+)\.py'.*?'--deepspeed', '(?:[^']*/)?(\w+)\.json'", log.read_text()))
-            assert set(used) == set(STAGES), f"{log}: stages launched with a DeepSpeed config: {used}"
-            self.pipeline_zero.update(used)
-            self._done["pipeline", ""] = run_dir
-        return self._done["pipeline", ""]
+        return self.once(("pipeline", ""), self._run_pipeline)
+
+    def _run_pipeline(self) -> Path:
+        run_dir, log = self.root / "pipeline", self.root / "logs" / "pipeline.log"
+        env = run_env()
+        env.update({f"{s.upper()}_CONFIG": str(self.recipe_path(s)) for s in STAGES},
+                   STAGES=" ".join(STAGES), MASTER_PORT=str(free_port()))
+        run(["bash", "launch/pipeline.sh", str(run_dir), str(self.init_model), "2",
+             "--per_device_train_batch_size", str(MICRO_BATCH[2])], log, env)
+        # The deepspeed launcher logs each rank's command: which config did each stage get?
+        used = dict(re.findall(r"'stages/(\w+)\.py'.*?'--deepspeed', '(?:[^']*/)?(\w+)\.json'", log.read_text()))
+        assert set(used) == set(STAGES), f"{log}: stages launched with a DeepSpeed config: {used}"
+        self.pipeline_zero.update(used)
+        return run_dir
 
     def pipeline_zero_of(self, stage: str) -> str:
         """The DeepSpeed config (zero2, zero3) that launch/pipeline.sh gave ``stage``."""
@@ -235,13 +256,10 @@ class Runs:
         """Output folder of ``stage`` trained as ``mode``: "single", "zero2" or "zero3" (2 ranks)."""
         if mode != "single" and self.pipeline_zero_of(stage) == mode:
             return self.pipeline() / stage
-        if (stage, mode) not in self._done:
-            out = self.root / f"{stage}-{mode}"
-            self.train(stage, mode, self.input_of(stage), out)
-            self._done[stage, mode] = out
-        return self._done[stage, mode]
+        out = self.root / f"{stage}-{mode}"
+        return self.once((stage, mode), lambda: self.train(stage, mode, self.input_of(stage), out))
 
-    def train(self, stage: str, mode: str, model: Path, out: Path, recipe: Path | None = None) -> None:
+    def train(self, stage: str, mode: str, model: Path, out: Path, recipe: Path | None = None) -> Path:
         ranks = 1 if mode == "single" else 2
         args = [f"stages/{stage}.py", "--config", str(recipe or self.recipe_path(stage)),
                 "--model_name_or_path", str(model), "--output_dir", str(out),
@@ -252,6 +270,7 @@ class Runs:
             cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *args,
                    "--deepspeed", f"deepspeed_configs/{mode}.json"]
         run(cmd, out.parent / "logs" / f"{out.name}.log")
+        return out
 
 
 @pytest.fixture(scope="module")
