@@ -34,29 +34,29 @@ EDGE_FRAMES = 2  # frames past a clip's end that the encoder's conv1 (k=3) and s
 
 
 class AudioError(ValueError):
-    """A clip that cannot be used, with the file (or caller-given name) in the message."""
+    """A clip that cannot be used, with the file (or caller-given name) in the message.
+
+    ``kind`` says what is wrong (``audiollm.audio_checks.AUDIO_KINDS``), so bad rows can be counted by class.
+    """
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
-def load_audio(path: str | os.PathLike) -> np.ndarray:
+def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.ndarray:
     """Decode wav/flac/mp3/ogg to 16 kHz mono float32, shape (n_samples,).
 
-    Channels are averaged and other sample rates are resampled (soxr, as librosa does by default).
+    Channels are averaged and other sample rates are resampled (soxr, as librosa does by default). Files that
+    cannot be trained on (corrupt, empty, silent, NaN, out of range, a corrupt header, longer than
+    ``max_seconds``) raise ``AudioError`` with the kind of problem; see ``audiollm.audio_checks``.
     """
-    import librosa  # heavy import: only when a file is actually read
+    from audiollm.audio_checks import read_checked
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: audio file not found")
-    try:
-        wav, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True, dtype=np.float32)
-    except Exception as err:  # librosa raises several unrelated types for corrupt files
-        raise AudioError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from err
-    if wav.size == 0:
-        raise AudioError(f"{path}: audio is empty (0 samples)")
-    return wav
+    return read_checked(path, max_seconds)[0]
 
 
-def load_audio_source(source, name: str = "audio") -> np.ndarray:
+def load_audio_source(source, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
     """A manifest's audio entry -> 16 kHz mono float32.
 
     Accepts a path, a Hugging Face ``Audio`` value (``{"path", "bytes"}`` undecoded, or ``{"array",
@@ -65,7 +65,7 @@ def load_audio_source(source, name: str = "audio") -> np.ndarray:
     import librosa
 
     if isinstance(source, (str, os.PathLike)):
-        return load_audio(source)
+        return load_audio(source, max_seconds)
     if isinstance(source, dict):
         if source.get("array") is not None:
             wav = np.asarray(source["array"], dtype=np.float32)
@@ -74,7 +74,7 @@ def load_audio_source(source, name: str = "audio") -> np.ndarray:
         if source.get("bytes"):
             return _decode_bytes(source["bytes"], source.get("path") or name)
         if source.get("path"):
-            return load_audio(source["path"])
+            return load_audio(source["path"], max_seconds)
     wav = np.asarray(source, dtype=np.float32)
     if wav.ndim != 1 or wav.size == 0:
         raise AudioError(f"{name}: expected a path or a non-empty mono 16 kHz waveform, got shape {wav.shape}")

@@ -11,6 +11,10 @@ Audio is decoded here, per batch, never cached as features. Each ``<audio>`` mar
 30 s: the chunks' tokens follow each other in that one run). A row longer than ``max_length`` is never cut inside
 its audio: it is dropped and counted, or (``overflow="trim_text"``) its text is cut after the last audio token with
 a warning.
+
+With a ``BadRowLog`` (training), a row that cannot be used (missing or corrupt audio, a marker/audio count
+mismatch, no answer, over-long...) is skipped and recorded by kind instead of raising; a batch whose rows are all
+bad becomes a one-token batch without labels, which trains nothing but keeps every rank stepping together.
 """
 
 from __future__ import annotations
@@ -22,15 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import clip_token_count, featurize, load_audio_source
-from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, count_audio_markers, render_segments
+from audiollm.audio import AudioError, clip_token_count, featurize, load_audio_source
+from audiollm.bad_rows import BadRowLog
+from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
+from audiollm.row_checks import RowError, check_chat_row
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value the cross-entropy skips
-
-
-class RowError(ValueError):
-    """A manifest row that cannot be used; the message names the row and what to fix."""
 
 
 @dataclass
@@ -58,6 +60,10 @@ class ChatCollator:
     overflow: str = "drop"  # "drop" the row, or "trim_text" after its last audio token
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     generation: bool = False
+    data_root: str | None = None  # when set, audio paths outside it are refused
+    max_audio_seconds: float | None = None  # longer files are refused before they are decoded
+    bad_rows: BadRowLog | None = None  # training: skip and record bad rows instead of raising
+    return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -68,9 +74,11 @@ class ChatCollator:
             raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token: build the model folder with `audiollm init`")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        encoded = [e for i, row in enumerate(rows) if (e := self.fit(self.encode(row, i))) is not None]
+        encoded = [e for i, row in enumerate(rows) if (e := self.usable(row, i)) is not None]
         if not encoded:
-            raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
+            if self.bad_rows is None:
+                raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
+            return self.empty_batch()
         batch = self.pad(encoded)
         clips = [clip for e in encoded for clip in e.clips]
         if clips:
@@ -78,19 +86,41 @@ class ChatCollator:
             audio = featurize(clips, names, stack=self.stack)
             batch["input_features"] = audio.input_features
             batch["feature_attention_mask"] = audio.feature_attention_mask
+        if self.return_row_ids:
+            batch["row_ids"] = [e.row_id for e in encoded]
+        return batch
+
+    def usable(self, row: dict, index: int) -> Encoded | None:
+        """The encoded row, or None when it was dropped; without a BadRowLog a bad row raises."""
+        try:
+            encoded = self.fit(self.encode(row, index))
+        except (RowError, AudioError, FileNotFoundError) as err:
+            if self.bad_rows is None:
+                raise
+            self.bad_rows.bad(row_id_of(row, index), getattr(err, "kind", "missing"), str(err))
+            return None
+        if self.bad_rows is not None:
+            if encoded is None:
+                self.bad_rows.bad(row_id_of(row, index), "over_length", f"over max_length={self.max_length}")
+            else:
+                self.bad_rows.good()
+        return encoded
+
+    def empty_batch(self) -> dict:
+        """One pad token, no labels: the model returns a zero loss that still touches every trainable weight."""
+        one = torch.tensor([[self.tokenizer.pad_token_id]])
+        batch = {"input_ids": one, "attention_mask": torch.ones_like(one),
+                 "labels": torch.full_like(one, IGNORE_INDEX)}
+        if self.return_row_ids:
+            batch["row_ids"] = []
         return batch
 
     def encode(self, row: dict, index: int) -> Encoded:
         """Render, tokenize and expand one row. Raises RowError for a marker/audio count mismatch."""
-        row_id = str(row.get("id", f"row {index}"))
+        row_id = row_id_of(row, index)
+        check_chat_row(row, row_id, self.data_root, self.generation)
         messages, audios = row["messages"], list(row.get("audios") or [])
-        markers = count_audio_markers(messages)
-        if markers != len(audios):
-            raise RowError(
-                f"{row_id}: {markers} <audio> marker(s) in messages but {len(audios)} file(s) in 'audios'; "
-                "put one <audio> in the text for each audio file"
-            )
-        clips = [load_audio_source(a, f"{row_id} audio {k}") for k, a in enumerate(audios)]
+        clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]
         counts = [clip_token_count(len(c), self.stack) for c in clips]
         segments = render_segments(messages, self.system_prompt, self.generation, self.train_on)
         ids, labels, clip = [], [], 0
@@ -141,3 +171,8 @@ class ChatCollator:
         if not self.generation:
             batch["labels"] = labels
         return batch
+
+
+def row_id_of(row: dict, index: int) -> str:
+    """The row's ``id`` (``manifest:line`` from ``load_manifest``), or its place in the batch."""
+    return str(row.get("id") or f"row {index}")

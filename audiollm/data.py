@@ -12,6 +12,7 @@ collator decodes audio per batch, so nothing is cached as features. Three row fo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -21,14 +22,17 @@ log = logging.getLogger(__name__)
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_manifest(source: str, streaming: bool = False, split: str = "train"):
+def load_manifest(source: str, streaming: bool = False, split: str = "train", bad_rows=None):
     """One manifest as a ``datasets`` Dataset (IterableDataset when streaming), with ``id`` and absolute paths.
 
     ``source``: a .jsonl/.json/.parquet file, a folder written by ``save_to_disk``, or a Hub dataset name
     (``org/name``; needs a network). Row ids are ``file:line`` (1-based) unless the manifest has an ``id``.
+    JSONL lines that are not UTF-8 or not JSON are left out and recorded in ``bad_rows`` (a ``BadRowLog``).
     """
     import datasets
 
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        source = parseable_jsonl(source, bad_rows)
     name = os.path.basename(os.path.normpath(source))
     base_dir = os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source):
@@ -46,7 +50,30 @@ def load_manifest(source: str, streaming: bool = False, split: str = "train"):
     else:
         raise FileNotFoundError(f"{source}: manifest not found (not a file, a save_to_disk folder or a Hub name)")
     ds = _undecoded_audio(ds)
-    return ds.map(_locate, with_indices=True, fn_kwargs={"name": name, "base_dir": base_dir})
+    return ds.map(locate_paths, with_indices=True, fn_kwargs={"name": name, "base_dir": base_dir})
+
+
+def parseable_jsonl(source: str, bad_rows=None) -> str:
+    """``source`` when every line parses; else a copy beside it without the broken lines, whose rows keep their
+    ids (original line numbers) and absolute audio paths. The broken lines are logged and recorded."""
+    from audiollm.data_check import read_rows
+
+    reports = read_rows(source)
+    broken = [r for r in reports if r.row is None]
+    if not broken:
+        return source
+    if bad_rows is not None:
+        for _ in range(len(reports) - len(broken)):
+            bad_rows.good()  # the ceiling is a fraction of all rows
+    for report in broken:
+        kind, detail = report.problems[0]
+        log.warning("%s:%d: %s (%s), row left out", source, report.line, kind, detail)
+        if bad_rows is not None:
+            bad_rows.bad(report.row_id, kind, detail)
+    copy = f"{source}.parseable-{os.getpid()}.jsonl"  # one per process: ranks may do this at the same time
+    with open(copy, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r.row, ensure_ascii=False) + "\n" for r in reports if r.row is not None)
+    return copy
 
 
 def _load_hub(name: str, split: str, streaming: bool):
@@ -71,7 +98,7 @@ def _undecoded_audio(ds):
     return ds
 
 
-def _locate(row: dict, index: int, name: str, base_dir: str) -> dict:
+def locate_paths(row: dict, index: int, name: str, base_dir: str) -> dict:
     """Give the row an id and make its audio paths absolute (relative paths are relative to the manifest)."""
     out = {"id": str(row.get("id") or f"{name}:{index + 1}")}
     if isinstance(row.get("audio"), str):
@@ -82,7 +109,7 @@ def _locate(row: dict, index: int, name: str, base_dir: str) -> dict:
 
 
 def load_mixture(sources: list[str], weights: list[float] | None = None, streaming: bool = False, seed: int = 0,
-                 prompt_seed: int = 0):
+                 prompt_seed: int = 0, bad_rows=None):
     """Several manifests as one dataset of chat rows; ``weights`` are sampling probabilities (normalised), None
     concatenates. Pretraining manifests are turned into chat rows first, so any stage can mix in any format
     (e.g. replay ASR rows during SFT so that the model keeps transcribing).
@@ -92,7 +119,7 @@ def load_mixture(sources: list[str], weights: list[float] | None = None, streami
     """
     import datasets
 
-    parts = [as_chat(load_manifest(s, streaming), prompt_seed) for s in sources]
+    parts = [as_chat(load_manifest(s, streaming, bad_rows=bad_rows), prompt_seed) for s in sources]
     if len(parts) == 1:
         return parts[0]
     if weights is None:

@@ -63,7 +63,8 @@ def load_model(model_dir: str, device: str | None = None, dtype: str | None = No
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder}: no config.json; pass a model folder (audiollm init / a training output)")
     place = pick_device(device)
-    model = AudioLLMForConditionalGeneration.from_pretrained(folder, dtype=pick_dtype(dtype, place))
+    model = AudioLLMForConditionalGeneration.from_pretrained(folder, dtype=pick_dtype(dtype, place),
+                                                             use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:  # left padding needs some pad id; the mask hides it
         tokenizer.pad_token = tokenizer.eos_token

@@ -55,10 +55,12 @@ def test_labels_cover_assistant_answers_and_their_end_token_only(tok):
 
 
 def test_right_padding_for_training_left_for_generation(tok):
-    rows = [chat_row(), {"messages": [{"role": "user", "content": "<audio>Hi"}], "audios": [clip(1.0)]}]
-    train = ChatCollator(tok)(rows)
+    short = {"messages": [{"role": "user", "content": "<audio>Hi"}], "audios": [clip(1.0)]}
+    answered = dict(short, messages=short["messages"] + [{"role": "assistant", "content": "Hello."}])
+    train = ChatCollator(tok)([chat_row(), answered])
     assert train["attention_mask"][1, 0] == 1 and train["attention_mask"][1, -1] == 0
     assert (train["labels"][1][train["attention_mask"][1] == 0] == IGNORE_INDEX).all()
+    rows = [chat_row(), short]
     gen = ChatCollator(tok, generation=True)(rows)
     assert "labels" not in gen
     assert gen["attention_mask"][1, 0] == 0 and gen["attention_mask"][1, -1] == 1

@@ -1,0 +1,107 @@
+"""A crash costs minutes, not days: atomic checkpoints and a stop on the first non-finite loss.
+
+``CrashSafeTrainerMixin`` goes in front of any transformers Trainer (the stages use ``CrashSafeTrainer`` and the
+DPO stage mixes it into its TRL trainer):
+
+* **Atomic checkpoints.** The Trainer writes ``checkpoint-N`` file by file (weights, DeepSpeed shards of every rank,
+  optimizer, RNG states, trainer state). Here it writes them into ``.saving/checkpoint-N``; once every rank is
+  done, the folder is renamed to ``checkpoint-N`` in one step. A kill during a save leaves only an unfinished
+  ``.saving/`` folder, which nothing resumes from; the previous checkpoint is untouched.
+* **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
+  flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
+  run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
+  and checkpoint rotation cannot remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".saving"  # inside the output folder; checkpoints are written here, then renamed into place
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A rank computed a NaN or Inf loss; the message names the step and where the batch's row ids are."""
+
+
+class CrashSafeTrainerMixin:
+    """Atomic ``checkpoint-N`` folders and a synchronous stop on NaN/Inf loss, for a ``transformers.Trainer``."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        row_ids = inputs.pop("row_ids", None)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._stop_if_nonfinite(loss, row_ids)
+        return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop("row_ids", None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _stop_if_nonfinite(self, loss: torch.Tensor, row_ids: list[str] | None) -> None:
+        bad_here = not math.isfinite(float(loss.detach().float().sum()))
+        flag = torch.tensor([float(bad_here)], device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)  # every rank learns whether any rank's loss went bad, and stops with it
+        if flag.item() == 0:
+            return
+        step = self.state.global_step + 1  # the optimizer step in progress
+        report = os.path.join(self.args.output_dir, f"nonfinite-step-{step}-rank-{self.args.process_index}.json")
+        if bad_here:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(report, "w") as f:
+                json.dump({"step": step, "loss": float(loss.detach().float().sum()), "row_ids": row_ids}, f)
+        where = f"this rank's batch rows are in {report}" if bad_here else "another rank's loss is not finite"
+        raise NonFiniteLossError(
+            f"step {step}: the loss is not finite on {int(flag.item())} rank(s); {where}. Stopped before the "
+            f"update; resume from the last checkpoint in {self.args.output_dir} (lower the learning rate, or "
+            "drop the rows)")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if self.is_local_process_zero():
+            shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging  # the Trainer writes checkpoint-N under args.output_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.is_local_process_zero():  # one per node: nodes without a shared disk each rename their own
+            publish(os.path.join(staging, name), os.path.join(run_dir, name))
+        self.accelerator.wait_for_everyone()
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == staging:
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def publish(staged: str, final: str) -> None:
+    """Move a finished checkpoint folder into place in one rename; an older folder of that name goes first."""
+    if not os.path.isdir(staged):  # a shared disk: another node's process renamed it already
+        return
+    if os.path.exists(final):
+        old = f"{staged}.old"
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(staged, final)
+    log.info("checkpoint saved: %s", final)
+
+
+class CrashSafeTrainer(CrashSafeTrainerMixin, Trainer):
+    """The transformers Trainer with atomic checkpoints and a stop on NaN/Inf loss."""
