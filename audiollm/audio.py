@@ -57,11 +57,19 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.
 
 
 def load_audio_source(source, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
-    """A manifest's audio entry -> 16 kHz mono float32.
+    """A manifest's audio entry -> 16 kHz mono float32, at least 25 ms long (one audio token).
 
     Accepts a path, a Hugging Face ``Audio`` value (``{"path", "bytes"}`` undecoded, or ``{"array",
-    "sampling_rate"}``), or a waveform already at 16 kHz.
+    "sampling_rate"}``), or a waveform already at 16 kHz. Anything unusable raises ``AudioError`` with its kind.
     """
+    wav = _load_source(source, name, max_seconds)
+    if wav.size < MIN_CHUNK_SAMPLES:
+        raise AudioError(f"{name}: {wav.size} samples ({wav.size / SAMPLE_RATE * 1000:.1f} ms) is shorter than the "
+                         f"{MIN_CHUNK_SAMPLES * 1000 // SAMPLE_RATE} ms that yield one audio token", "too_short")
+    return wav
+
+
+def _load_source(source, name: str, max_seconds: float | None) -> np.ndarray:
     import librosa
 
     if isinstance(source, (str, os.PathLike)):
@@ -75,9 +83,13 @@ def load_audio_source(source, name: str = "audio", max_seconds: float | None = N
             return _decode_bytes(source["bytes"], source.get("path") or name)
         if source.get("path"):
             return load_audio(source["path"], max_seconds)
-    wav = np.asarray(source, dtype=np.float32)
+    try:
+        wav = np.asarray(source, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise AudioError(f"{name}: expected a path or a mono 16 kHz waveform, got {type(source).__name__}") from err
     if wav.ndim != 1 or wav.size == 0:
-        raise AudioError(f"{name}: expected a path or a non-empty mono 16 kHz waveform, got shape {wav.shape}")
+        raise AudioError(f"{name}: expected a path or a non-empty mono 16 kHz waveform, got shape {wav.shape}",
+                         "empty" if wav.size == 0 else "unreadable")
     return wav
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audiollm.audio import CHUNK_SAMPLES, SAMPLE_RATE, AudioError
+from audiollm.audio import CHUNK_SAMPLES, MIN_CHUNK_SAMPLES, SAMPLE_RATE, AudioError
 
 MIN_HEADER_RATE = 4_000  # Hz; a header below this is corrupt, and upsampling from it would explode the size
 MAX_HEADER_RATE = 384_000  # Hz; the highest rate real recorders write
@@ -36,6 +36,7 @@ AUDIO_KINDS = {
     "absurd_header": ("error", "the header claims an impossible sample rate or duration"),
     "too_long": ("error", "longer than the configured maximum duration"),
     "empty": ("error", "zero samples"),
+    "too_short": ("error", "shorter than 25 ms, the least that yields one audio token"),
     "nonfinite": ("error", "NaN or Inf samples"),
     "out_of_range": ("error", "float samples outside [-1, 1]"),
     "silent": ("error", "all silent (peak below -80 dBFS)"),
@@ -77,6 +78,8 @@ def read_checked(path: str | os.PathLike, max_seconds: float | None = None) -> t
 
         findings.append(Finding("resampled", f"{rate} Hz"))
         wav = librosa.resample(wav, orig_sr=rate, target_sr=SAMPLE_RATE)
+    if wav.size < MIN_CHUNK_SAMPLES:
+        raise AudioError(f"{path}: {wav.size} samples at 16 kHz is shorter than 25 ms (one audio token)", "too_short")
     if wav.size > CHUNK_SAMPLES:
         findings.append(Finding("chunked", f"{wav.size / SAMPLE_RATE:.1f} s"))
     return wav.astype(np.float32, copy=False), findings

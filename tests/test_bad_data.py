@@ -40,6 +40,7 @@ def write_bad_audio(folder: Path) -> dict[str, str]:
     """One file per audio problem class (and the usable-but-noted ones); {kind: file name}."""
     sf.write(folder / "silent.wav", np.zeros(8000, np.float32), SAMPLE_RATE)
     sf.write(folder / "empty.wav", np.zeros(0, np.float32), SAMPLE_RATE)
+    sf.write(folder / "blip.wav", tone(0.005), SAMPLE_RATE)  # 5 ms: under the 25 ms of one audio token
     nan = tone(0.5)
     nan[100] = np.nan
     sf.write(folder / "nan.wav", nan, SAMPLE_RATE, subtype="FLOAT")
@@ -50,7 +51,7 @@ def write_bad_audio(folder: Path) -> dict[str, str]:
     sf.write(folder / "clipped.wav", np.clip(tone(0.5, amplitude=2.0), -1, 1), SAMPLE_RATE)
     sf.write(folder / "stereo48k.wav", np.stack([tone(0.6, rate=48_000)] * 2, axis=1), 48_000)
     sf.write(folder / "long.wav", tone(31.0), SAMPLE_RATE)
-    return {"silent": "silent.wav", "empty": "empty.wav", "nonfinite": "nan.wav", "out_of_range": "loud.wav",
+    return {"silent": "silent.wav", "empty": "empty.wav", "too_short": "blip.wav", "nonfinite": "nan.wav", "out_of_range": "loud.wav",
             "unreadable": "corrupt.wav", "absurd_header": "absurd.wav", "too_long": "too_long.wav",
             "missing": "nowhere.wav", "clipped": "clipped.wav", "resampled": "stereo48k.wav",
             "multichannel": "stereo48k.wav", "chunked": "long.wav"}
@@ -79,7 +80,7 @@ def write_manifest(folder: Path) -> tuple[Path, dict[int, set[str]]]:
 
     for i in range(GOOD_ROWS):
         add(chat(f"good{i}.wav"))
-    for kind in ("silent", "empty", "nonfinite", "out_of_range", "unreadable", "absurd_header", "too_long",
+    for kind in ("silent", "empty", "too_short", "nonfinite", "out_of_range", "unreadable", "absurd_header", "too_long",
                  "missing"):
         add(chat(files[kind]), [kind])
     add(chat("clipped.wav"), ["clipped"])
@@ -134,7 +135,7 @@ def test_data_check_reports_every_class_with_its_row(bad_data, tmp_path, capsys)
     out = capsys.readouterr().out
     for kind in errors_of(expected):
         assert f"train.jsonl:" in out and kind in out
-    assert "train.jsonl:13 (train.jsonl:13)" in out  # the first bad row, named by file and line
+    assert f"train.jsonl:{GOOD_ROWS + 1} (train.jsonl:{GOOD_ROWS + 1})" in out  # the first bad row, named by file and line
 
     kept = [json.loads(line) for line in clean.read_text().splitlines()]
     usable = [line for line, kinds in expected.items() if not errors_of({line: kinds})]
