@@ -17,8 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
+from audiollm.data_check_cli import add_check_parser
 from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
+from audiollm.tts.cli import add_tts_commands
 from eval.cli import add_eval_parser
 
 INIT_MODES = ("parts", "qwen2_audio", "tiny")
@@ -122,13 +124,14 @@ def run_init(args) -> int:
 
 
 def add_data_parser(subparsers) -> None:
-    p = subparsers.add_parser("data", help="data tools: synth (the spoken demo corpus)")
+    p = subparsers.add_parser("data", help="data tools: synth (the spoken demo corpus), check (a preflight)")
     jobs = p.add_subparsers(dest="data_job", required=True, metavar="JOB")
     s = jobs.add_parser("synth", help="synthesise the spoken demo corpus offline with eSpeak NG")
     s.add_argument("--out", metavar="DIR", required=True, help="new or empty folder")
     s.add_argument("--seed", type=int, default=0, help="same seed, same corpus (audio included)")
     s.add_argument("--size", choices=("small", "full"), default="small", help="small: ~1,000 clips in seconds")
     s.set_defaults(run=run_data_synth, parser=s)
+    add_check_parser(jobs)
 
 
 def run_data_synth(args) -> int:
@@ -161,7 +164,7 @@ def run_demo(args) -> int:
     return 0
 
 
-STAGES = ("pretrain", "sft", "dpo")  # stages/<name>.py, in pipeline order
+STAGES = ("pretrain", "sft", "dpo", "tts")  # stages/<name>.py: the listening pipeline in order, then the voice
 
 
 def add_train_parser(subparsers) -> None:
@@ -184,7 +187,7 @@ def run_train(args) -> int:
 
 
 SUBCOMMANDS = (add_demo_parser, add_init_parser, add_data_parser, add_train_parser, add_eval_parser,
-               add_export_parser)
+               add_export_parser, add_tts_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from audiollm.audio import AudioError
+    from audiollm.bad_rows import TooManyBadRows
     from audiollm.build import BuildError
     from audiollm.synth.corpus import CorpusError
+    from audiollm.tts.codecs import CodecError
+    from audiollm.tts.layout import LayoutError
 
     try:
         return args.run(args)
-    except (BuildError, CorpusError) as err:
+    except (BuildError, CorpusError, CodecError, LayoutError, AudioError, FileNotFoundError, TooManyBadRows) as err:
         args.parser.exit(1, f"audiollm {args.command}: error: {err}\n")
 
 

@@ -92,19 +92,24 @@ class ChatCollator:
 
     def usable(self, row: dict, index: int) -> Encoded | None:
         """The encoded row, or None when it was dropped; without a BadRowLog a bad row raises."""
+        return self.guarded(lambda: self.fit(self.encode(row, index)), row_id_of(row, index))
+
+    def guarded(self, make, row_id: str):
+        """``make()`` (an encoded row or pair; None when dropped as over-long), with a bad row recorded in the
+        BadRowLog and None returned, or (no BadRowLog) raised."""
         try:
-            encoded = self.fit(self.encode(row, index))
+            made = make()
         except (RowError, AudioError, FileNotFoundError) as err:
             if self.bad_rows is None:
                 raise
-            self.bad_rows.bad(row_id_of(row, index), getattr(err, "kind", "missing"), str(err))
+            self.bad_rows.bad(row_id, getattr(err, "kind", "missing"), str(err))
             return None
         if self.bad_rows is not None:
-            if encoded is None:
-                self.bad_rows.bad(row_id_of(row, index), "over_length", f"over max_length={self.max_length}")
+            if made is None:
+                self.bad_rows.bad(row_id, "over_length", f"over max_length={self.max_length}")
             else:
                 self.bad_rows.good()
-        return encoded
+        return made
 
     def empty_batch(self) -> dict:
         """One pad token, no labels: the model returns a zero loss that still touches every trainable weight."""

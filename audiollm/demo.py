@@ -3,6 +3,7 @@
     synth (eSpeak NG, held-out voices and word sequences)  ->  init (tiny "demo" model)
     ->  pretrain -> SFT -> DPO   (stages/*.py with stages/configs/*_demo.yaml, the `audiollm train` path)
     ->  eval on the held-out split (the eval/ harness)  ->  export (stock Qwen2-Audio folder)
+    ->  the voice: a tiny codec-token TTS decoder (stages/tts.py) on the same corpus (audiollm/tts/demo.py)
     ->  results.json, report.md, loss.png
 
 The stages are the same modules and recipe format a GPU user runs; only the recipe sizes are small. Every figure
@@ -24,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
 # Which manifest of the corpus each stage trains on.
 STAGE_DATA = {"pretrain": ["pretrain.jsonl"], "sft": ["sft.jsonl", "pretrain.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
-               "dpo_pref_accuracy_after")
+               "dpo_pref_accuracy_after", "tts_heldout_token_accuracy", "tts_majority_baseline")
 
 
 class Clock:
@@ -51,6 +52,7 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
     """
     from audiollm.build import build_tiny
     from audiollm.synth.corpus import synth
+    from audiollm.tts.demo import train_tts_demo
 
     out, clock = Path(out), Clock()
     if out.exists() and any(out.iterdir()):
@@ -69,6 +71,10 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
         figures = evaluate_heldout(out, data)
     with clock.step("export"):
         export_folder(out / "dpo", out / "export", out / "eval" / "results.json")
+    with clock.step("train and measure the voice: tts"):
+        voice = train_tts_demo(data, out / "voice", seed, max_steps)
+    figures.update(tts_heldout_token_accuracy=voice["heldout_token_accuracy"],
+                   tts_majority_baseline=voice["heldout_majority_baseline"], tts_notice=voice["notice"])
     results = {**figures, "wall_seconds": clock.total(), "step_seconds": clock.steps,
                "corpus": corpus["splits"], "seed": seed, "max_steps": max_steps}
     write_outputs(out, results)
@@ -141,7 +147,8 @@ def write_outputs(out: Path, results: dict) -> None:
 def results_table(results: dict) -> str:
     rows = ["| figure (held-out) | value |", "|---|---|"]
     for key in ("asr_wer", "classification_accuracy", "analysis_accuracy", "voice_chat_accuracy",
-                "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
+                "dpo_pref_accuracy_before", "dpo_pref_accuracy_after", "tts_heldout_token_accuracy",
+                "tts_majority_baseline"):
         rows.append(f"| {key} | {results[key]:.3f} |")
     rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} |")
     return "\n".join(rows)
@@ -154,7 +161,10 @@ def report_markdown(results: dict, table: str) -> str:
         "pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
         f"training.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
         "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
-        "Loss curves: `loss.png`.\n"
+        "Loss curves: `loss.png`.\n\n## The voice\n\nA tiny TTS decoder learns to write codec tokens for the "
+        "held-out transcripts (`tts_heldout_token_accuracy`: next speech token right, teacher forced; "
+        "`tts_majority_baseline`: always the most common code of each slot). "
+        f"{results['tts_notice']} A sample: `voice/sample.wav`.\n"
     )
 
 
@@ -165,9 +175,10 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")  # no display on a server or in CI
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.2))
-    for ax, stage in zip(axes, STAGES):
-        state = json.loads((out / stage / "trainer_state.json").read_text(encoding="utf-8"))
+    runs = {stage: out / stage for stage in STAGES} | {"tts (the voice)": out / "voice" / "tts"}
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
+    for ax, (stage, folder) in zip(axes, runs.items()):
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
         points = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set(title=stage, xlabel="step", ylabel="training loss")

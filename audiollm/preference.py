@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from audiollm.audio import featurize, load_audio_source
-from audiollm.collator import ChatCollator, Encoded, RowError
+from audiollm.collator import ChatCollator, Encoded, RowError, row_id_of
+from audiollm.row_checks import check_inside_root
 
 CHOSEN_KEYS = ("chosen",)
 REJECTED_KEYS = ("rejected", "rejected_response")  # LLaMA-Factory writes rejected_response
@@ -36,7 +37,7 @@ def answer_text(row: dict, keys: tuple[str, ...], row_id: str) -> str:
     value = next((row[k] for k in keys if row.get(k) is not None), None)
     if value is None:
         raise RowError(f"{row_id}: no {' / '.join(repr(k) for k in keys)} answer; a preference row needs "
-                       "'chosen' and 'rejected' (or 'rejected_response')")
+                       "'chosen' and 'rejected' (or 'rejected_response')", "empty_assistant")
     if isinstance(value, list):
         if len(value) != 1:
             raise RowError(f"{row_id}: {keys[0]!r} is a list of {len(value)} messages; give one assistant message")
@@ -69,10 +70,13 @@ class PreferenceCollator(ChatCollator):
     generation: bool = field(default=False, init=False)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pairs = [self.fit_pair(self.encode_pair(row, i)) for i, row in enumerate(rows)]
+        pairs = [self.guarded(lambda: self.fit_pair(self.encode_pair(row, i)), row_id_of(row, i))
+                 for i, row in enumerate(rows)]
         kept = [pair for pair in pairs if pair is not None]
         if not kept:
-            raise RowError(f"every pair of this batch was dropped as longer than max_length={self.max_length}")
+            if self.bad_rows is None:
+                raise RowError(f"every pair of this batch was dropped as longer than max_length={self.max_length}")
+            return self.empty_pair_batch(len(rows))
         chosen, rejected = [c for c, _ in kept], [r for _, r in kept]
         batch = self.pad(chosen + rejected)  # (2B, S), both halves padded to one width
         batch.update(self.features(chosen))
@@ -80,16 +84,31 @@ class PreferenceCollator(ChatCollator):
         for key in REF_LOGP_KEYS:
             if all(row.get(key) is not None for row in rows):
                 batch[key] = torch.tensor([float(row[key]) for row, p in zip(rows, pairs) if p is not None])
+        if self.return_row_ids:
+            batch["row_ids"] = [c.row_id for c in chosen]
+        return batch
+
+    def empty_pair_batch(self, rows: int) -> dict:
+        """Every pair was bad: one chosen and one rejected pad token without labels, so the step trains nothing
+        but every rank still runs it."""
+        batch = self.empty_batch()
+        for key in ("input_ids", "attention_mask", "labels"):
+            batch[key] = batch[key].repeat(2, 1)
+        batch["kept"] = torch.zeros(rows, dtype=torch.bool)
         return batch
 
     def encode_pair(self, row: dict, index: int) -> tuple[Encoded, Encoded]:
         """(chosen, rejected) sequences of one row; its audio is decoded once and shared by both."""
-        row_id = str(row.get("id", f"row {index}"))
+        row_id = row_id_of(row, index)
         messages = list(row.get("messages") or [])
-        if not messages or messages[-1].get("role") != "user":
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
             raise RowError(f"{row_id}: 'messages' must hold the prompt and end with a user turn; put the answers "
                            "in 'chosen' and 'rejected'")
-        clips = [load_audio_source(a, f"{row_id} audio {k}") for k, a in enumerate(row.get("audios") or [])]
+        audios = row.get("audios") or []
+        for path in audios:
+            if isinstance(path, str):
+                check_inside_root(path, self.data_root, row_id)
+        clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]
         answers = (answer_text(row, CHOSEN_KEYS, row_id), answer_text(row, REJECTED_KEYS, row_id))
         chat_rows = [
             {"id": row_id, "messages": messages + [{"role": "assistant", "content": answer}], "audios": clips}

@@ -7,20 +7,25 @@ through ``TrainingArguments.deepspeed`` and the launcher.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
 from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.model.trainable import set_trainable
+from audiollm.packing import PackingCollator
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ class ModelArguments:
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager or flash_attention_2; "
                                             "default: flash-attention when installed on a GPU, else sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code in the tokenizer folder."})
+    lean_loss_chunk_tokens: int = field(default=0, metadata={"help": "Memory-lean cross-entropy: logits only for "
+                                        "labelled positions, this many at a time (1024 is a good start); 0 = the "
+                                        "LLM's own loss over full (B, S, vocab) logits."})
 
     def __post_init__(self):
         if self.train_llm and self.llm_lora_r:
@@ -75,9 +83,23 @@ class DataArguments:
     overflow: str = field(default="drop", metadata={"help": "Over-long rows: drop (counted) or trim_text "
                           "(cut after the last audio token)."})
     train_on: str = field(default="all", metadata={"help": "Assistant turns with loss: all or last."})
+    max_audio_seconds: float = field(default=600.0, metadata={"help": "Longer audio files are bad rows, refused "
+                                     "before decoding (30 s chunks are made up to this length)."})
+    data_root: str | None = field(default=None, metadata={"help": "When set, audio paths must resolve inside "
+                                  "this folder; rows pointing elsewhere are bad rows."})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": "Bad rows (skipped, counted in "
+                                    "bad_rows.jsonl) above this fraction stop the run, first on a sample "
+                                    "before training, then as rows are met."})
+    preflight_rows: int = field(default=256, metadata={"help": "Rows checked (decoded) before training starts, "
+                                "to stop at once on a mostly broken manifest; 0 = no preflight."})
     system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System turn added "
                                       "when a conversation has none; empty string: no system turn."})
     prompt_seed: int = field(default=0, metadata={"help": "Seed of the pretraining instruction draw."})
+    packing: bool = field(default=False, metadata={"help": "Padding-free batches: a batch's rows concatenated "
+                          "into one sequence, positions restarting per row, attention isolated per row."})
+    packing_max_tokens: int = field(default=0, metadata={"help": "With packing: tokens per packed sequence "
+                                    "(rows kept whole); 0 = the whole batch in one sequence (needed by "
+                                    "flash-attention)."})
 
 
 def skip_cpu_shm_allreduce_op() -> None:
@@ -119,10 +141,12 @@ def load_model(model_args: ModelArguments):
         path,
         dtype=getattr(torch, model_args.model_dtype),
         attn_implementation=model_args.attn_implementation or pick_attn_implementation(),
+        use_safetensors=True,  # never unpickle weights: a folder with only pytorch_model.bin is refused
     )
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     set_trainable(model, encoder=model_args.train_encoder, projector=model_args.train_projector,
                   llm=model_args.train_llm)
+    model.loss_chunk_tokens = model_args.lean_loss_chunk_tokens
     if model_args.uses_lora:
         model = add_lora(model, model_args)
     return model, tokenizer
@@ -162,23 +186,62 @@ def load_datasets(data_args: DataArguments, args):
     Length-grouped batching (``train_sampling_strategy: group_by_length``) gets its ``length`` column here.
     """
     train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed,
-                         data_args.prompt_seed)
+                         data_args.prompt_seed, bad_row_log(data_args, args.output_dir))  # unparseable lines
     evals = load_mixture(data_args.eval_files, prompt_seed=data_args.prompt_seed) if data_args.eval_files else None
     if args.train_sampling_strategy == "group_by_length" and not data_args.streaming:
         train = add_lengths(train)
     return train, evals
 
 
-def make_collator(tokenizer, model, data_args: DataArguments) -> ChatCollator:
-    """The chat collator with the model's projector stacking and the recipe's length policy."""
-    return ChatCollator(
+def make_collator(tokenizer, model, data_args: DataArguments,
+                  output_dir: str | None = None) -> ChatCollator | PackingCollator:
+    """The chat collator with the model's projector stacking and the recipe's length policy, packed on request."""
+    collator = ChatCollator(
         tokenizer,
         max_length=data_args.max_length,
         stack=unwrap(model).config.projector_stack,
         train_on=data_args.train_on,
         overflow=data_args.overflow,
         system_prompt=data_args.system_prompt or None,
+        data_root=data_args.data_root,
+        max_audio_seconds=data_args.max_audio_seconds,
+        bad_rows=bad_row_log(data_args, output_dir),
+        return_row_ids=True,
     )
+    if not data_args.packing:
+        return collator
+    if data_args.packing_max_tokens and unwrap(model).config._attn_implementation == "flash_attention_2":
+        raise ValueError("packing_max_tokens > 0 makes several packed sequences per batch, which flash-attention "
+                         "cannot keep apart; set packing_max_tokens: 0 (one sequence per batch) or use sdpa")
+    if unwrap(model).config._attn_implementation in ("sdpa", "eager"):
+        log.warning("packing on %s attends through one block-diagonal mask, (sum of lengths)^2 per sequence; "
+                    "attn_implementation: sdpa_packed attends per row", unwrap(model).config._attn_implementation)
+    return PackingCollator(collator, data_args.packing_max_tokens)
+
+
+def bad_row_log(data_args: DataArguments, output_dir: str | None) -> BadRowLog:
+    """Where the collator records skipped rows: ``output_dir/bad_rows.jsonl``, shared by all ranks and workers."""
+    path = None
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, BAD_ROWS_FILE)
+    return BadRowLog(path, data_args.max_bad_fraction)
+
+
+def preflight(dataset, collator, data_args: DataArguments, seed: int = 0) -> None:
+    """Encode a random sample of ``preflight_rows`` rows (audio decoded) before training: a manifest with more
+    than ``max_bad_fraction`` bad rows stops here, in seconds, instead of after hours. Every rank draws the same
+    sample, so all stop together. Streamed data is not sampled (its length is unknown)."""
+    if data_args.preflight_rows <= 0 or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return
+    indices = np.random.default_rng(seed).permutation(len(dataset))[: data_args.preflight_rows]
+    sample = BadRowLog(max_fraction=data_args.max_bad_fraction)
+    chat = getattr(collator, "collator", collator)  # a PackingCollator wraps the ChatCollator that checks rows
+    probe = dataclasses.replace(chat, bad_rows=sample)
+    for i in indices:
+        probe([dataset[int(i)]])  # the collator's own path: a chat row, a preference pair, packed or not
+    sample.check_ceiling(min_rows=1)
+    log.info("preflight: %d of %d sampled rows are bad %s", sample.total_bad, sample.seen, dict(sample.counts))
 
 
 def unwrap(model) -> AudioLLMForConditionalGeneration:
@@ -187,10 +250,20 @@ def unwrap(model) -> AudioLLMForConditionalGeneration:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` (resume point), or None to start fresh."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (resume point), or None to start fresh.
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    Checkpoints are renamed into place only once written (``audiollm.crash_safety``), so ``.saving/`` is never a
+    candidate; a folder without ``trainer_state.json`` (written last, e.g. by an older tool) is passed over.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+            return folder
+        log.warning("%s: no trainer_state.json, an unfinished checkpoint; not resuming from it", folder)
+    return None
 
 
 def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataArguments, tokenizer) -> None:
@@ -215,6 +288,7 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
         copy_processor_files(model_args.model_name_or_path, out)
         rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
         entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
+        entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
         write_training_summary(out, model_args.model_name_or_path, entry)
     # Rank 0 writes files after the others are done; wait for it, then close trackers and the process group
     # together: a gloo rank that exits while the group is still open can abort ("terminate called ...").

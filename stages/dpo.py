@@ -21,15 +21,18 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 from trl.trainer.utils import add_fused_lm_head
 
 from audiollm.collator import IGNORE_INDEX
+from audiollm.crash_safety import CrashSafeTrainerMixin
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.preference import PreferenceCollator
 from audiollm.training import (
     DataArguments,
     ModelArguments,
+    bad_row_log,
     check_training_args,
     latest_checkpoint,
     load_datasets,
     load_model,
+    preflight,
     save_final,
     skip_cpu_shm_allreduce_op,
     unwrap,
@@ -41,7 +44,7 @@ SHARED_MODEL_FIELDS = {"trust_remote_code"}
 SHARED_DATA_FIELDS = {"max_length", "train_on"}
 
 
-class AudioDPOTrainer(DPOTrainer):
+class AudioDPOTrainer(CrashSafeTrainerMixin, DPOTrainer):
     """TRL's DPOTrainer on ``AudioLLMForConditionalGeneration`` and ``PreferenceCollator`` batches.
 
     TRL's ``_compute_loss`` runs unchanged: one forward of the policy over the (2B, S) chosen-then-rejected batch,
@@ -127,14 +130,19 @@ def load_reference(model_args: ModelArguments, args: DPOConfig, policy):
     return reference.eval().requires_grad_(False)
 
 
-def make_preference_collator(tokenizer, model, data_args: DataArguments) -> PreferenceCollator:
-    """The preference collator with the model's projector stacking and the recipe's length policy."""
+def make_preference_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None
+                             ) -> PreferenceCollator:
+    """The preference collator with the model's projector stacking, the recipe's length policy and bad-row log."""
     return PreferenceCollator(
         tokenizer,
         max_length=data_args.max_length,
         stack=unwrap(model).config.projector_stack,
         overflow=data_args.overflow,
         system_prompt=data_args.system_prompt or None,
+        data_root=data_args.data_root,
+        max_audio_seconds=data_args.max_audio_seconds,
+        bad_rows=bad_row_log(data_args, output_dir),
+        return_row_ids=True,
     )
 
 
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ref_model = load_reference(model_args, args, model)
 
     train, evals = load_datasets(data_args, args)
-    collator = make_preference_collator(tokenizer, model, data_args)
+    collator = make_preference_collator(tokenizer, model, data_args, args.output_dir)  # bad rows: skipped
+    preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
     trainer = AudioDPOTrainer(model, ref_model, args, collator, train, evals, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))

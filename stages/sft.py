@@ -8,9 +8,10 @@ Rows: {"messages": [{"role": "user", "content": "<audio>..."}, {"role": "assista
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from trl import TrlParser
 
+from audiollm.crash_safety import CrashSafeTrainer
 from audiollm.training import (
     DataArguments,
     ModelArguments,
@@ -19,6 +20,7 @@ from audiollm.training import (
     load_datasets,
     load_model,
     make_collator,
+    preflight,
     save_final,
     skip_cpu_shm_allreduce_op,
 )
@@ -33,9 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(model_args)
 
     train, evals = load_datasets(data_args, args)
-    collator = make_collator(tokenizer, model, data_args)
+    collator = make_collator(tokenizer, model, data_args, args.output_dir)  # bad rows: skipped, in bad_rows.jsonl
+    preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "sft", model_args, data_args, tokenizer)

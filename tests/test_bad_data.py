@@ -204,3 +204,34 @@ def test_too_many_bad_rows_stop_before_training(bad_data, tmp_path):
     with pytest.raises(TooManyBadRows, match=r"are bad, more than max_bad_fraction=0.1.*audiollm data check"):
         main(sft_recipe(tmp_path, manifest, max_bad_fraction=0.1))
     assert not list((tmp_path / "run").glob("checkpoint-*"))  # stopped before the first step
+
+
+def test_dpo_skips_bad_pairs_and_an_all_bad_batch_trains_nothing(tmp_path):
+    """Batch size 1: the step of the bad pair has no usable row at all; the run still finishes, every logged loss
+    is finite, and the pairs are counted by kind."""
+    from audiollm.build import build_tiny
+    from stages.dpo import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for i in range(4):
+        sf.write(folder / f"q{i}.wav", tone(0.5 + 0.1 * i, 200 + 40 * i), SAMPLE_RATE)
+        rows.append({"messages": [{"role": "user", "content": "<audio>What does the speaker say?"}],
+                     "audios": [f"q{i}.wav"], "chosen": f"word {i}", "rejected": f"other {i}"})
+    sf.write(folder / "silent.wav", np.zeros(8000, np.float32), SAMPLE_RATE)
+    rows += [{**rows[0], "audios": ["silent.wav"]}, {**rows[1], "chosen": None}]
+    (folder / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_tiny(tmp_path / "init")
+    recipe = yaml.safe_load((REPO_ROOT / "stages" / "configs" / "dpo.yaml").read_text())
+    recipe.update(model_name_or_path=str(tmp_path / "init"), train_files=[str(folder / "dpo.jsonl")],
+                  output_dir=str(tmp_path / "run"), bf16=False, use_cpu=True, max_steps=-1, num_train_epochs=1,
+                  per_device_train_batch_size=1, gradient_accumulation_steps=1, warmup_steps=0, logging_steps=1,
+                  save_strategy="no", dataloader_num_workers=0, report_to="none", max_length=512,
+                  max_bad_fraction=0.5, precompute_ref_log_probs=False)
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
+    main(["--config", str(tmp_path / "dpo.yaml")])
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == len(rows) and all(np.isfinite(losses))
+    assert read_bad_rows(str(tmp_path / "run")) == {"silent": 1, "empty_assistant": 1}

@@ -26,8 +26,12 @@ def test_results_hold_every_figure_measured(demo):
     assert saved == json.loads(json.dumps(results))
     for key in (*RESULT_KEYS, "wall_seconds"):
         assert isinstance(saved[key], float) and math.isfinite(saved[key]), key
-    for key in ("analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
+    for key in ("analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after",
+                "tts_heldout_token_accuracy", "tts_majority_baseline"):
         assert 0.0 <= saved[key] <= 1.0
+    voice = json.loads((out / "voice" / "tts_results.json").read_text())
+    assert voice["heldout_token_accuracy"] == saved["tts_heldout_token_accuracy"]
+    assert "not meant to be intelligible" in saved["tts_notice"]
     assert saved["asr_wer"] >= 0.0
     # The figures are the harness's own, computed from its saved per-item predictions.
     harness = json.loads((out / "eval" / "results.json").read_text())

@@ -413,7 +413,22 @@ def dpo_recipe(argv: list[str]):
     return parse_recipe(argv)
 
 
-RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe}
+def tts_recipe(argv: list[str]):
+    """How stages/tts.py parses a recipe: its own model and data dataclasses, the same TrainingArguments."""
+    from transformers import TrainingArguments
+    from trl import TrlParser
+
+    from audiollm.training import check_training_args
+    from audiollm.tts.training import TTSDataArguments, TTSModelArguments
+
+    model_args, data_args, args = TrlParser((TTSModelArguments, TTSDataArguments, TrainingArguments)) \
+        .parse_args_and_config(argv)
+    check_training_args(args)
+    assert model_args.layout in ("single", "snac7", "rvq") and model_args.codec_name_or_path
+    return model_args, data_args, args
+
+
+RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe, "tts": tts_recipe}
 SHIPPED_RECIPES = sorted((REPO_ROOT / "stages" / "configs").glob("*.yaml"))
 
 

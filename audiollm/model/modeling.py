@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from audiollm.loss import chunked_causal_lm_loss
 from audiollm.model.config import AudioLLMConfig
 from audiollm.model.encoder import AudioEncoder
 from audiollm.model.projector import build_projector
@@ -22,6 +24,9 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["Qwen2AudioEncoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+    # Labelled tokens per chunk of the memory-lean loss (audiollm/loss.py); 0: the LLM's own loss over full logits.
+    # A training switch (ModelArguments.lean_loss_chunk_tokens), not saved in the config.
+    loss_chunk_tokens: int = 0
 
     def __init__(self, config: AudioLLMConfig):
         super().__init__(config)
@@ -111,10 +116,36 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Same inputs as Qwen2AudioForConditionalGeneration; the LLM computes the loss from ``labels``."""
+        """Same inputs as Qwen2AudioForConditionalGeneration; the LLM computes the loss from ``labels``.
+
+        Packed batches (audiollm/packing.py) come with ``position_ids`` restarting at 0 per row and no
+        ``attention_mask``; both go on to the LLM, whose mask builder then isolates the rows. With
+        ``loss_chunk_tokens`` set, the loss is the memory-lean one and no logits are returned.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, input_features, feature_attention_mask)
+        if attention_mask is None and kwargs.get("position_ids") is not None:
+            # A packed batch: transformers detects the rows only when no cache exists, and a model in its default
+            # use_cache=True state would create one (and silently let the rows attend to each other).
+            kwargs["use_cache"] = False
+        if labels is not None and not kwargs.get("fused_lm_head") and not bool((labels[:, 1:] != -100).any()):
+            # Nothing to learn (the collator skipped every row of the batch): a zero loss through the whole model
+            # where the LLM's mean would be 0 / 0; every rank still runs forward and backward in step.
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            out.loss = out.logits.float().sum() * 0.0
+            return out
+        if labels is not None and self.loss_chunk_tokens > 0 and not kwargs.get("fused_lm_head"):
+            return self._lean_loss_forward(inputs_embeds, attention_mask, labels, **kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _lean_loss_forward(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
+        """The LLM's backbone, then the chunked loss over labelled positions only: (B, S, V) logits never exist."""
+        kwargs["use_cache"] = False
+        backbone = self.language_model.get_decoder()
+        hidden = backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+        loss = chunked_causal_lm_loss(hidden, labels, self.language_model.get_output_embeddings(),
+                                      num_items_in_batch, self.loss_chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, input_features=None, feature_attention_mask=None, **kwargs):
