@@ -59,8 +59,10 @@ class Finding:
         return AUDIO_KINDS[self.kind][0]
 
 
-def read_checked(path: str | os.PathLike, max_seconds: float | None = None) -> tuple[np.ndarray, list[Finding]]:
-    """Decode ``path`` to 16 kHz mono float32 (n_samples,), refusing every error kind of ``AUDIO_KINDS``.
+def read_checked(path: str | os.PathLike, max_seconds: float | None = None,
+                 sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, list[Finding]]:
+    """Decode ``path`` to mono float32 (n_samples,) at ``sample_rate`` (16 kHz: the encoder's; a codec may want
+    24 kHz), refusing every error kind of ``AUDIO_KINDS``.
 
     Returns the waveform and the warnings/infos found on the way. Raises ``AudioError`` (with ``kind``) or, for a
     missing file, ``FileNotFoundError``.
@@ -73,14 +75,15 @@ def read_checked(path: str | os.PathLike, max_seconds: float | None = None) -> t
     if raw.shape[1] > 1:
         findings.append(Finding("multichannel", f"{raw.shape[1]} channels"))
     wav = raw.mean(axis=1)
-    if rate != SAMPLE_RATE:
+    if rate != sample_rate:
         import librosa  # heavy import: only when a file needs it
 
         findings.append(Finding("resampled", f"{rate} Hz"))
-        wav = librosa.resample(wav, orig_sr=rate, target_sr=SAMPLE_RATE)
-    if wav.size < MIN_CHUNK_SAMPLES:
-        raise AudioError(f"{path}: {wav.size} samples at 16 kHz is shorter than 25 ms (one audio token)", "too_short")
-    if wav.size > CHUNK_SAMPLES:
+        wav = librosa.resample(wav, orig_sr=rate, target_sr=sample_rate)
+    if wav.size < MIN_CHUNK_SAMPLES * sample_rate // SAMPLE_RATE:
+        raise AudioError(f"{path}: {wav.size / sample_rate * 1000:.1f} ms is shorter than 25 ms (one audio token)",
+                         "too_short")
+    if wav.size > CHUNK_SAMPLES * sample_rate // SAMPLE_RATE:
         findings.append(Finding("chunked", f"{wav.size / SAMPLE_RATE:.1f} s"))
     return wav.astype(np.float32, copy=False), findings
 

@@ -20,6 +20,8 @@ from audiollm.tts.sampling import Sampling, SpeechConstraint, frame_cap, sample_
 from audiollm.tts.tiny import tiny_codec, tiny_lm
 from audiollm.tts.training import TTSModelArguments, load_tts_model
 
+from tests.test_eval_run import tiny_openai_whisper  # a 1-layer OpenAI Whisper .pt, random weights
+
 TEXTS = ["one two three", "red green blue", "seven eight", "hello world", "good morning", "cat and dog"]
 MAX_LENGTH = 160  # tokens: the 1.4 s rows fit (~12 frames x 7 + text), the long-text row does not
 
@@ -178,16 +180,6 @@ def test_best_of_n_keeps_the_verifiers_best(tts):
     scores = loudest(seen["wavs"], 24000, "")
     assert len({round(s, 6) for s in scores}) > 1, "candidates should differ"
     assert result.chosen == int(np.argmax(scores)) and np.array_equal(result.wav, seen["wavs"][result.chosen])
-
-
-def tiny_openai_whisper(path: Path) -> Path:
-    from whisper.model import ModelDimensions, Whisper
-
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=16, n_text_state=16, n_text_head=2, n_text_layer=1)
-    torch.manual_seed(0)
-    torch.save({"dims": dims.__dict__, "model_state_dict": Whisper(dims).state_dict()}, path)
-    return path
 
 
 def test_whisper_verifier_scores_minus_wer(tts, tmp_path):

@@ -36,18 +36,15 @@ class CodecError(ValueError):
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Decode an audio file to mono float32 at ``sample_rate``, shape (n,). Raises CodecError naming the file."""
-    import librosa
-    import soundfile
+    """Decode an audio file to mono float32 at ``sample_rate``, shape (n,), with the same checks as the listening
+    side (``audiollm.audio_checks``: corrupt, empty, silent, NaN...). Raises CodecError naming the file and why."""
+    from audiollm.audio import AudioError
+    from audiollm.audio_checks import read_checked
 
     try:
-        wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # soundfile raises several types for missing, truncated or foreign files
-        raise CodecError(f"{path}: cannot read audio ({err})") from err
-    wav = wav.mean(axis=1)
-    if wav.size == 0 or not np.isfinite(wav).all():
-        raise CodecError(f"{path}: audio is empty or has NaN/inf samples")
-    return librosa.resample(wav, orig_sr=rate, target_sr=sample_rate) if rate != sample_rate else wav
+        return read_checked(path, sample_rate=sample_rate)[0]
+    except (AudioError, FileNotFoundError) as err:
+        raise CodecError(str(err)) from err
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
