@@ -62,7 +62,8 @@ def chunked_causal_lm_loss(
         span = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled() and picked.requires_grad:
             # Recompute this chunk's logits in backward instead of keeping (chunk, V) logits per chunk alive.
-            total = total + checkpoint(_chunk_loss_sum, lm_head, picked[span], picked_targets[span], use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, lm_head, picked[span], picked_targets[span],
+                                       use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(lm_head, picked[span], picked_targets[span])
     if num_items_in_batch is None:

@@ -34,7 +34,8 @@ from transformers.masking_utils import sdpa_mask
 
 from audiollm.collator import IGNORE_INDEX
 
-PASSED_THROUGH = ("input_features", "feature_attention_mask")  # audio keys, already in row order
+# Audio keys (already in row order) and the row ids the crash-safe trainer reports on a non-finite loss.
+PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids")
 PACKED_SDPA = "sdpa_packed"  # the attn_implementation name of packed_sdpa_attention
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.encoder                          # 5 s clip, tiny + 1 real-size layer: ~1 min, 2 CPU cores
     python -m benchmarks.encoder --layers-real 4 --repeats 10 --json runs/bench/encoder.json
     python -m benchmarks.encoder --clips librispeech --repeats 2   # adds a batch-of-8 clip-length distribution
+    python -m benchmarks.encoder --clips short --layers-real 2 --json benchmarks/results/encoder_short.json
 
 Variants for one clip (default 5 s = 500 mel frames):
   padded    the stock layout: the waveform zero-padded to 30 s, 3000 mel frames, a frame mask marking the real
@@ -30,7 +31,8 @@ distribution (librispeech: shape 4, scale 3 s, mean 12 s; short: shape 8, scale 
 in batches of 8, comparing padded-to-30s (stock), padded-to-longest (our collator, batches in manifest order) and
 length-grouped (clips sorted by length first, as the Trainer's ``group_by_length`` does). Synthetic mel features
 stand in for audio there (values do not change the cost). Reported: fwd+bwd seconds per clip, and encoder frames
-computed per real frame.
+computed per real frame, the analytic forward FLOPs of each batching (``analytic_forward_flops``) and their
+padded-30s/this ratio (the speed-up a FLOP-bound machine would show), and the largest batch's activation memory.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,15 @@ def run_step(encoder: AudioEncoder, features: torch.Tensor, mask: torch.Tensor, 
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds of ``fn()``: CPU seconds of this process with one torch thread (see benchmarks.common.pick_clock)."""
+    from benchmarks.common import pick_clock
+
+    clock = pick_clock(device)[1]
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
@@ -218,6 +223,20 @@ def bench_clip(args, name: str, device: torch.device, dtype: torch.dtype) -> dic
 # ---------------------------------------------------------------------------------------------- a distribution
 
 
+def analytic_forward_flops(config: Qwen2AudioEncoderConfig, frames: int) -> int:
+    """Forward FLOPs (2 per multiply-add) of the encoder on one chunk of ``frames`` mel frames.
+
+    conv1 (mels -> d, k=3) over T frames, conv2 (d -> d, k=3, stride 2) to T' = (T - 1) // 2 + 1 positions, then
+    per layer the q, k, v, out projections (4 d^2), the FFN (2 d ffn) and attention's QK^T and AV (2 T' d each).
+    Masked positions are computed like real ones, so padding costs its full share.
+    """
+    d, ffn, mels = config.d_model, config.encoder_ffn_dim, config.num_mel_bins
+    positions = (frames - 1) // 2 + 1
+    convs = 2 * frames * d * mels * 3 + 2 * positions * d * d * 3
+    layer = 2 * positions * (4 * d * d + 2 * d * ffn) + 2 * 2 * positions * positions * d
+    return convs + config.encoder_layers * layer
+
+
 def clip_durations(kind: str, count: int, seed: int = 0) -> np.ndarray:
     """``count`` clip durations in seconds from the named gamma distribution, clipped to [0.5, 30] s."""
     shape, scale = DISTRIBUTIONS[kind]
@@ -232,9 +251,14 @@ def mel_batch(frames: list[int], width: int, seed: int) -> tuple[torch.Tensor, t
     return features * mask[:, None, :], mask
 
 
+def clip_frames(durations: np.ndarray) -> list[int]:
+    """Real mel frames of each clip."""
+    return [mel_frame_count(int(round(d * SAMPLE_RATE))) for d in durations]
+
+
 def distribution_batches(durations: np.ndarray, batch_size: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The clips batched three ways: padded to 30 s, padded to the batch's longest, length-grouped + longest."""
-    frames = [mel_frame_count(int(round(d * SAMPLE_RATE))) for d in durations]
+    frames = clip_frames(durations)
     in_order = [frames[i : i + batch_size] for i in range(0, len(frames), batch_size)]
     by_length = sorted(frames)
     grouped = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
@@ -249,7 +273,8 @@ def distribution_batches(durations: np.ndarray, batch_size: int) -> dict[str, li
 def bench_distribution(args, name: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Forward+backward seconds per clip over ``--batches`` batches of ``--batch-size`` clips, per batching."""
     torch.manual_seed(0)
-    encoder = AudioEncoder(encoder_config(name, args.layers_real)).to(device=device, dtype=dtype)
+    config = encoder_config(name, args.layers_real)
+    encoder = AudioEncoder(config).to(device=device, dtype=dtype)
     durations = clip_durations(args.clips, args.batches * args.batch_size)
     batches = {
         variant: [(f.to(device=device, dtype=dtype), m.to(device)) for f, m in items]
@@ -267,11 +292,18 @@ def bench_distribution(args, name: str, device: torch.device, dtype: torch.dtype
         variant: {
             "fwd_bwd_s_per_clip": medians[variant] / len(durations),
             "frames_computed_per_real": sum(m.numel() for _, m in items) / real,
+            "forward_gflop": sum(f.shape[0] * analytic_forward_flops(config, f.shape[-1]) for f, _ in items) / 1e9,
+            "activation_mb_largest_batch": max(saved_activation_bytes(encoder, f, m) for f, m in items) / MB,
         }
         for variant, items in batches.items()
     }
+    # The bound: every clip encoded alone at its own length (+2 edge frames), no batch padding at all.
+    alone = sum(analytic_forward_flops(config, min(f + EDGE_FRAMES, MAX_FRAMES)) for f in clip_frames(durations))
+    result["flop_ratio_padded-30s/no-padding"] = result["padded-30s"]["forward_gflop"] * 1e9 / alone
     for variant in ("padded-longest", "length-grouped"):
         result[f"ratio_padded-30s/{variant}"] = medians["padded-30s"] / medians[variant]
+        result[f"flop_ratio_padded-30s/{variant}"] = (result["padded-30s"]["forward_gflop"]
+                                                      / result[variant]["forward_gflop"])
     return result
 
 
@@ -305,15 +337,18 @@ def print_distribution_table(report: dict) -> None:
         f"\n{dist['distribution']} clip lengths: {dist['n_clips']} clips, mean {dist['mean_s']:.1f} s, "
         f"max {dist['max_s']:.1f} s, batches of {dist['batch_size']}; fwd+bwd per clip, median of {report['repeats']}"
     )
-    print(f"{'encoder':<22}{'batching':<16}{'ms/clip':>10}{'frames/real':>13}{'30s/this':>10}")
+    print(f"{'encoder':<22}{'batching':<16}{'ms/clip':>10}{'frames/real':>13}{'30s/this':>10}{'FLOP 30s/this':>15}"
+          f"{'act MB':>9}")
     for config, result in dist["results"].items():
         base = result["padded-30s"]["fwd_bwd_s_per_clip"]
         for variant in ("padded-30s", "padded-longest", "length-grouped"):
             row = result[variant]
             speedup = base / row["fwd_bwd_s_per_clip"]
+            flop_ratio = result["padded-30s"]["forward_gflop"] / row["forward_gflop"]
             print(
                 f"{config:<22}{variant:<16}{row['fwd_bwd_s_per_clip'] * 1e3:>10.1f}"
-                f"{row['frames_computed_per_real']:>13.2f}{speedup:>9.2f}x"
+                f"{row['frames_computed_per_real']:>13.2f}{speedup:>9.2f}x{flop_ratio:>14.2f}x"
+                f"{row['activation_mb_largest_batch']:>9.1f}"
             )
 
 
@@ -373,6 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print_distribution_table(report)
     if args.json:
+        import sys
+
+        from benchmarks.common import machine
+
+        shown = sys.argv[1:] if argv is None else argv
+        report.update(benchmark="encoder", command=" ".join(["python -m benchmarks.encoder", *shown]),
+                      machine=machine())
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
