@@ -23,8 +23,9 @@
 #   MASTER_PORT      as in launch/train.sh
 # Stage 1 trains the projector alone (small, ZeRO-2 is enough); SFT and DPO train the LLM, so ZeRO-3 shards it.
 #
-# Each stage resumes from the newest checkpoint in its output folder, so rerunning the same command after a crash
-# continues where it stopped. Paths are relative to the repository root, as in launch/train.sh.
+# A finished stage (its folder has training_summary.json) is skipped and an unfinished one resumes from its newest
+# checkpoint, so rerunning the same command after a crash continues where it stopped. Paths are relative to the
+# repository root, as in launch/train.sh.
 #
 # Example:   launch/pipeline.sh runs runs/init 8
 set -euo pipefail
@@ -58,9 +59,13 @@ main() {
     local stage stages
     read -r -a stages <<< "${STAGES:-pretrain sft dpo}"
     for stage in "${stages[@]}"; do
-        echo "pipeline.sh: $stage from $model -> $run_dir/$stage" >&2
-        "$REPO_ROOT/launch/train.sh" "$stage" "$(stage_config "$stage")" "$num_gpus" "$(stage_ds_config "$stage")" \
-            --model_name_or_path "$model" --output_dir "$run_dir/$stage" "$@"
+        if [[ -f $run_dir/$stage/training_summary.json ]]; then  # written last by a finished stage
+            echo "pipeline.sh: $run_dir/$stage is finished; skipping $stage" >&2
+        else
+            echo "pipeline.sh: $stage from $model -> $run_dir/$stage" >&2
+            "$REPO_ROOT/launch/train.sh" "$stage" "$(stage_config "$stage")" "$num_gpus" "$(stage_ds_config "$stage")" \
+                --model_name_or_path "$model" --output_dir "$run_dir/$stage" "$@"
+        fi
         model="$run_dir/$stage"
     done
 }

@@ -235,14 +235,20 @@ class Runs:
         return self.once(("pipeline", ""), self._run_pipeline)
 
     def _run_pipeline(self) -> Path:
-        run_dir, log = self.root / "pipeline", self.root / "logs" / "pipeline.log"
-        env = run_env()
-        env.update({f"{s.upper()}_CONFIG": str(self.recipe_path(s)) for s in STAGES},
-                   STAGES=" ".join(STAGES), MASTER_PORT=str(free_port()))
-        run(["bash", "launch/pipeline.sh", str(run_dir), str(self.init_model), "2",
-             "--per_device_train_batch_size", str(MICRO_BATCH[2])], log, env)
-        # The deepspeed launcher logs each rank's command: which config did each stage get?
-        used = dict(re.findall(r"'stages/(\w+)\.py'.*?'--deepspeed', '(?:[^']*/)?(\w+)\.json'", log.read_text()))
+        """pipeline.sh, rerun (at most twice) only when a stage's rank hit the known gloo abort at exit: set -e
+        stops the pipeline there, and the rerun skips the finished stages, as a user's rerun would."""
+        run_dir, used = self.root / "pipeline", {}
+        for attempt in range(3):
+            log = self.root / "logs" / f"pipeline-{attempt}.log"
+            env = run_env()
+            env.update({f"{s.upper()}_CONFIG": str(self.recipe_path(s)) for s in STAGES},
+                       STAGES=" ".join(STAGES), MASTER_PORT=str(free_port()))
+            run(["bash", "launch/pipeline.sh", str(run_dir), str(self.init_model), "2",
+                 "--per_device_train_batch_size", str(MICRO_BATCH[2])], log, env)
+            # The deepspeed launcher logs each rank's command: which config did each stage get?
+            used.update(re.findall(r"'stages/(\w+)\.py'.*?'--deepspeed', '(?:[^']*/)?(\w+)\.json'", log.read_text()))
+            if set(used) == set(STAGES) or not aborted_at_exit_only(log.read_text()):
+                break
         assert set(used) == set(STAGES), f"{log}: stages launched with a DeepSpeed config: {used}"
         self.pipeline_zero.update(used)
         return run_dir
