@@ -54,25 +54,35 @@ def load_manifest(source: str, streaming: bool = False, split: str = "train", ba
 
 
 def parseable_jsonl(source: str, bad_rows=None) -> str:
-    """``source`` when every line parses; else a copy beside it without the broken lines, whose rows keep their
-    ids (original line numbers) and absolute audio paths. The broken lines are logged and recorded."""
-    from audiollm.data_check import read_rows
+    """``source`` when every line parses; else a copy beside it (so relative audio paths still resolve) without the
+    broken lines, whose rows keep their ids (original line numbers). The broken lines are logged and recorded.
 
-    reports = read_rows(source)
-    broken = [r for r in reports if r.row is None]
+    Streams the file twice at most and holds only the broken lines' numbers: a manifest of millions of rows costs
+    a pass of ``json.loads``, not its rows in memory.
+    """
+    from audiollm.data_check import parse_line
+
+    name, good, broken = os.path.basename(source), 0, []
+    with open(source, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                problem = parse_line(raw)[1]
+                good += problem is None
+                broken += [(number, problem)] if problem else []
     if not broken:
         return source
-    if bad_rows is not None:
-        for _ in range(len(reports) - len(broken)):
-            bad_rows.good()  # the ceiling is a fraction of all rows
-    for report in broken:
-        kind, detail = report.problems[0]
-        log.warning("%s:%d: %s (%s), row left out", source, report.line, kind, detail)
+    for _ in range(good if bad_rows is not None else 0):
+        bad_rows.good()  # the ceiling is a fraction of all rows
+    for number, (kind, detail) in broken:
+        log.warning("%s:%d: %s (%s), row left out", source, number, kind, detail)
         if bad_rows is not None:
-            bad_rows.bad(report.row_id, kind, detail)
+            bad_rows.bad(f"{name}:{number}", kind, detail)
     copy = f"{source}.parseable-{os.getpid()}.jsonl"  # one per process: ranks may do this at the same time
-    with open(copy, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r.row, ensure_ascii=False) + "\n" for r in reports if r.row is not None)
+    with open(source, "rb") as f, open(copy, "w", encoding="utf-8") as out:
+        for number, raw in enumerate(f, start=1):
+            row = parse_line(raw)[0] if raw.strip() else None
+            if row is not None:
+                out.write(json.dumps({"id": f"{name}:{number}", **row}, ensure_ascii=False) + "\n")
     return copy
 
 

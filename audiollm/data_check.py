@@ -63,20 +63,26 @@ def read_rows(source: str) -> list[RowReport]:
     return reports
 
 
+def parse_line(raw: bytes) -> tuple[dict | None, tuple[str, str] | None]:
+    """One JSONL line -> (the row, None) or (None, (kind, detail)) for a non-UTF-8, non-JSON or non-object line."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return None, ("non_utf8", f"byte {err.start}: {err.reason}")
+    except json.JSONDecodeError as err:
+        return None, ("bad_json", str(err))
+    if not isinstance(row, dict):
+        return None, ("bad_row", f"a JSON {type(row).__name__}, not an object")
+    return row, None
+
+
 def _parse_line(raw: bytes, source: str, name: str, number: int, base_dir: str) -> RowReport:
     from audiollm.data import locate_paths
 
     report = RowReport(source, number, f"{name}:{number}", None)
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        report.problems.append(("non_utf8", f"byte {err.start}: {err.reason}"))
-        return report
-    except json.JSONDecodeError as err:
-        report.problems.append(("bad_json", str(err)))
-        return report
-    if not isinstance(row, dict):
-        report.problems.append(("bad_row", f"a JSON {type(row).__name__}, not an object"))
+    row, problem = parse_line(raw)
+    if problem is not None:
+        report.problems.append(problem)
         return report
     report.row = {**row, **locate_paths(row, number - 1, name, base_dir)}
     report.row_id = report.row["id"]

@@ -17,6 +17,8 @@ Each loads from a local folder: ``config.json`` plus ``*.safetensors`` (or a ``.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import math
@@ -60,7 +62,7 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(pickles[0], map_location="cpu", weights_only=True)
 
 
-class Codec:
+class Codec(abc.ABC):
     """The common interface. Subclasses set the attributes below and implement ``_encode`` / ``_decode``."""
 
     name: str
@@ -102,11 +104,13 @@ class Codec:
         wav = self._decode([torch.as_tensor(c).long().to(self.device) for c in codes])
         return wav.float().cpu().numpy().reshape(-1)[: self.frames(codes) * self.samples_per_frame]
 
+    @abc.abstractmethod
     def _encode(self, wav: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """(n,) waveform on the device -> one code tensor per level (each subclass calls its codec model)."""
 
+    @abc.abstractmethod
     def _decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """One code tensor per level on the device -> waveform (each subclass calls its codec model)."""
 
 
 def pad_to_frames(wav: torch.Tensor, samples_per_frame: int) -> torch.Tensor:
