@@ -56,23 +56,29 @@ def packed_row_starts(position_ids: torch.Tensor | None, length: int) -> list[li
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
-    """sdpa per packed row, causal, no mask: (B, H, S, D) queries, (B, H_kv, S, D) keys/values -> (B, S, H, D).
+    """sdpa per packed row: (B, H, S, D) queries, (B, H_kv, S, D) keys/values -> (B, S, H, D).
 
-    Falls back to transformers' sdpa for anything that is not a packed causal self-attention (the encoder,
-    padded batches, generation with a cache).
+    Two kinds of packed batch: the LLM's (``position_ids`` restarting at 0 per row: causal attention per row)
+    and the packed encoder's (one sequence of clips with boundaries ``cu_seq_lens_q``, as flash-attention's
+    varlen kernel takes them: bidirectional attention per clip). Anything else (padded batches, generation with a
+    cache) goes to transformers' sdpa.
     """
-    starts = packed_row_starts(kwargs.get("position_ids"), query.shape[2])
-    if starts is None or key.shape[2] != query.shape[2] or not getattr(module, "is_causal", True):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is not None and query.shape[0] == 1 and key.shape[2] == query.shape[2]:
+        starts, causal = [bounds[:-1].tolist()], bool(getattr(module, "is_causal", False))
+    else:
+        starts, causal = packed_row_starts(kwargs.get("position_ids"), query.shape[2]), True
+        if starts is None or key.shape[2] != query.shape[2] or not getattr(module, "is_causal", True):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # GQA: (B, H, S, D)
     rows = []
     for b, row_starts in enumerate(starts):
-        bounds = row_starts + [query.shape[2]]
+        ends = row_starts[1:] + [query.shape[2]]
         pieces = [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
-                                                 value[b : b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                 scale=scaling) for s, e in zip(bounds, bounds[1:])]
+                                                 value[b : b + 1, :, s:e], dropout_p=dropout, is_causal=causal,
+                                                 scale=scaling) for s, e in zip(row_starts, ends)]
         rows.append(torch.cat(pieces, dim=2))  # (1, H, S, D)
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 

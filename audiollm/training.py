@@ -23,6 +23,7 @@ from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
 from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
+from audiollm.model.encoder import VARLEN_ATTENTION
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.model.trainable import set_trainable
 from audiollm.packing import PackingCollator
@@ -56,6 +57,9 @@ class ModelArguments:
     lean_loss_chunk_tokens: int = field(default=0, metadata={"help": "Memory-lean cross-entropy: logits only for "
                                         "labelled positions, this many at a time (1024 is a good start); 0 = the "
                                         "LLM's own loss over full (B, S, vocab) logits."})
+    packed_encoder: bool = field(default=False, metadata={"help": "Encode only the clips' real mel frames: a "
+                                 "batch's clips in one sequence, attention within each clip (fast with "
+                                 "attn_implementation sdpa_packed or flash_attention_2)."})
 
     def __post_init__(self):
         if self.train_llm and self.llm_lora_r:
@@ -147,6 +151,10 @@ def load_model(model_args: ModelArguments):
     set_trainable(model, encoder=model_args.train_encoder, projector=model_args.train_projector,
                   llm=model_args.train_llm)
     model.loss_chunk_tokens = model_args.lean_loss_chunk_tokens
+    model.audio_tower.packed = model_args.packed_encoder
+    if model_args.packed_encoder and model.config._attn_implementation not in VARLEN_ATTENTION:
+        log.warning("packed_encoder on %s attends through one block-diagonal mask, (sum of clip lengths)^2 per "
+                    "batch; attn_implementation: sdpa_packed attends per clip", model.config._attn_implementation)
     if model_args.uses_lora:
         model = add_lora(model, model_args)
     return model, tokenizer

@@ -28,8 +28,10 @@ encoder, because the counter has no formula for the CPU sdpa kernel and would le
 
 ``--clips librispeech|short`` adds a clip-length distribution: durations drawn with a fixed seed from a gamma
 distribution (librispeech: shape 4, scale 3 s, mean 12 s; short: shape 8, scale 0.5 s, mean 4 s), capped at 30 s,
-in batches of 8, comparing padded-to-30s (stock), padded-to-longest (our collator, batches in manifest order) and
-length-grouped (clips sorted by length first, as the Trainer's ``group_by_length`` does). Synthetic mel features
+in batches of 8, comparing padded-to-30s (stock), padded-to-longest (our collator, batches in manifest order),
+length-grouped (clips sorted by length first, as the Trainer's ``group_by_length`` does) and packed (the batches in
+manifest order, the encoder's ``packed`` switch: the layers see only real frames, attention per clip through the
+``sdpa_packed`` kernel; no padding at all). Synthetic mel features
 stand in for audio there (values do not change the cost). Reported: fwd+bwd seconds per clip, and encoder frames
 computed per real frame, the analytic forward FLOPs of each batching (``analytic_forward_flops``) and their
 padded-30s/this ratio (the speed-up a FLOP-bound machine would show), and the largest batch's activation memory.
@@ -51,6 +53,7 @@ from transformers import Qwen2AudioEncoderConfig
 
 from audiollm.audio import CHUNK_SAMPLES, EDGE_FRAMES, MAX_FRAMES, N_MELS, SAMPLE_RATE, featurize, mel_frame_count
 from audiollm.model.encoder import AudioEncoder
+from audiollm.packing import PACKED_SDPA
 from audiollm.tiny import tiny_audio_config
 
 # Whisper-large-v3's encoder shape (Qwen2-Audio's audio tower), minus the layer count.
@@ -66,7 +69,7 @@ MB = 2**20
 # ---------------------------------------------------------------------------------------------- encoders and inputs
 
 
-def encoder_config(name: str, layers_real: int, attn: str = "sdpa") -> Qwen2AudioEncoderConfig:
+def encoder_config(name: str, layers_real: int, attn: str = PACKED_SDPA) -> Qwen2AudioEncoderConfig:
     """"tiny" or "large" (a ``layers_real``-layer Whisper-large-v3 slice) with the given attention kernel."""
     if name == "tiny":
         kwargs = {k: v for k, v in tiny_audio_config().items() if k != "model_type"}
@@ -257,7 +260,8 @@ def clip_frames(durations: np.ndarray) -> list[int]:
 
 
 def distribution_batches(durations: np.ndarray, batch_size: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The clips batched three ways: padded to 30 s, padded to the batch's longest, length-grouped + longest."""
+    """The clips batched four ways: padded to 30 s, padded to the batch's longest, length-grouped + longest, and
+    packed (the padded-to-longest batches; the packed encoder reads only each clip's real frames)."""
     frames = clip_frames(durations)
     in_order = [frames[i : i + batch_size] for i in range(0, len(frames), batch_size)]
     by_length = sorted(frames)
@@ -267,7 +271,14 @@ def distribution_batches(durations: np.ndarray, batch_size: int) -> dict[str, li
         # Our collator pads to the longest clip plus the 2 edge frames the convolutions read (audio.log_mel).
         "padded-longest": [mel_batch(b, max(b) + EDGE_FRAMES, i) for i, b in enumerate(in_order)],
         "length-grouped": [mel_batch(b, max(b) + EDGE_FRAMES, i) for i, b in enumerate(grouped)],
+        "packed": [mel_batch(b, max(b) + EDGE_FRAMES, i) for i, b in enumerate(in_order)],
     }
+
+
+def packed_mel_frames(mask: torch.Tensor) -> list[int]:
+    """Mel frames the packed encoder's convolutions read per clip: 2 T' + 1 for T' conv frames (``_encode_packed``)."""
+    conv = (mask.sum(-1) - 1) // 2 + 1
+    return [min(2 * int(t) + 1, mask.shape[-1]) for t in conv]
 
 
 def bench_distribution(args, name: str, device: torch.device, dtype: torch.dtype) -> dict:
@@ -281,30 +292,42 @@ def bench_distribution(args, name: str, device: torch.device, dtype: torch.dtype
         for variant, items in distribution_batches(durations, args.batch_size).items()
     }
 
-    def epoch(items):
+    def epoch(items, packed):
+        encoder.packed = packed
         for features, mask in items:
             run_step(encoder, features, mask, backward=True)
 
-    steps = {variant: (lambda items=items: epoch(items)) for variant, items in batches.items()}
+    steps = {variant: (lambda items=items, p=variant == "packed": epoch(items, p)) for variant, items in batches.items()}
     medians = interleaved_medians(steps, args.repeats, args.warmup, device)
     real = sum(int(m.sum()) for _, m in batches["padded-30s"])
-    result = {
-        variant: {
-            "fwd_bwd_s_per_clip": medians[variant] / len(durations),
-            "frames_computed_per_real": sum(m.numel() for _, m in items) / real,
-            "forward_gflop": sum(f.shape[0] * analytic_forward_flops(config, f.shape[-1]) for f, _ in items) / 1e9,
-            "activation_mb_largest_batch": max(saved_activation_bytes(encoder, f, m) for f, m in items) / MB,
-        }
-        for variant, items in batches.items()
-    }
+    result = {variant: measure_batching(encoder, config, items, variant == "packed",
+                                        medians[variant] / len(durations), real)
+              for variant, items in batches.items()}
     # The bound: every clip encoded alone at its own length (+2 edge frames), no batch padding at all.
     alone = sum(analytic_forward_flops(config, min(f + EDGE_FRAMES, MAX_FRAMES)) for f in clip_frames(durations))
     result["flop_ratio_padded-30s/no-padding"] = result["padded-30s"]["forward_gflop"] * 1e9 / alone
-    for variant in ("padded-longest", "length-grouped"):
+    for variant in ("padded-longest", "length-grouped", "packed"):
         result[f"ratio_padded-30s/{variant}"] = medians["padded-30s"] / medians[variant]
         result[f"flop_ratio_padded-30s/{variant}"] = (result["padded-30s"]["forward_gflop"]
                                                       / result[variant]["forward_gflop"])
     return result
+
+
+def measure_batching(encoder: AudioEncoder, config, items: list, packed: bool, seconds_per_clip: float,
+                     real: int) -> dict:
+    """Frames computed, analytic forward FLOPs and the largest batch's activations of one batching of the clips."""
+    encoder.packed = packed
+    if packed:
+        frames = [packed_mel_frames(m) for _, m in items]
+        computed = sum(sum(f) for f in frames)
+        flops = sum(analytic_forward_flops(config, n) for f in frames for n in f)
+    else:
+        computed = sum(m.numel() for _, m in items)
+        flops = sum(f.shape[0] * analytic_forward_flops(config, f.shape[-1]) for f, _ in items)
+    activations = max(saved_activation_bytes(encoder, f, m) for f, m in items)
+    encoder.packed = False
+    return {"fwd_bwd_s_per_clip": seconds_per_clip, "frames_computed_per_real": computed / real, "forward_gflop": flops / 1e9,
+            "activation_mb_largest_batch": activations / MB}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -341,7 +364,7 @@ def print_distribution_table(report: dict) -> None:
           f"{'act MB':>9}")
     for config, result in dist["results"].items():
         base = result["padded-30s"]["fwd_bwd_s_per_clip"]
-        for variant in ("padded-30s", "padded-longest", "length-grouped"):
+        for variant in ("padded-30s", "padded-longest", "length-grouped", "packed"):
             row = result[variant]
             speedup = base / row["fwd_bwd_s_per_clip"]
             flop_ratio = result["padded-30s"]["forward_gflop"] / row["forward_gflop"]

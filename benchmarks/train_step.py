@@ -11,9 +11,10 @@ Variants (same rows, same model, one process, interleaved rounds; each round is 
   grouped          unpadded + length-grouped batches (``train_sampling_strategy: group_by_length``; transformers'
                    ``get_length_grouped_indices`` on the rows' token counts)
   packed           unpadded + sequence packing (``packing: true``): each batch one padding-free sequence, attention
-                   per packed row (``attn_implementation: sdpa_packed``, audiollm/packing.py)
-  packed-dense     the same packed batches on plain sdpa: one block-diagonal mask over the whole sequence, so
-                   attention costs (sum of lengths)^2 instead of sum(length^2)
+                   per packed row (``attn_implementation: sdpa_packed``, audiollm/packing.py), and the packed
+                   encoder (``packed_encoder: true``): the clips' real frames only, attention per clip
+  packed-dense     the same packed batches on plain sdpa: one block-diagonal mask over the whole sequence (LLM and
+                   encoder), so attention costs (sum of lengths)^2 instead of sum(length^2)
   grouped+packed   both
   grouped+packed+lean  both + the memory-lean cross-entropy (``lean_loss_chunk_tokens: 1024``)
 
@@ -132,20 +133,26 @@ def variant_batches(variant: str, rows, lengths, collator, batch_size: int, seed
     return batches
 
 
-def epoch_counts(batches: list[dict]) -> dict:
+def epoch_counts(batches: list[dict], packed: bool) -> dict:
     """Real LLM tokens, LLM positions and encoder mel frames computed vs real, over an epoch's batches."""
     real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     positions = sum(b["input_ids"].numel() for b in batches)
-    frames = sum(b["feature_attention_mask"].numel() for b in batches)
+    if packed:  # the packed encoder reads each clip's 2 T' + 1 frames (AudioEncoder._encode_packed)
+        frames = sum(2 * ((int(n) - 1) // 2 + 1) + 1 for b in batches for n in b["feature_attention_mask"].sum(-1))
+    else:
+        frames = sum(b["feature_attention_mask"].numel() for b in batches)
     real_frames = sum(int(b["feature_attention_mask"].sum()) for b in batches)
     return {"real_tokens": real, "positions_per_real": positions / real, "frames_per_real": frames / real_frames}
 
 
 def use_variant(model, variant: str) -> None:
-    """The variant's model switches: the lean loss, and per-row attention for packed batches (but packed-dense)."""
+    """The variant's model switches: the lean loss, the packed encoder, and per-row / per-clip attention for packed
+    batches (but packed-dense)."""
     model.loss_chunk_tokens = LEAN_CHUNK_TOKENS if "lean" in variant else 0
-    packed_attention = "packed" in variant and "dense" not in variant
-    model.language_model.config._attn_implementation = PACKED_SDPA if packed_attention else "sdpa"
+    model.audio_tower.packed = "packed" in variant
+    attention = PACKED_SDPA if "packed" in variant and "dense" not in variant else "sdpa"
+    model.language_model.config._attn_implementation = attention
+    model.audio_tower.config._attn_implementation = attention
 
 
 def run_epoch(model, optimizer, batches: list[dict], variant: str) -> None:
@@ -183,7 +190,7 @@ def bench_size(args, size: str) -> dict:
     medians = interleaved_medians(steps, args.repeats, args.warmup, clock=clock)
     results = {}
     for variant in args.variants:
-        counts = epoch_counts(batches[variant])
+        counts = epoch_counts(batches[variant], "packed" in variant)
         use_variant(loss_model, variant)
         peak = peak_memory_bytes(lambda v=variant: run_epoch(model, optimizer, batches[v], v))
         results[variant] = dict(counts, epoch_s=medians[variant], tokens_per_s=counts["real_tokens"] / medians[variant],

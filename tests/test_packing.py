@@ -114,6 +114,44 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(tokenizer, tiny_model,
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
+def test_packed_encoder_gives_each_clip_its_padded_encoding_and_gradients(tiny_model, attn):
+    """Clips of 3 to 200 mel frames (one too short for a token), padded to the longest + 2 edge frames as the
+    collator pads them: the packed encoder gives the same real tokens and the same weight gradients."""
+    encoder = tiny_model(attn_implementation=attn).audio_tower.train()
+    encoder.dropout = 0.0
+    mel_lengths = torch.tensor([57, 200, 3, 120, 4, 2])
+    width = int(mel_lengths.max()) + 2
+    features = torch.randn(len(mel_lengths), encoder.config.num_mel_bins, width, generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(width)[None] < mel_lengths[:, None]).long()
+    outputs, grads = [], []
+    for packed in (False, True):
+        encoder.packed = packed
+        encoder.zero_grad()
+        hidden, lengths = encoder(features, mask)
+        real = torch.arange(hidden.shape[1])[None, :] < lengths[:, None]
+        (hidden * real[..., None]).pow(2).sum().backward()
+        outputs.append((hidden.detach(), lengths))
+        grads.append(torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None]))
+    (padded, lengths), (packed, packed_lengths) = outputs
+    assert torch.equal(lengths, packed_lengths) and lengths.tolist() == [14, 50, 1, 30, 1, 0]
+    assert packed.shape[1] == int(lengths.max())  # padded only to the longest clip's tokens
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(packed[i, :n], padded[i, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_encoder_switch_reaches_the_model(tokenizer, tiny_model, tmp_path):
+    from audiollm.build import save_model_folder
+    from audiollm.training import ModelArguments, load_model
+
+    save_model_folder(tiny_model(), tokenizer, tmp_path / "model")
+    for switch in (False, True):
+        model, _ = load_model(ModelArguments(model_name_or_path=str(tmp_path / "model"), packed_encoder=switch,
+                                             attn_implementation=PACKED_SDPA))
+        assert model.audio_tower.packed is switch
+
+
 def test_packing_takes_padding_out_and_keeps_audio_in_row_order(tokenizer, speech_like):
     collator = ChatCollator(tokenizer)
     examples = rows(speech_like)
@@ -164,5 +202,5 @@ def test_sft_stage_trains_with_packing_and_the_lean_loss(tokenizer, tiny_model, 
 
     plain = first_loss("plain")
     lean_packed = first_loss("packed", "--packing", "true", "--lean_loss_chunk_tokens", "16",
-                             "--attn_implementation", PACKED_SDPA)
+                             "--attn_implementation", PACKED_SDPA, "--packed_encoder", "true")
     assert lean_packed == pytest.approx(plain, rel=1e-4)

@@ -3,6 +3,11 @@
 The stock ``Qwen2AudioEncoder`` accepts only 3000-frame (30 s) input. This subclass keeps its weights and names
 and takes any length up to 3000 frames: positions are the first T' rows of the 1500-row table and padded frames
 are masked in self-attention, so a 5 s clip costs 250 encoder positions instead of 1500.
+
+A batch is still padded to its longest clip: on clips of mixed length (LibriSpeech: 2-25 s) that is ~1.8 computed
+frames per real one. With ``packed`` set, the transformer layers run on the real frames only, all clips of the
+batch in one sequence, attention kept within each clip (varlen kernels: flash-attention's, or
+``audiollm.packing``'s per-clip sdpa); each clip's encoding is the same as alone.
 """
 
 from __future__ import annotations
@@ -10,11 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 from transformers.models.whisper.modeling_whisper import sinusoids
 
-from audiollm.audio import MAX_FRAMES, audio_token_count
+from audiollm.audio import EDGE_FRAMES, MAX_FRAMES, audio_token_count
+from audiollm.packing import PACKED_SDPA
+
+# Attention kernels that take a packed sequence's clip boundaries (cu_seqlens) and attend per clip in
+# sum(length^2); any other kernel gets a block-diagonal mask over the whole sequence, (sum of lengths)^2.
+VARLEN_ATTENTION = ("flash_attention_2", PACKED_SDPA)
 
 
 class AudioEncoder(Qwen2AudioEncoder):
@@ -24,6 +34,9 @@ class AudioEncoder(Qwen2AudioEncoder):
     (``audio.log_mel``: padded only to the longest clip + the 2 frames the convolutions read past a clip's end,
     which hold the same values as in the stock layout). Either way a clip's real frames get the same encoding.
     """
+
+    # A training switch (ModelArguments.packed_encoder), not saved in the config: encode the real frames only.
+    packed: bool = False
 
     def _init_weights(self, module):
         """Standard init, except where a random encoder could not learn to hear (only new encoders; checkpoints
@@ -45,7 +58,8 @@ class AudioEncoder(Qwen2AudioEncoder):
     def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
         """(C, n_mels, T) mel chunks, T <= 3000, mask (C, T) -> hidden (C, N, d_model), token lengths (C,).
 
-        N = audio_token_count(T); row i has ``lengths[i] = audio_token_count(mask[i].sum())`` real tokens.
+        Row i has ``lengths[i] = audio_token_count(mask[i].sum())`` real tokens; the rest of it is padding
+        (N = audio_token_count(T) when padded, the longest clip's count when ``packed``).
         """
         chunks, _, frames = input_features.shape
         if frames > MAX_FRAMES:
@@ -54,19 +68,63 @@ class AudioEncoder(Qwen2AudioEncoder):
             feature_attention_mask = torch.ones(chunks, frames, dtype=torch.long, device=input_features.device)
         mel_lengths = feature_attention_mask.sum(-1)
         x = input_features.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)
-
-        x = nn.functional.gelu(self.conv1(x))  # (C, D, T)
-        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)  # (C, T', D), T' = (T - 1) // 2 + 1
-        x = x + self.embed_positions.weight[: x.shape[1]]
-        x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-
         conv_lengths = (mel_lengths - 1) // 2 + 1
-        frame_mask = torch.arange(x.shape[1], device=x.device)[None, :] < conv_lengths[:, None]  # (C, T')
-        attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=frame_mask)
+        if self.packed:
+            x = self._encode_packed(x, conv_lengths)
+        else:
+            x = self._encode_padded(x, conv_lengths)
+        return self.layer_norm(x), audio_token_count(mel_lengths)
+
+    def _stem(self, mel: torch.Tensor) -> torch.Tensor:
+        """(C, n_mels, T) -> (C, T', D): the two convolutions (T' = (T - 1) // 2 + 1) plus positions."""
+        x = nn.functional.gelu(self.conv1(mel))  # (C, D, T)
+        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)  # (C, T', D)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        return nn.functional.dropout(x, p=self.dropout, training=self.training)
+
+    def _layers(self, x: torch.Tensor, attn_mask, **attn_kwargs) -> torch.Tensor:
         for layer in self.layers:
             if self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop:
                 continue
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, **attn_kwargs)
+        return x
 
-        x = self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (C, T'//2, D): 25 Hz, 40 ms per token
-        return self.layer_norm(x), audio_token_count(mel_lengths)
+    def _encode_padded(self, mel: torch.Tensor, conv_lengths: torch.Tensor) -> torch.Tensor:
+        """(C, n_mels, T) padded to the longest clip -> (C, T'//2, D) pooled frames, padding masked out."""
+        x = self._stem(mel)
+        frame_mask = torch.arange(x.shape[1], device=x.device)[None, :] < conv_lengths[:, None]  # (C, T')
+        attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=frame_mask)
+        x = self._layers(x, attn_mask)
+        return self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (C, T'//2, D): 25 Hz, 40 ms per token
+
+    def _encode_packed(self, mel: torch.Tensor, conv_lengths: torch.Tensor) -> torch.Tensor:
+        """The same, on the real frames only: (C, n_mels, T) -> (C, max T'_i // 2, D).
+
+        The convolutions run clip by clip on the clip's frames + the 2 they read past its end (so the outputs are
+        those of the padded layout); the layers run on (1, sum T'_i, D) with attention within each clip.
+        """
+        lengths = conv_lengths.tolist()
+        mel_frames = (conv_lengths - 1) * 2 + 1  # the fewest mel frames giving T'_i conv frames
+        clips = [self._stem(mel[i : i + 1, :, : min(mel.shape[-1], int(n) + EDGE_FRAMES)])[0, :t]
+                 for i, (n, t) in enumerate(zip(mel_frames.tolist(), lengths))]
+        x = torch.cat(clips)[None]  # (1, sum T'_i, D)
+        mask, attn_kwargs = self._packed_attention(x, conv_lengths)
+        x = self._layers(x, mask, **attn_kwargs)
+        # AvgPool1d(2, 2) per clip as a pairwise mean, which also takes a 1-frame clip (0 tokens): (T'_i // 2, D)
+        width = x.shape[-1]
+        pooled = [clip[: t - t % 2].reshape(t // 2, 2, width).mean(1) for clip, t in zip(x[0].split(lengths), lengths)]
+        return nn.utils.rnn.pad_sequence(pooled, batch_first=True)
+
+    def _packed_attention(self, x: torch.Tensor, conv_lengths: torch.Tensor) -> tuple:
+        """(mask, kwargs) that keep attention within each clip of a packed (1, sum T'_i, D) sequence."""
+        if self.config._attn_implementation in VARLEN_ATTENTION:
+            bounds = nn.functional.pad(conv_lengths.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
+            longest = int(conv_lengths.max())
+            return None, {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest,
+                          "max_length_k": longest}
+        clip_ids = torch.repeat_interleave(torch.arange(len(conv_lengths), device=x.device),
+                                           conv_lengths.to(x.device))[None]  # (1, sum T'_i)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=None,
+                                         and_mask_function=packed_sequence_mask_function(clip_ids),
+                                         allow_is_bidirectional_skip=False)
+        return mask, {}
