@@ -93,40 +93,40 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
     importlib.import_module(f"stages.{stage}").main(argv)
 
 
-def split_heldout_chat(data: Path) -> dict[str, Path]:
-    """The held-out SFT rows as two manifests: voice chat (every user turn is only spoken audio) and analysis."""
-    rows = [json.loads(line) for line in (data / "heldout_sft.jsonl").read_text(encoding="utf-8").splitlines()]
+def split_chat(data: Path, split: str) -> dict[str, Path]:
+    """A split's SFT rows as two manifests: voice chat (every user turn is only spoken audio) and analysis."""
+    rows = [json.loads(line) for line in (data / f"{split}_sft.jsonl").read_text(encoding="utf-8").splitlines()]
     spoken = [all(m["content"].strip() == "<audio>" for m in r["messages"] if m["role"] == "user") for r in rows]
     parts = {"voice_chat": [r for r, s in zip(rows, spoken) if s], "analysis": [r for r, s in zip(rows, spoken) if not s]}
     paths = {}
     for name, part in parts.items():
-        paths[name] = data / f"heldout_{name}.jsonl"
+        paths[name] = data / f"{split}_{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
     return paths
 
 
 def evaluate_heldout(out: Path, data: Path) -> dict:
-    """The demo's figures, from the eval harness on held-out rows only (voices and word sequences unseen)."""
+    """The demo's figures, from the eval harness on held-out rows only (voices and word sequences unseen), and
+    the same figures on the validation split (new sentences, training voices), where recipe choices are made."""
     from eval.pipeline import evaluate
 
-    chat = split_heldout_chat(data)
-    tasks = {
-        "heldout": f"manifest:{data / 'heldout_pretrain.jsonl'}",
-        "voice_chat": f"short:manifest:{chat['voice_chat']}",
-        "analysis": f"short:manifest:{chat['analysis']}",
-        "preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}",
-    }
+    tasks = {"preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}"}
+    for split in ("heldout", "validation"):
+        chat = split_chat(data, split)
+        tasks.update({split: f"manifest:{data / f'{split}_pretrain.jsonl'}",
+                      f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
+                      f"{split}_analysis": f"short:manifest:{chat['analysis']}"})
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
     value = lambda res, task: res["tasks"][task]["value"]  # noqa: E731
-    return {
-        "asr_wer": value(after, "heldout/asr"),
-        "classification_accuracy": value(after, "heldout/short"),
-        "analysis_accuracy": value(after, "analysis"),
-        "voice_chat_accuracy": value(after, "voice_chat"),
-        "dpo_pref_accuracy_before": value(before, "preference"),
-        "dpo_pref_accuracy_after": value(after, "preference"),
-    }
+
+    def figures(split: str) -> dict:
+        return {"asr_wer": value(after, f"{split}/asr"), "classification_accuracy": value(after, f"{split}/short"),
+                "analysis_accuracy": value(after, f"{split}_analysis"),
+                "voice_chat_accuracy": value(after, f"{split}_voice_chat")}
+
+    return {**figures("heldout"), "dpo_pref_accuracy_before": value(before, "preference"),
+            "dpo_pref_accuracy_after": value(after, "preference"), "validation": figures("validation")}
 
 
 def export_folder(model: Path, out: Path, results: Path) -> None:
@@ -145,12 +145,13 @@ def write_outputs(out: Path, results: dict) -> None:
 
 
 def results_table(results: dict) -> str:
-    rows = ["| figure (held-out) | value |", "|---|---|"]
+    rows = ["| figure | held-out | validation |", "|---|---|---|"]
     for key in ("asr_wer", "classification_accuracy", "analysis_accuracy", "voice_chat_accuracy",
                 "dpo_pref_accuracy_before", "dpo_pref_accuracy_after", "tts_heldout_token_accuracy",
                 "tts_majority_baseline"):
-        rows.append(f"| {key} | {results[key]:.3f} |")
-    rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} |")
+        checked = results["validation"].get(key)
+        rows.append(f"| {key} | {results[key]:.3f} | {'' if checked is None else f'{checked:.3f}'} |")
+    rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} | |")
     return "\n".join(rows)
 
 
@@ -159,7 +160,8 @@ def report_markdown(results: dict, table: str) -> str:
     return (
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
         "pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
-        f"training.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
+        "training. The validation column is a second unseen set of sentences, spoken in training voices: the "
+        f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
         "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
         "Loss curves: `loss.png`.\n\n## The voice\n\nA tiny TTS decoder learns to write codec tokens for the "
         "held-out transcripts (`tts_heldout_token_accuracy`: next speech token right, teacher forced; "

@@ -3,14 +3,14 @@
     python -m benchmarks.gpu_mfu                 # one GPU, ~3-5 min including model build; refuses to run on CPU
     python -m benchmarks.gpu_mfu --tiny          # the same code path on tiny shapes, CPU or GPU, seconds
 
-One SFT step = the frozen encoder's forward, then forward + backward + AdamW of the projector and the LLM, on a
-batch of ``--batch`` rows with LibriSpeech-like clips (mean 12 s) and short answers, collated by ``ChatCollator``,
-packed into one sequence (``packing: true``) and scored with the lean cross-entropy (``lean_loss_chunk_tokens``),
+One SFT step = the frozen encoder's forward (packed: only the clips' real frames, ``packed_encoder: true``), then
+forward + backward + AdamW of the projector and the LLM, on a batch of ``--batch`` rows with LibriSpeech-like clips
+(mean 12 s) and short answers, collated by ``ChatCollator``, packed into one sequence (``packing: true``) and scored with the lean cross-entropy (``lean_loss_chunk_tokens``),
 as the recipe runs it. Reported: tokens/s (LLM tokens, audio included), model FLOPs per step (counted analytically
 below, the standard MFU convention: matmuls and attention, no recomputation), MFU against the GPU's dense bf16 peak,
 peak memory, and the kernels in use (attention implementation, sdpa backends, the loss path).
 
-FLOPs per step (2 per multiply-add): encoder forward, per 30 s chunk of T mel frames (T' = T/2 positions):
+FLOPs per step (2 per multiply-add): encoder forward, per clip of T' real positions (T = 2*T' + 1 mel frames read):
 2*T*d*mels*3 + 2*T'*d*d*3 + layers * (2*T'*(4*d^2 + 2*d*ffn) + 4*T'^2*d); projector 2*tokens*1280*hidden (x3:
 trained); LLM x3 (forward + backward): per token 2 * (matmul parameters of the decoder layers), attention 4*L^2*d/2
 per packed row per layer (causal), the head 2*hidden*vocab per labelled token (the lean loss scores only those).
@@ -66,6 +66,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
         model = AudioLLMForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
     set_trainable(model, encoder=False, projector=True, llm=True)
     model.loss_chunk_tokens = LEAN_CHUNK_TOKENS
+    model.audio_tower.packed = True
     return model.train(), tokenizer
 
 
@@ -82,11 +83,9 @@ def step_flops(model, batch: dict) -> float:
     """Model FLOPs of one step (module docstring), from the batch's shapes and the model's config."""
     audio, text = model.config.audio_config, model.config.text_config
     d, ffn, mels = audio.d_model, audio.encoder_ffn_dim, audio.num_mel_bins
-    frames = batch["input_features"].shape[-1]
-    positions = (frames - 1) // 2 + 1
-    chunks = batch["input_features"].shape[0]
-    encoder = chunks * (2 * frames * d * mels * 3 + 2 * positions * d * d * 3 + audio.encoder_layers
-                        * (2 * positions * (4 * d * d + 2 * d * ffn) + 4 * positions**2 * d))
+    positions = ((batch["feature_attention_mask"].sum(-1) - 1) // 2 + 1).tolist()  # T' per clip (packed encoder)
+    encoder = sum(2 * (2 * t + 1) * d * mels * 3 + 2 * t * d * d * 3 + audio.encoder_layers
+                  * (2 * t * (4 * d * d + 2 * d * ffn) + 4 * t**2 * d) for t in positions)
     tokens = batch["input_ids"].numel()
     audio_tokens = int((batch["input_ids"] == model.config.audio_token_id).sum())
     projector = 3 * 2 * audio_tokens * d * text.hidden_size

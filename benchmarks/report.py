@@ -67,7 +67,9 @@ def render_encoder(data: dict) -> str:
         rows = []
         for config, result in dist["results"].items():
             base = result["padded-30s"]
-            for variant in ("padded-30s", "padded-longest", "length-grouped"):
+            for variant in ("padded-30s", "padded-longest", "length-grouped", "packed"):
+                if variant not in result:  # results written before the packed encoder existed
+                    continue
                 r = result[variant]
                 rows.append([config, variant, r["fwd_bwd_s_per_clip"] * 1e3, r["frames_computed_per_real"],
                              f"{base['fwd_bwd_s_per_clip'] / r['fwd_bwd_s_per_clip']:.2f}x",

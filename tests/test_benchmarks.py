@@ -87,6 +87,9 @@ def test_gpu_mfu_tiny(results, tmp_path):
 def test_encoder_distribution_reports_the_no_padding_bound(results):
     dist = load(results / "encoder_short.json")["clips"]["results"]["tiny"]
     assert dist["flop_ratio_padded-30s/no-padding"] >= dist["flop_ratio_padded-30s/padded-longest"] > 1
+    # the packed encoder computes (about) only the real frames: the bound, up to one edge frame per clip
+    assert dist["packed"]["frames_computed_per_real"] < dist["padded-longest"]["frames_computed_per_real"]
+    assert dist["flop_ratio_padded-30s/packed"] == pytest.approx(dist["flop_ratio_padded-30s/no-padding"], rel=0.05)
 
 
 def test_peak_table_matches_specific_names_first():

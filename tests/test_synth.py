@@ -16,6 +16,7 @@ from audiollm.synth import espeak
 from audiollm.synth.corpus import (
     ANALYSIS_QUESTIONS,
     NUMBER_WORDS,
+    QUESTION_FORMS,
     VARIANTS,
     Clip,
     CorpusError,
@@ -93,20 +94,33 @@ def test_spoken_questions_have_right_answers():
     import random
 
     rng = random.Random(0)
-    for _ in range(300):
-        question, answer = spoken_question(rng)
-        numbers = [NUMBER_WORDS.index(w) for w in question.split() if w in NUMBER_WORDS]
-        got = [NUMBER_WORDS.index(w) for w in answer.split()]
-        if " plus " in question:
-            assert got == [sum(numbers)]
-        elif " minus " in question:
-            assert got == [numbers[0] - numbers[1]]
-        elif "after" in question:
-            assert got == [numbers[0] + 1]
+    sentences = set()
+    for _ in range(600):
+        question, answer, wrong = spoken_question(rng)
+        sentences.add(question)
+        asked = [NUMBER_WORDS.index(w) for w in question.split() if w in NUMBER_WORDS]
+        said = [NUMBER_WORDS.index(w) for w in answer.split() if w in NUMBER_WORDS]
+        result = said[-1]
+        if " plus " in question or question.startswith("add "):
+            assert answer.startswith(f"{NUMBER_WORDS[asked[0]]} plus {NUMBER_WORDS[asked[1]]} is ")
+            assert result == sum(asked)
+        elif " minus " in question or " away from " in question:
+            a, b = asked if " minus " in question else asked[::-1]  # "take b away from a"
+            assert answer.startswith(f"{NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]} is ") and result == a - b
+        elif "after" in question or "follows" in question:
+            assert answer == f"after {NUMBER_WORDS[asked[0]]} comes {NUMBER_WORDS[result]}" and result == asked[0] + 1
         elif "before" in question:
-            assert got == [numbers[0] - 1]
+            assert answer == f"before {NUMBER_WORDS[asked[0]]} comes {NUMBER_WORDS[result]}" and result == asked[0] - 1
         else:
-            assert got == list(range(numbers[0], numbers[1] + 1)) and 3 <= len(got) <= 5
+            assert said == list(range(asked[0], asked[1] + 1)) and 3 <= len(said) <= 5
+        assert wrong and answer not in wrong
+        if " is " in answer or " comes " in answer:  # a wrong result after the same restatement
+            assert all(w.rsplit(" ", 1)[0] == answer.rsplit(" ", 1)[0] for w in wrong)
+    # every kind is asked in each of its sentences
+    for forms in QUESTION_FORMS.values():
+        for form in forms:
+            head = form.split("{")[0]
+            assert any(s.startswith(head) for s in sentences), form
 
 
 # ---- the corpus -------------------------------------------------------------------------------------------
@@ -124,7 +138,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def manifest_files(root: Path) -> dict[str, list[dict]]:
-    names = [f"{m}.jsonl" for m in MANIFESTS] + [f"heldout_{m}.jsonl" for m in MANIFESTS]
+    names = [f"{m}.jsonl" for m in MANIFESTS] + [f"{s}_{m}.jsonl" for s in ("heldout", "validation") for m in MANIFESTS]
     return {name: read_jsonl(root / name) for name in names}
 
 
@@ -165,13 +179,13 @@ def test_every_clip_decodes_at_16k_and_matches_its_plan(corpus):
     summary = json.loads((corpus / "corpus.json").read_text())
     assert sum(s["audio_seconds"] for s in summary["splits"].values()) == pytest.approx(seconds, abs=0.2)
     for name, rows in manifest_files(corpus).items():
-        split = "heldout" if name.startswith("heldout") else "train"
+        split = name.split("_")[0] if "_" in name else "train"
         assert sum(summary["splits"][split]["manifests"][name].values()) == len(rows)
 
 
 def test_labels_describe_the_clips(corpus):
     clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
-    for row in read_jsonl(corpus / "pretrain.jsonl") + read_jsonl(corpus / "heldout_pretrain.jsonl"):
+    for row in [r for s in ("", "heldout_", "validation_") for r in read_jsonl(corpus / f"{s}pretrain.jsonl")]:
         clip = clips[row["audio"]]
         expected = {
             "asr": clip["text"],
@@ -192,12 +206,15 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
     clips = read_jsonl(corpus / "clips.jsonl")
     split_of = {c["audio"]: c["split"] for c in clips}
     for name, rows in manifest_files(corpus).items():
-        expected = "heldout" if name.startswith("heldout") else "train"
+        expected = name.split("_")[0] if "_" in name else "train"
         assert {split_of[a] for r in rows for a in row_audios(r)} == {expected}, name
-    texts = {s: {c["text"] for c in clips if c["split"] == s} for s in ("train", "heldout")}
-    variants = {s: {c["voice"].split("+")[1] for c in clips if c["split"] == s} for s in ("train", "heldout")}
-    assert texts["heldout"] and not texts["train"] & texts["heldout"]
+    splits = ("train", "validation", "heldout")
+    texts = {s: {c["text"] for c in clips if c["split"] == s} for s in splits}
+    variants = {s: {c["voice"].split("+")[1] for c in clips if c["split"] == s} for s in splits}
+    assert texts["heldout"] and texts["validation"]
+    assert not texts["train"] & texts["heldout"] and not texts["validation"] & (texts["train"] | texts["heldout"])
     assert variants["heldout"] and not variants["train"] & variants["heldout"]
+    assert variants["validation"] <= variants["train"] | set(VARIANTS["train"]["female"] + VARIANTS["train"]["male"])
     assert variants["heldout"] <= set(VARIANTS["heldout"]["female"] + VARIANTS["heldout"]["male"])
 
 
@@ -210,6 +227,9 @@ def test_check_heldout_refuses_shared_words_or_voices():
         check_heldout([clip("train", "one two", "en+f1"), clip("heldout", "one two", "en+f4")])
     with pytest.raises(CorpusError, match="voice variants"):
         check_heldout([clip("train", "one two", "en+f4"), clip("heldout", "three", "fr+f4")])
+    with pytest.raises(CorpusError, match="validation and heldout"):
+        check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en+f1"),
+                       clip("heldout", "two", "en+f4")])
 
 
 def test_manifests_load_through_datasets(corpus):

@@ -10,11 +10,14 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
                      instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, wrong word, or rambling)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
+    validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, at which rate and pitch
     corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
 
 The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
-seed and the text) and is spoken only by voice variants that training never uses; the builder checks both.
+seed and the text) and is spoken only by voice variants that training never uses; the builder checks both. The
+validation split has utterances of its own too (in training voices): recipe choices are made on it, so that the
+held-out figures stay untuned.
 The manifests depend on the seed and size only. The audio too: each shard of clips is synthesised in a fresh
 process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.espeak``), so a build is
 byte-identical to any other build with the same seed, size and espeak version.
@@ -38,10 +41,11 @@ from pathlib import Path
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
 from audiollm.synth.espeak import SAMPLE_RATE
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "validation", "heldout")
 MANIFESTS = ("pretrain", "sft", "dpo")
-HELDOUT_SHARE = 0.15  # held-out rows per training row, per kind
-HELDOUT_TEXT_SHARE = 0.2  # share of all possible utterances reserved for the held-out split
+HELDOUT_SHARE = 0.15  # held-out (and validation) rows per training row, per kind
+# Shares of all possible utterances reserved for a split (by hash); the rest is training's.
+TEXT_SHARES = (("heldout", 0.2), ("validation", 0.1))
 MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the pool counts as exhausted
 SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
 RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
@@ -50,7 +54,7 @@ RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wr
 # clips / ~25 min of audio and builds in seconds; "tiny" is for tests.
 SMALL = {
     "pretrain": {"asr": 200, "sex": 80, "language": 80, "rate": 60, "pitch": 60},
-    "sft": {"voice_chat": 120, "analysis": 120, "multi_turn_voice": 30, "multi_turn_followup": 30},
+    "sft": {"voice_chat": 200, "analysis": 80, "multi_turn_voice": 30, "multi_turn_followup": 30},
     "dpo": {"voice_chat": 50, "analysis": 50, "multi_turn_followup": 20},
 }
 SIZES = {
@@ -65,6 +69,7 @@ VARIANTS = {
     "train": {"female": ("f1", "f2", "f3", "f5"), "male": ("m1", "m2", "m3", "m4")},
     "heldout": {"female": ("f4",), "male": ("m7",)},
 }
+VARIANTS["validation"] = VARIANTS["train"]  # new sentences in known voices
 # Ranges drawn from per clip (inclusive). Rate in words per minute (espeak's default is 175); pitch on espeak's
 # 0-100 scale, 50 being the voice's own. Low/high pitch is relative to the voice: a high male voice (~150 Hz)
 # is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex.
@@ -132,9 +137,14 @@ class Exchange:
 
 
 def text_split(text: str, seed: int) -> str:
-    """The split an utterance belongs to: a stable hash of (seed, text), so no text is ever in both."""
+    """The split an utterance belongs to: a stable hash of (seed, text), so no text is ever in two splits."""
     digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
-    return "heldout" if int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_TEXT_SHARE else "train"
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    for split, share in TEXT_SHARES:
+        if point < share:
+            return split
+        point -= share
+    return "train"
 
 
 class Speaker:
@@ -175,26 +185,61 @@ def analysis_text(rng: random.Random) -> str:
     return words_text(rng, "en", WORDS_PER_ANALYSIS)
 
 
-def spoken_question(rng: random.Random) -> tuple[str, str]:
-    """A question a tiny model can learn to answer from speech alone, and its answer in number words."""
-    kind = rng.choice(("plus", "minus", "after", "before", "count"))
-    n = NUMBER_WORDS
+# Each spoken question can be put in several sentences. The held-out split holds out sentences (by the hash of
+# the whole sentence), not facts: a held-out "which number follows seven" is a sentence no training clip says,
+# in a voice no training clip has, while "what comes after seven" may well be in training. What the split tests
+# is hearing a new sentence, not inventing arithmetic: a model of a few million parameters trained for minutes
+# does not learn sums that extend to pairs it never saw (held-out voice-chat accuracy 0.03 when whole facts were
+# held out, against 0.83 on training questions).
+QUESTION_FORMS = {
+    "plus": ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}"),
+    "minus": ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} away from {a}"),
+    "after": ("what comes after {a}", "which number follows {a}", "say the number after {a}"),
+    "before": ("what comes before {a}", "which number is just before {a}", "say the number before {a}"),
+    "count": ("count from {a} to {b}", "please count from {a} to {b}", "say the numbers from {a} to {b}"),
+}
+# Answers restate the question in one fixed form before the result ("three plus four is seven"): the result is
+# then predicted from text the model has just written, the same whichever sentence asked, instead of straight
+# from the audio of one particular sentence.
+ANSWER_FORMS = {"plus": "{a} plus {b} is", "minus": "{a} minus {b} is", "after": "after {a} comes",
+                "before": "before {a} comes"}
+MAX_TERM = 6  # plus and minus use numbers up to six: 49 sums and 28 differences, each asked often enough to learn
+
+
+def spoken_fact(rng: random.Random) -> tuple[str, int, int]:
+    """A question kind and its numbers: (kind, a, b); b is 0 where the kind takes one number."""
+    kind = rng.choice(tuple(QUESTION_FORMS))
     if kind == "plus":
-        a, b = rng.randint(0, 10), rng.randint(0, 10)
-        return f"what is {n[a]} plus {n[b]}", n[a + b]
+        return kind, rng.randint(0, MAX_TERM), rng.randint(0, MAX_TERM)
     if kind == "minus":
-        a = rng.randint(0, 10)
-        b = rng.randint(0, a)
-        return f"what is {n[a]} minus {n[b]}", n[a - b]
+        a = rng.randint(0, MAX_TERM)
+        return kind, a, rng.randint(0, a)
     if kind == "after":
-        a = rng.randint(0, MAX_NUMBER - 1)
-        return f"what comes after {n[a]}", n[a + 1]
+        return kind, rng.randint(0, MAX_NUMBER - 1), 0
     if kind == "before":
-        a = rng.randint(1, MAX_NUMBER)
-        return f"what comes before {n[a]}", n[a - 1]
+        return kind, rng.randint(1, MAX_NUMBER), 0
     a = rng.randint(0, MAX_NUMBER - 4)
-    b = a + rng.randint(2, 4)
-    return f"count from {n[a]} to {n[b]}", " ".join(n[a : b + 1])
+    return kind, a, a + rng.randint(2, 4)
+
+
+def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
+    """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, [".. six",
+    ".. eight"]; a count lists the numbers (wrong: one short, one too far)."""
+    n = NUMBER_WORDS
+    if kind == "count":
+        answer = " ".join(n[a : b + 1])
+        return answer, off_by_one(answer)
+    value = {"plus": a + b, "minus": a - b, "after": a + 1, "before": a - 1}[kind]
+    head = ANSWER_FORMS[kind].format(a=n[a], b=n[b])
+    return f"{head} {n[value]}", [f"{head} {n[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
+
+
+def spoken_question(rng: random.Random) -> tuple[str, str, list[str]]:
+    """A question a tiny model can learn to answer from speech alone, in one of its sentences: (sentence, answer,
+    plausible wrong answers)."""
+    kind, a, b = spoken_fact(rng)
+    sentence = rng.choice(QUESTION_FORMS[kind]).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
+    return (sentence, *fact_answer(kind, a, b))
 
 
 def off_by_one(answer: str) -> list[str]:
@@ -228,8 +273,8 @@ def assistant(content: str) -> dict:
 
 def voice_chat(s: Speaker, rng: random.Random) -> Exchange:
     """The question is only spoken: the user turn is the clip and nothing else."""
-    question, answer = s.draw(rng, spoken_question, key=lambda qa: qa[0])
-    return Exchange([user(AUDIO_MARKER)], [s.clip(rng, question)], answer, off_by_one(answer))
+    question, answer, wrong = s.draw(rng, spoken_question, key=lambda qa: qa[0])
+    return Exchange([user(AUDIO_MARKER)], [s.clip(rng, question)], answer, wrong)
 
 
 def analysis(s: Speaker, rng: random.Random) -> Exchange:
@@ -327,15 +372,16 @@ def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]],
 
 
 def check_heldout(clips: list[Clip]) -> None:
-    """Raise unless the held-out split shares no utterance and no voice variant with training."""
-    train = [c for c in clips if c.split == "train"]
-    heldout = [c for c in clips if c.split == "heldout"]
-    shared_texts = sorted({c.text for c in train} & {c.text for c in heldout})
-    if shared_texts:
-        raise CorpusError(f"held-out utterances also spoken in training: {shared_texts[:5]}")
-    variants = [{c.voice.partition("+")[2] for c in cs} for cs in (train, heldout)]
-    if not heldout or variants[0] & variants[1]:
-        raise CorpusError(f"held-out voice variants {sorted(variants[1])} must all be unused in training")
+    """Raise unless no utterance is spoken in two splits and no held-out voice variant speaks in training."""
+    texts = {split: {c.text for c in clips if c.split == split} for split in SPLITS}
+    for i, one in enumerate(SPLITS):
+        for other in SPLITS[i + 1 :]:
+            shared = sorted(texts[one] & texts[other])
+            if shared:
+                raise CorpusError(f"utterances spoken in both {one} and {other}: {shared[:5]}")
+    variants = {split: {c.voice.partition("+")[2] for c in clips if c.split == split} for split in SPLITS}
+    if not variants["heldout"] or variants["train"] & variants["heldout"]:
+        raise CorpusError(f"held-out voice variants {sorted(variants['heldout'])} must all be unused in training")
 
 
 def check_chat_rows(rows: list[dict], name: str) -> None:
@@ -390,7 +436,8 @@ def _render_worker() -> None:
 
 
 def manifest_name(split: str, manifest: str) -> str:
-    return f"{manifest}.jsonl" if split == "train" else f"heldout_{manifest}.jsonl"
+    """``sft.jsonl`` for training, ``heldout_sft.jsonl`` / ``validation_sft.jsonl`` for the others."""
+    return f"{manifest}.jsonl" if split == "train" else f"{split}_{manifest}.jsonl"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
