@@ -107,7 +107,7 @@ def split_chat(data: Path, split: str) -> dict[str, Path]:
 
 def evaluate_heldout(out: Path, data: Path) -> dict:
     """The demo's figures, from the eval harness on held-out rows only (voices and word sequences unseen), and
-    the same figures on the validation split (new sentences, training voices), where recipe choices are made."""
+    the same figures on the validation split (other unseen voices and sentences), where recipe choices are made."""
     from eval.pipeline import evaluate
 
     tasks = {"preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}"}
@@ -160,7 +160,7 @@ def report_markdown(results: dict, table: str) -> str:
     return (
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
         "pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
-        "training. The validation column is a second unseen set of sentences, spoken in training voices: the "
+        "training. The validation column is a second split of unseen sentences and voices: the "
         f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
         "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
         "Loss curves: `loss.png`.\n\n## The voice\n\nA tiny TTS decoder learns to write codec tokens for the "

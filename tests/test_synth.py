@@ -214,7 +214,7 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
     assert texts["heldout"] and texts["validation"]
     assert not texts["train"] & texts["heldout"] and not texts["validation"] & (texts["train"] | texts["heldout"])
     assert variants["heldout"] and not variants["train"] & variants["heldout"]
-    assert variants["validation"] <= variants["train"] | set(VARIANTS["train"]["female"] + VARIANTS["train"]["male"])
+    assert variants["validation"] and not variants["validation"] & (variants["train"] | variants["heldout"])
     assert variants["heldout"] <= set(VARIANTS["heldout"]["female"] + VARIANTS["heldout"]["male"])
 
 
@@ -222,13 +222,16 @@ def test_check_heldout_refuses_shared_words_or_voices():
     def clip(split, text, voice):
         return Clip(f"audio/{split}/{text}.wav", split, text, "en", voice, "female", 175, 50)
 
-    check_heldout([clip("train", "one two", "en+f1"), clip("heldout", "three", "en+f4")])
+    validation = clip("validation", "four", "en+steph")
+    check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en+f4")])
     with pytest.raises(CorpusError, match="utterances"):
-        check_heldout([clip("train", "one two", "en+f1"), clip("heldout", "one two", "en+f4")])
-    with pytest.raises(CorpusError, match="voice variants"):
-        check_heldout([clip("train", "one two", "en+f4"), clip("heldout", "three", "fr+f4")])
+        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "one two", "en+f4")])
+    with pytest.raises(CorpusError, match="heldout voice variants"):
+        check_heldout([clip("train", "one two", "en+f4"), validation, clip("heldout", "three", "fr+f4")])
+    with pytest.raises(CorpusError, match="validation voice variants"):
+        check_heldout([clip("train", "one two", "en+steph"), validation, clip("heldout", "three", "en+f4")])
     with pytest.raises(CorpusError, match="validation and heldout"):
-        check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en+f1"),
+        check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en+steph"),
                        clip("heldout", "two", "en+f4")])
 
 

@@ -16,8 +16,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
 
 The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
 seed and the text) and is spoken only by voice variants that training never uses; the builder checks both. The
-validation split has utterances of its own too (in training voices): recipe choices are made on it, so that the
-held-out figures stay untuned.
+validation split has utterances and voices of its own too: recipe choices are made on it, so that the held-out
+figures stay untuned.
 The manifests depend on the seed and size only. The audio too: each shard of clips is synthesised in a fresh
 process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.espeak``), so a build is
 byte-identical to any other build with the same seed, size and espeak version.
@@ -63,13 +63,14 @@ SIZES = {
     "full": {m: {k: 10 * n for k, n in kinds.items()} for m, kinds in SMALL.items()},
 }
 
-# Voice variants (pitch and formant sets of espeak-ng, usable with every language) per sex and split; the
-# held-out variants never speak in training.
+# Voice variants (pitch and formant sets of espeak-ng, usable with every language) per sex and split; the held-out
+# and validation variants never speak in training, nor in each other's split. All are of the same family (plain
+# formant sets, no breathy or robotic effects), so that unseen voices are new speakers, not new effects.
 VARIANTS = {
     "train": {"female": ("f1", "f2", "f3", "f5"), "male": ("m1", "m2", "m3", "m4")},
+    "validation": {"female": ("steph",), "male": ("m6",)},
     "heldout": {"female": ("f4",), "male": ("m7",)},
 }
-VARIANTS["validation"] = VARIANTS["train"]  # new sentences in known voices
 # Ranges drawn from per clip (inclusive). Rate in words per minute (espeak's default is 175); pitch on espeak's
 # 0-100 scale, 50 being the voice's own. Low/high pitch is relative to the voice: a high male voice (~150 Hz)
 # is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex.
@@ -380,8 +381,10 @@ def check_heldout(clips: list[Clip]) -> None:
             if shared:
                 raise CorpusError(f"utterances spoken in both {one} and {other}: {shared[:5]}")
     variants = {split: {c.voice.partition("+")[2] for c in clips if c.split == split} for split in SPLITS}
-    if not variants["heldout"] or variants["train"] & variants["heldout"]:
-        raise CorpusError(f"held-out voice variants {sorted(variants['heldout'])} must all be unused in training")
+    for split in ("heldout", "validation"):
+        others = set().union(*(variants[o] for o in SPLITS if o != split))
+        if not variants[split] or variants[split] & others:
+            raise CorpusError(f"{split} voice variants {sorted(variants[split])} must all be unused in other splits")
 
 
 def check_chat_rows(rows: list[dict], name: str) -> None:
