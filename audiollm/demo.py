@@ -118,7 +118,7 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
                       f"{split}_analysis": f"short:manifest:{chat['analysis']}"})
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
-    value = lambda res, task: res["tasks"][task]["value"]  # noqa: E731
+    value = lambda res, task: float(res["tasks"][task]["value"])  # noqa: E731  (the harness may give numpy floats)
 
     def figures(split: str) -> dict:
         return {"asr_wer": value(after, f"{split}/asr"), "classification_accuracy": value(after, f"{split}/short"),

@@ -33,6 +33,10 @@ def test_results_hold_every_figure_measured(demo):
     assert voice["heldout_token_accuracy"] == saved["tts_heldout_token_accuracy"]
     assert "not meant to be intelligible" in saved["tts_notice"]
     assert saved["asr_wer"] >= 0.0
+    # the validation split (its own voices and sentences) is scored the same way, beside the held-out figures
+    assert set(saved["validation"]) == {"asr_wer", "classification_accuracy", "analysis_accuracy",
+                                        "voice_chat_accuracy"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in saved["validation"].values())
     # The figures are the harness's own, computed from its saved per-item predictions.
     harness = json.loads((out / "eval" / "results.json").read_text())
     assert harness["tasks"]["heldout/asr"]["value"] == saved["asr_wer"]
