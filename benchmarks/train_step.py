@@ -51,7 +51,7 @@ from audiollm.model.trainable import set_trainable
 from audiollm.packing import PACKED_SDPA, pack_batch
 from audiollm.tiny import CORPUS_WORDS, tiny_audio_config, tiny_text_config, tiny_tokenizer
 from benchmarks.common import MB, interleaved_medians, peak_memory_bytes, pick_clock, print_table, write_result
-from benchmarks.encoder import clip_durations
+from benchmarks.encoder import clip_durations, packed_mel_frames
 
 QWEN_VOCAB = 151_936  # Qwen2 / Qwen2.5 embedding rows
 LEAN_CHUNK_TOKENS = 1024
@@ -138,7 +138,7 @@ def epoch_counts(batches: list[dict], packed: bool) -> dict:
     real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     positions = sum(b["input_ids"].numel() for b in batches)
     if packed:  # the packed encoder reads each clip's 2 T' + 1 frames (AudioEncoder._encode_packed)
-        frames = sum(2 * ((int(n) - 1) // 2 + 1) + 1 for b in batches for n in b["feature_attention_mask"].sum(-1))
+        frames = sum(sum(packed_mel_frames(b["feature_attention_mask"])) for b in batches)
     else:
         frames = sum(b["feature_attention_mask"].numel() for b in batches)
     real_frames = sum(int(b["feature_attention_mask"].sum()) for b in batches)

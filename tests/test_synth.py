@@ -13,18 +13,9 @@ from audiollm.chat import count_audio_markers
 from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
-from audiollm.synth.corpus import (
-    ANALYSIS_QUESTIONS,
-    NUMBER_WORDS,
-    QUESTION_FORMS,
-    VARIANTS,
-    Clip,
-    CorpusError,
-    check_heldout,
-    spoken_question,
-    synth,
-)
+from audiollm.synth.corpus import ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, check_heldout, synth
 from audiollm.synth.espeak import Espeak, EspeakError
+from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
 SENTENCE = "what is three plus four"
 MANIFESTS = ("pretrain", "sft", "dpo")

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
 from audiollm.synth.espeak import SAMPLE_RATE
+from audiollm.synth.questions import NUMBER_WORDS, off_by_one, spoken_question
 
 SPLITS = ("train", "validation", "heldout")
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -80,11 +81,6 @@ WORDS_PER_CLIP = (2, 4)  # pretraining utterances
 WORDS_PER_ANALYSIS = (2, 5)  # clips asked about ("how many words")
 
 LANGUAGES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish"}
-NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty"
-).split()
-MAX_NUMBER = len(NUMBER_WORDS) - 1  # answers stay within zero..twenty
 WORDS = {
     "en": NUMBER_WORDS[1:] + "red green blue cat dog bird house car tree water sun moon".split(),
     "fr": "un deux trois quatre cinq six sept huit neuf dix rouge vert bleu chat chien oiseau maison voiture "
@@ -184,73 +180,6 @@ def words_text(rng: random.Random, language: str = "en", span: tuple[int, int] =
 
 def analysis_text(rng: random.Random) -> str:
     return words_text(rng, "en", WORDS_PER_ANALYSIS)
-
-
-# Each spoken question can be put in several sentences. The held-out split holds out sentences (by the hash of
-# the whole sentence), not facts: a held-out "which number follows seven" is a sentence no training clip says,
-# in a voice no training clip has, while "what comes after seven" may well be in training. What the split tests
-# is hearing a new sentence, not inventing arithmetic: a model of a few million parameters trained for minutes
-# does not learn sums that extend to pairs it never saw (held-out voice-chat accuracy 0.03 when whole facts were
-# held out, against 0.83 on training questions).
-QUESTION_FORMS = {
-    "plus": ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}"),
-    "minus": ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} away from {a}"),
-    "after": ("what comes after {a}", "which number follows {a}", "say the number after {a}"),
-    "before": ("what comes before {a}", "which number is just before {a}", "say the number before {a}"),
-    "count": ("count from {a} to {b}", "please count from {a} to {b}", "say the numbers from {a} to {b}"),
-}
-# Answers restate the question in one fixed form before the result ("three plus four is seven"): the result is
-# then predicted from text the model has just written, the same whichever sentence asked, instead of straight
-# from the audio of one particular sentence.
-ANSWER_FORMS = {"plus": "{a} plus {b} is", "minus": "{a} minus {b} is", "after": "after {a} comes",
-                "before": "before {a} comes"}
-MAX_TERM = 6  # plus and minus use numbers up to six: 49 sums and 28 differences, each asked often enough to learn
-
-
-def spoken_fact(rng: random.Random) -> tuple[str, int, int]:
-    """A question kind and its numbers: (kind, a, b); b is 0 where the kind takes one number."""
-    kind = rng.choice(tuple(QUESTION_FORMS))
-    if kind == "plus":
-        return kind, rng.randint(0, MAX_TERM), rng.randint(0, MAX_TERM)
-    if kind == "minus":
-        a = rng.randint(0, MAX_TERM)
-        return kind, a, rng.randint(0, a)
-    if kind == "after":
-        return kind, rng.randint(0, MAX_NUMBER - 1), 0
-    if kind == "before":
-        return kind, rng.randint(1, MAX_NUMBER), 0
-    a = rng.randint(0, MAX_NUMBER - 4)
-    return kind, a, a + rng.randint(2, 4)
-
-
-def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
-    """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, [".. six",
-    ".. eight"]; a count lists the numbers (wrong: one short, one too far)."""
-    n = NUMBER_WORDS
-    if kind == "count":
-        answer = " ".join(n[a : b + 1])
-        return answer, off_by_one(answer)
-    value = {"plus": a + b, "minus": a - b, "after": a + 1, "before": a - 1}[kind]
-    head = ANSWER_FORMS[kind].format(a=n[a], b=n[b])
-    return f"{head} {n[value]}", [f"{head} {n[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
-
-
-def spoken_question(rng: random.Random) -> tuple[str, str, list[str]]:
-    """A question a tiny model can learn to answer from speech alone, in one of its sentences: (sentence, answer,
-    plausible wrong answers)."""
-    kind, a, b = spoken_fact(rng)
-    sentence = rng.choice(QUESTION_FORMS[kind]).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
-    return (sentence, *fact_answer(kind, a, b))
-
-
-def off_by_one(answer: str) -> list[str]:
-    """Plausible wrong answers to a number answer: one less / one more; for a count, one short / one too far."""
-    parts = answer.split()
-    last = NUMBER_WORDS.index(parts[-1])
-    if len(parts) > 1:
-        longer = [answer + " " + NUMBER_WORDS[last + 1]] if last < MAX_NUMBER else []
-        return [" ".join(parts[:-1])] + longer
-    return [NUMBER_WORDS[i] for i in (last - 1, last + 1) if 0 <= i <= MAX_NUMBER]
 
 
 def ask_about(words: list[str], kind: str) -> tuple[str, str, list[str]]:
