@@ -13,7 +13,10 @@ from audiollm.chat import count_audio_markers
 from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
-from audiollm.synth.corpus import ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, check_heldout, synth
+from audiollm.synth import questions
+from audiollm.synth.corpus import (
+    ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, text_split,
+)
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
@@ -112,6 +115,47 @@ def test_spoken_questions_have_right_answers():
         for form in forms:
             head = form.split("{")[0]
             assert any(s.startswith(head) for s in sentences), form
+
+
+def all_facts():
+    """Every (kind, a, b) the questions can ask."""
+    m, top = questions.MAX_TERM, questions.MAX_NUMBER
+    yield from (("plus", a, b) for a in range(m + 1) for b in range(m + 1))
+    yield from (("minus", a, b) for a in range(m + 1) for b in range(a + 1))
+    yield from (("after", a, 0) for a in range(top))
+    yield from (("before", a, 0) for a in range(1, top + 1))
+    yield from (("count", a, a + d) for a in range(top - 3) for d in (2, 3, 4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_fact_keeps_a_training_sentence(seed):
+    moved = 0
+    for fact in all_facts():
+        sentences = questions.fact_sentences(*fact)
+        splits = question_splits(sentences, seed)
+        assert "train" in splits.values(), fact
+        moved += sum(splits[t] != text_split(t, seed) for t in sentences)
+        assert sum(splits[t] != text_split(t, seed) for t in sentences) <= 1  # only the anchor sentence moves
+    assert moved > 0  # some fact had all its sentences out of training: the rule is exercised
+
+
+def test_held_out_questions_ask_taught_facts_as_often_as_training():
+    import random
+    from collections import Counter
+
+    asked = {}
+    for split in ("train", "heldout"):
+        speaker, rng = Speaker(split, 0), random.Random(1)
+        asked[split] = Counter(speaker.question(rng)[1] for _ in range(4000))
+    assert set(asked["heldout"]) <= set(asked["train"])  # every held-out answer is taught
+    for counts in asked.values():  # facts drawn first: every kind asked about equally often in both splits
+        kinds = Counter(kind_of(answer) for answer in counts.elements())
+        assert len(kinds) == 5 and max(kinds.values()) / min(kinds.values()) < 1.3, kinds
+
+
+def kind_of(answer: str) -> str:
+    words = answer.split()
+    return next((kind for kind in ("plus", "minus", "after", "before") if kind in words), "count")
 
 
 # ---- the corpus -------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ MAX_NUMBER = len(NUMBER_WORDS) - 1  # answers stay within zero..twenty
 # in a voice no training clip has, while "what comes after seven" may well be in training. What the split tests
 # is hearing a new sentence, not inventing arithmetic: a model of a few million parameters trained for minutes
 # does not learn sums that extend to pairs it never saw (held-out voice-chat accuracy 0.03 when whole facts were
-# held out, against 0.83 on training questions).
+# held out, against 0.83 on training questions). So every fact keeps at least one sentence in training
+# (``audiollm.synth.corpus.question_splits``).
 QUESTION_FORMS = {
     "plus": ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}"),
     "minus": ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} away from {a}"),
@@ -64,12 +65,23 @@ def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
     return f"{head} {n[value]}", [f"{head} {n[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
 
 
-def spoken_question(rng: random.Random) -> tuple[str, str, list[str]]:
-    """A question a tiny model can learn to answer from speech alone, in one of its sentences: (sentence, answer,
-    plausible wrong answers)."""
+def fact_sentences(kind: str, a: int, b: int) -> tuple[str, ...]:
+    """Every sentence that asks one fact: ``("plus", 3, 4)`` -> ``("what is three plus four", "how much is three
+    plus four", "add three and four")``."""
+    return tuple(form.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]) for form in QUESTION_FORMS[kind])
+
+
+def spoken_question(rng: random.Random, usable=lambda sentences: sentences) -> tuple[str, str, list[str]] | None:
+    """A question a tiny model can learn to answer from speech alone: (sentence, answer, plausible wrong answers).
+
+    The fact is drawn first, then one of its sentences that ``usable`` keeps (a split's own); ``None`` when it keeps
+    none. Drawing the fact first keeps every split's facts in the same proportions: drawing sentences instead would
+    ask a split most often about the facts with the most sentences in it, which for the held-out split are the
+    facts training asks least.
+    """
     kind, a, b = spoken_fact(rng)
-    sentence = rng.choice(QUESTION_FORMS[kind]).format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])
-    return (sentence, *fact_answer(kind, a, b))
+    sentences = usable(fact_sentences(kind, a, b))
+    return (rng.choice(sentences), *fact_answer(kind, a, b)) if sentences else None
 
 
 def off_by_one(answer: str) -> list[str]:
