@@ -104,4 +104,18 @@ def publish(staged: str, final: str) -> None:
 
 
 class CrashSafeTrainer(CrashSafeTrainerMixin, Trainer):
-    """The transformers Trainer with atomic checkpoints and a stop on NaN/Inf loss."""
+    """The transformers Trainer with atomic checkpoints and a stop on NaN/Inf loss; evaluation batches go through
+    ``eval_data_collator`` when one is given (the training collator may perturb audio)."""
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator

@@ -104,6 +104,10 @@ class DataArguments:
     packing_max_tokens: int = field(default=0, metadata={"help": "With packing: tokens per packed sequence "
                                     "(rows kept whole); 0 = the whole batch in one sequence (needed by "
                                     "flash-attention)."})
+    speed_perturbation: list[float] | None = field(default=None, metadata={"help": "Two speeds, e.g. [0.9, 1.1]: "
+                                                  "each training clip is played at a random speed between them "
+                                                  "(tempo, pitch and formants together), to hear voices the data "
+                                                  "lacks. Evaluation rows are left as they are."})
 
 
 def skip_cpu_shm_allreduce_op() -> None:
@@ -201,9 +205,13 @@ def load_datasets(data_args: DataArguments, args):
     return train, evals
 
 
-def make_collator(tokenizer, model, data_args: DataArguments,
-                  output_dir: str | None = None) -> ChatCollator | PackingCollator:
-    """The chat collator with the model's projector stacking and the recipe's length policy, packed on request."""
+def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None,
+                  train: bool = True) -> ChatCollator | PackingCollator:
+    """The chat collator with the model's projector stacking and the recipe's length policy, packed on request;
+    ``train=False`` for evaluation rows: no speed perturbation."""
+    speed = data_args.speed_perturbation
+    if speed is not None and len(speed) != 2:
+        raise ValueError(f"speed_perturbation takes two speeds [low, high], got {speed}")
     collator = ChatCollator(
         tokenizer,
         max_length=data_args.max_length,
@@ -215,6 +223,7 @@ def make_collator(tokenizer, model, data_args: DataArguments,
         max_audio_seconds=data_args.max_audio_seconds,
         bad_rows=bad_row_log(data_args, output_dir),
         return_row_ids=True,
+        speed_range=tuple(speed) if speed and train else None,
     )
     if not data_args.packing:
         return collator

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     collator = make_collator(tokenizer, model, data_args, args.output_dir)  # bad rows: skipped, in bad_rows.jsonl
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
-    trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator)
+    eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is
+
+    trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
+                               eval_data_collator=eval_collator)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "pretrain", model_args, data_args, tokenizer)

@@ -207,3 +207,25 @@ def test_pickles_that_run_code_are_refused(tmp_path):
         load_model(ModelArguments(model_name_or_path=str(folder)))
     assert not marker.exists()
     assert ModelArguments(model_name_or_path=str(folder)).trust_remote_code is False
+
+
+def test_evaluation_batches_use_the_evaluation_collator(tmp_path):
+    from transformers import TrainingArguments
+
+    from audiollm.crash_safety import CrashSafeTrainer
+
+    def train_collator(rows):
+        return {"which": "train"}
+
+    def eval_collator(rows):
+        return {"which": "eval"}
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False,
+                             use_cpu=True, per_device_eval_batch_size=1)
+    rows = [{"x": 1}, {"x": 2}]
+    kwargs = dict(model=torch.nn.Linear(1, 1), args=args, train_dataset=rows, eval_dataset=rows,
+                  data_collator=train_collator)
+    trainer = CrashSafeTrainer(**kwargs, eval_data_collator=eval_collator)
+    assert next(iter(trainer.get_eval_dataloader()))["which"] == "eval"
+    assert next(iter(trainer.get_train_dataloader()))["which"] == "train"
+    assert next(iter(CrashSafeTrainer(**kwargs).get_eval_dataloader()))["which"] == "train"
