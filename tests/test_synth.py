@@ -139,20 +139,6 @@ def test_every_fact_keeps_a_training_sentence(seed):
     assert moved > 0  # some fact had all its sentences out of training: the rule is exercised
 
 
-def test_typed_questions_use_training_sentences_only():
-    import random
-
-    from audiollm.synth.corpus import text_chat
-
-    split_of = {}
-    for fact in all_facts():
-        split_of.update(question_splits(questions.fact_sentences(*fact), 0))
-    speaker, rng = Speaker("train", 0), random.Random(0)
-    typed = [text_chat(speaker, rng) for _ in range(500)]
-    assert all(split_of[ex.prompt[0]["content"]] == "train" and not ex.audios for ex in typed)
-    assert not speaker.clips
-
-
 def test_held_out_questions_ask_taught_facts_as_often_as_training():
     import random
     from collections import Counter
@@ -204,8 +190,7 @@ def test_manifests_have_the_project_formats(corpus):
                 continue
             roles = [m["role"] for m in row["messages"]]
             assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:])), row
-            assert count_audio_markers(row["messages"]) == len(row["audios"])
-            assert row["audios"] or (name == "sft.jsonl" and "<audio>" not in row["messages"][0]["content"])
+            assert count_audio_markers(row["messages"]) == len(row["audios"]) >= 1
             if "dpo" in name:
                 assert set(row) == {"messages", "audios", "chosen", "rejected"} and roles[-1] == "user"
                 assert row["chosen"] != row["rejected"]
@@ -215,8 +200,6 @@ def test_manifests_have_the_project_formats(corpus):
     assert {r["task"] for r in train["pretrain.jsonl"]} == {"asr", "sex", "language", "rate", "pitch"}
     assert any(len(r["audios"]) == 2 for r in train["sft.jsonl"])  # multi-turn, one clip per spoken question
     assert any(r["messages"][0]["content"] == "<audio>" for r in train["sft.jsonl"])  # voice chat: speech only
-    typed = [r for r in train["sft.jsonl"] if not r["audios"]]  # text chat: training only
-    assert typed and all(r["messages"][-1]["content"].split()[-1] in NUMBER_WORDS for r in typed)
 
 
 def test_every_clip_decodes_at_16k_and_matches_its_plan(corpus):

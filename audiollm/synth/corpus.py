@@ -7,8 +7,7 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     audio/heldout/00000.wav ...
     pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
     sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
-                     instruction), multi-turn (two spoken questions, or a text follow-up about the same clip),
-                     text chat (the question typed; training only)
+                     instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, wrong word, or rambling)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl
@@ -56,7 +55,7 @@ RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wr
 # clips / ~25 min of audio and builds in seconds; "tiny" is for tests.
 SMALL = {
     "pretrain": {"asr": 200, "sex": 80, "language": 80, "rate": 60, "pitch": 60},
-    "sft": {"voice_chat": 200, "analysis": 80, "multi_turn_voice": 30, "multi_turn_followup": 30, "text_chat": 100},
+    "sft": {"voice_chat": 200, "analysis": 80, "multi_turn_voice": 30, "multi_turn_followup": 30},
     "dpo": {"voice_chat": 50, "analysis": 50, "multi_turn_followup": 20},
 }
 SIZES = {
@@ -65,7 +64,6 @@ SIZES = {
     "full": {m: {k: 10 * n for k, n in kinds.items()} for m, kinds in SMALL.items()},
 }
 
-TRAINING_ONLY = ("text_chat",)  # kinds the held-out and validation splits do not have: they test listening
 # Voice variants (pitch and formant sets of espeak-ng, usable with every language) per sex and split; the held-out
 # and validation variants never speak in training, nor in each other's split. All are of the same family (plain
 # formant sets, no breathy or robotic effects), so that unseen voices are new speakers, not new effects.
@@ -249,14 +247,6 @@ def multi_turn_voice(s: Speaker, rng: random.Random) -> Exchange:
     return Exchange(prompt, first.audios + second.audios, second.answer, second.wrong)
 
 
-def text_chat(s: Speaker, rng: random.Random) -> Exchange:
-    """The question typed, not spoken (training only): the LLM learns the facts from text too, so that its answer
-    to a heard question depends less on how the voice sounded. The sentences are training's own, so a held-out
-    sentence is never seen in training, typed or spoken."""
-    question, answer, wrong = s.question(rng)
-    return Exchange([user(question)], [], answer, wrong)
-
-
 def multi_turn_followup(s: Speaker, rng: random.Random) -> Exchange:
     """A question about a clip, then a text-only follow-up about the same clip."""
     text = s.draw(rng, analysis_text)
@@ -272,7 +262,6 @@ EXCHANGES = {
     "analysis": analysis,
     "multi_turn_voice": multi_turn_voice,
     "multi_turn_followup": multi_turn_followup,
-    "text_chat": text_chat,
 }
 
 
@@ -318,14 +307,12 @@ def chat_rows(s: Speaker, manifest: str, counts: dict[str, int]) -> list[dict]:
 
 
 def split_counts(size: str, split: str) -> dict[str, dict[str, int]]:
-    """Rows per manifest and kind: the size's table for training, HELDOUT_SHARE of it (at least 1; none of the
-    TRAINING_ONLY kinds) for held-out and validation."""
+    """Rows per manifest and kind: the size's table for training, HELDOUT_SHARE of it (at least 1) held out."""
     if size not in SIZES:
         raise CorpusError(f"unknown corpus size {size!r}; choose one of {', '.join(SIZES)}")
     if split == "train":
         return SIZES[size]
-    return {m: {k: 0 if k in TRAINING_ONLY else max(1, round(n * HELDOUT_SHARE)) for k, n in kinds.items()}
-            for m, kinds in SIZES[size].items()}
+    return {m: {k: max(1, round(n * HELDOUT_SHARE)) for k, n in kinds.items()} for m, kinds in SIZES[size].items()}
 
 
 def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]], list[Clip]]:
