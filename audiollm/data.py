@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 
 from audiollm.prompts import pick_prompt
 
@@ -31,10 +32,10 @@ def load_manifest(source: str, streaming: bool = False, split: str = "train", ba
     """
     import datasets
 
+    name = os.path.basename(os.path.normpath(source))
+    base_dir = os.path.dirname(os.path.abspath(source))  # relative audio paths are relative to the manifest
     if source.endswith(".jsonl") and os.path.isfile(source):
         source = parseable_jsonl(source, bad_rows)
-    name = os.path.basename(os.path.normpath(source))
-    base_dir = os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source):
         ds = datasets.load_from_disk(source)
         ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
@@ -54,8 +55,9 @@ def load_manifest(source: str, streaming: bool = False, split: str = "train", ba
 
 
 def parseable_jsonl(source: str, bad_rows=None) -> str:
-    """``source`` when every line parses; else a copy beside it (so relative audio paths still resolve) without the
-    broken lines, whose rows keep their ids (original line numbers). The broken lines are logged and recorded.
+    """``source`` when every line parses; else a copy without the broken lines, in the temporary folder (the
+    manifest's own folder may be read-only), whose rows keep their ids (original line numbers). The broken lines
+    are logged and recorded.
 
     Streams the file twice at most and holds only the broken lines' numbers: a manifest of millions of rows costs
     a pass of ``json.loads``, not its rows in memory.
@@ -77,8 +79,8 @@ def parseable_jsonl(source: str, bad_rows=None) -> str:
         log.warning("%s:%d: %s (%s), row left out", source, number, kind, detail)
         if bad_rows is not None:
             bad_rows.bad(f"{name}:{number}", kind, detail)
-    copy = f"{source}.parseable-{os.getpid()}.jsonl"  # one per process: ranks may do this at the same time
-    with open(source, "rb") as f, open(copy, "w", encoding="utf-8") as out:
+    handle, copy = tempfile.mkstemp(prefix=f"{name}.parseable-", suffix=".jsonl")  # one per process and call
+    with open(source, "rb") as f, os.fdopen(handle, "w", encoding="utf-8") as out:
         for number, raw in enumerate(f, start=1):
             row = parse_line(raw)[0] if raw.strip() else None
             if row is not None:

@@ -161,6 +161,24 @@ def test_exact_token_count_with_a_model(tmp_path):
     assert fits[0].problems == [] and [k for k, _ in over[0].problems] == ["over_length"]
 
 
+def test_unparseable_lines_are_left_out_without_writing_beside_the_manifest(tmp_path):
+    from audiollm.bad_rows import BadRowLog
+    from audiollm.data import load_manifest
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone(0.5), SAMPLE_RATE)
+    (folder / "m.jsonl").write_bytes(json.dumps(chat("a.wav")).encode() + b"\n{broken\n" +
+                                     json.dumps(chat("a.wav", answer="again")).encode() + b"\n")
+    before = sorted(p.name for p in folder.iterdir())
+    log = BadRowLog()
+    ds = load_manifest(str(folder / "m.jsonl"), bad_rows=log)
+    assert sorted(p.name for p in folder.iterdir()) == before  # the folder may be read-only: nothing written there
+    assert ds["id"] == ["m.jsonl:1", "m.jsonl:3"]  # rows keep their line numbers
+    assert ds["audios"] == [[str(folder / "a.wav")]] * 2  # relative paths resolve against the manifest's folder
+    assert log.total_bad == 1
+
+
 # ------------------------------------------------------------------------------------------------------- training
 
 
