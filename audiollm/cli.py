@@ -206,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     from audiollm.bad_rows import TooManyBadRows
     from audiollm.build import BuildError
     from audiollm.synth.corpus import CorpusError
+    from audiollm.synth.espeak import EspeakError
     from audiollm.tts.codecs import CodecError
     from audiollm.tts.layout import LayoutError
 
     try:
         return args.run(args)
-    except (BuildError, CorpusError, CodecError, LayoutError, AudioError, FileNotFoundError, TooManyBadRows) as err:
+    except (BuildError, CorpusError, EspeakError, CodecError, LayoutError, AudioError, FileNotFoundError,
+            TooManyBadRows) as err:
         args.parser.exit(1, f"audiollm {args.command}: error: {err}\n")
 
 

@@ -19,7 +19,7 @@ seed and the text) and is spoken only by voice variants that training never uses
 validation split has utterances and voices of its own too: recipe choices are made on it, so that the held-out
 figures stay untuned.
 The manifests depend on the seed and size only. The audio too: each shard of clips is synthesised in a fresh
-process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.espeak``), so a build is
+process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.render``), so a build is
 byte-identical to any other build with the same seed, size and espeak version.
 """
 
@@ -30,17 +30,15 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
 from audiollm.synth.espeak import SAMPLE_RATE
 from audiollm.synth.questions import NUMBER_WORDS, off_by_one, spoken_question
+from audiollm.synth.render import render
 
 SPLITS = ("train", "validation", "heldout")
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -48,7 +46,6 @@ HELDOUT_SHARE = 0.15  # held-out (and validation) rows per training row, per kin
 # Shares of all possible utterances reserved for a split (by hash); the rest is training's.
 TEXT_SHARES = (("heldout", 0.2), ("validation", 0.1))
 MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the pool counts as exhausted
-SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
 RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
 
 # Rows per kind for the training split (the held-out split gets HELDOUT_SHARE of each). "small" is ~1,100
@@ -350,49 +347,6 @@ def check_chat_rows(rows: list[dict], name: str) -> None:
                               f"{len(row['audios'])} audios")
 
 
-def render(clips: list[Clip], root: Path) -> tuple[list[int], str]:
-    """Synthesise every clip under ``root``: shards of SHARD_CLIPS, each in a fresh process, up to one per core.
-
-    Returns the samples of each clip (in order) and espeak's version.
-    """
-    shards = [clips[i : i + SHARD_CLIPS] for i in range(0, len(clips), SHARD_CLIPS)]
-    with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda shard: _render_shard(shard, root), shards))
-    return [n for result in results for n in result["samples"]], results[0]["espeak"]
-
-
-def _render_shard(shard: list[Clip], root: Path) -> dict:
-    """Run this module as a worker (``python -m audiollm.synth.corpus``) on one shard; the job goes in on stdin."""
-    job = {"root": str(root), "clips": [[c.audio, c.text, c.voice, c.rate, c.pitch] for c in shard]}
-    package_parent = str(Path(__file__).resolve().parents[2])  # so the worker imports this very audiollm
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "audiollm.synth.corpus"], input=json.dumps(job), capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise CorpusError(f"speech synthesis failed in a worker process: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _render_worker() -> None:
-    """Worker side of ``_render_shard``: synthesise the job's clips in order and write 16 kHz PCM_16 wavs."""
-    import numpy as np
-    import soundfile
-
-    from audiollm.synth.espeak import Espeak, version
-
-    job = json.load(sys.stdin)
-    engine, samples = Espeak(), []
-    for audio, text, voice, rate, pitch in job["clips"]:
-        wav = np.clip(engine.synth(text, voice, rate, pitch), -1.0, 1.0)  # resampling can overshoot full scale
-        path = Path(job["root"]) / audio
-        path.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
-        samples.append(len(wav))
-    print(json.dumps({"samples": samples, "espeak": version()}))
-
-
 def manifest_name(split: str, manifest: str) -> str:
     """``sft.jsonl`` for training, ``heldout_sft.jsonl`` / ``validation_sft.jsonl`` for the others."""
     return f"{manifest}.jsonl" if split == "train" else f"{split}_{manifest}.jsonl"
@@ -439,7 +393,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        samples, espeak = render(clips, tmp)
+        samples, espeak = render([(c.audio, c.text, c.voice, c.rate, c.pitch) for c in clips], tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
                 if manifest != "pretrain":
@@ -458,6 +412,3 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
         raise
     return summary
 
-
-if __name__ == "__main__":
-    _render_worker()

@@ -15,7 +15,7 @@ Determinism: espeak seeds its breath-noise generator from the clock when it init
 with a constant. The wave-generator state (pitch-flutter phase, gain control, echo buffer) still carries over from
 one utterance to the next and no API call resets it, so the same (text, voice, rate, pitch) gives slightly
 different samples depending on what the process said before. The same sequence of utterances in a fresh process
-gives identical samples; ``audiollm.synth.corpus`` relies on that by synthesising each shard in a fresh process.
+gives identical samples; ``audiollm.synth.render`` relies on that by synthesising each shard in a fresh process.
 """
 
 from __future__ import annotations

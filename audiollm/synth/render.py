@@ -1,0 +1,69 @@
+"""Planned clips -> 16 kHz wav files, synthesised shard by shard, each shard in a fresh process.
+
+espeak's wave generator keeps state from one utterance to the next (``audiollm.synth.espeak``), so the same clip
+sounds slightly different depending on what the process said before. A fresh process per fixed-size shard makes a
+build byte-identical to any other with the same plan, whatever the core count.
+
+A clip is ``(audio, text, voice, rate, pitch)``: its path relative to the output folder, what is said, the espeak
+voice ("en+f1"), words per minute and pitch (0-100).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from audiollm.synth.espeak import SAMPLE_RATE, EspeakError
+
+SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
+
+
+def render(clips: list[tuple[str, str, str, int, int]], root: Path) -> tuple[list[int], str]:
+    """Synthesise every clip under ``root``: shards of SHARD_CLIPS, each in a fresh process, up to one per core.
+
+    Returns the samples of each clip (in order) and espeak's version.
+    """
+    shards = [clips[i : i + SHARD_CLIPS] for i in range(0, len(clips), SHARD_CLIPS)]
+    with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda shard: _render_shard(shard, root), shards))
+    return [n for result in results for n in result["samples"]], results[0]["espeak"]
+
+
+def _render_shard(shard: list[tuple], root: Path) -> dict:
+    """Run this module as a worker (``python -m audiollm.synth.render``) on one shard; the job goes in on stdin."""
+    job = {"root": str(root), "clips": [list(clip) for clip in shard]}
+    package_parent = str(Path(__file__).resolve().parents[2])  # so the worker imports this very audiollm
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiollm.synth.render"], input=json.dumps(job), capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise EspeakError(f"speech synthesis failed in a worker process: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _render_worker() -> None:
+    """Worker side of ``_render_shard``: synthesise the job's clips in order and write 16 kHz PCM_16 wavs."""
+    import numpy as np
+    import soundfile
+
+    from audiollm.synth.espeak import Espeak, version
+
+    job = json.load(sys.stdin)
+    engine, samples = Espeak(), []
+    for audio, text, voice, rate, pitch in job["clips"]:
+        wav = np.clip(engine.synth(text, voice, rate, pitch), -1.0, 1.0)  # resampling can overshoot full scale
+        path = Path(job["root"]) / audio
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
+        samples.append(len(wav))
+    print(json.dumps({"samples": samples, "espeak": version()}))
+
+
+if __name__ == "__main__":
+    _render_worker()
