@@ -1,6 +1,7 @@
 """``audiollm demo``: the whole product on a laptop CPU, on speech it synthesises itself.
 
     synth (eSpeak NG, held-out voices and word sequences)  ->  init (tiny "demo" model)
+    ->  text: the tiny LLM learns the facts in writing, as a released LLM knows them (the SFT module, typed rows)
     ->  pretrain -> SFT -> DPO   (stages/*.py with stages/configs/*_demo.yaml, the `audiollm train` path)
     ->  eval on the held-out split (the eval/ harness)  ->  export (stock Qwen2-Audio folder)
     ->  the voice: a tiny codec-token TTS decoder (stages/tts.py) on the same corpus (audiollm/tts/demo.py)
@@ -20,10 +21,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("text", "pretrain", "sft", "dpo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
-# Which manifest of the corpus each stage trains on.
-STAGE_DATA = {"pretrain": ["pretrain.jsonl"], "sft": ["sft.jsonl", "pretrain.jsonl"], "dpo": ["dpo.jsonl"]}
+# The stage module each demo stage runs (stages/<module>.py); the recipe is stages/configs/<stage>_demo.yaml.
+STAGE_MODULE = {"text": "sft", "pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
+# Which manifests of the corpus each stage trains on, in the order of its recipe's mix_weights. Typed questions
+# (text.jsonl) stay in the mixes so that pretraining and SFT do not wipe out what the text stage taught.
+STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl"],
+              "sft": ["sft.jsonl", "pretrain.jsonl", "text.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
                "dpo_pref_accuracy_after", "tts_heldout_token_accuracy", "tts_majority_baseline")
 
@@ -90,7 +95,7 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
             "--seed", str(seed)]
     if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
         argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
-    importlib.import_module(f"stages.{stage}").main(argv)
+    importlib.import_module(f"stages.{STAGE_MODULE[stage]}").main(argv)
 
 
 def split_chat(data: Path, split: str) -> dict[str, Path]:
@@ -159,7 +164,7 @@ def report_markdown(results: dict, table: str) -> str:
     steps = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in results["step_seconds"].items())
     return (
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
-        "pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
+        "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
         "training. The validation column is a second split of unseen sentences and voices: the "
         f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
         "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "

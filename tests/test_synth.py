@@ -117,20 +117,18 @@ def test_spoken_questions_have_right_answers():
             assert any(s.startswith(head) for s in sentences), form
 
 
-def all_facts():
-    """Every (kind, a, b) the questions can ask."""
-    m, top = questions.MAX_TERM, questions.MAX_NUMBER
-    yield from (("plus", a, b) for a in range(m + 1) for b in range(m + 1))
-    yield from (("minus", a, b) for a in range(m + 1) for b in range(a + 1))
-    yield from (("after", a, 0) for a in range(top))
-    yield from (("before", a, 0) for a in range(1, top + 1))
-    yield from (("count", a, a + d) for a in range(top - 3) for d in (2, 3, 4))
+def test_all_facts_are_the_facts_questions_draw():
+    import random
+
+    facts, rng = questions.all_facts(), random.Random(0)
+    assert len(facts) == len(set(facts)) == 25 + 15 + 20 + 20 + 51
+    assert {questions.spoken_fact(rng) for _ in range(20_000)} == set(facts)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_fact_keeps_a_training_sentence(seed):
     moved = 0
-    for fact in all_facts():
+    for fact in questions.all_facts():
         sentences = questions.fact_sentences(*fact)
         splits = question_splits(sentences, seed)
         assert "train" in splits.values(), fact
@@ -268,6 +266,28 @@ def test_check_heldout_refuses_shared_words_or_voices():
     with pytest.raises(CorpusError, match="validation and heldout"):
         check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en+steph"),
                        clip("heldout", "two", "en+f4")])
+    with pytest.raises(CorpusError, match="train and heldout"):  # a typed question is a training utterance
+        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en+f4")],
+                      typed=("three",))
+
+
+def test_typed_questions_are_every_fact_in_its_training_sentences_only(corpus):
+    rows = read_jsonl(corpus / "text.jsonl")
+    asked = {}
+    for row in rows:
+        assert row["audios"] == [] and [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        asked[row["messages"][0]["content"]] = row["messages"][1]["content"]
+    assert len(asked) == len(rows)  # no sentence twice
+    spoken = {c["text"]: c["split"] for c in read_jsonl(corpus / "clips.jsonl")}
+    assert all(spoken.get(sentence, "train") == "train" for sentence in asked)  # never a held-out sentence
+    for fact in questions.all_facts():  # every fact, in exactly its training sentences, with its spoken answer
+        splits = question_splits(questions.fact_sentences(*fact), 0)
+        typed = {t for t, split in splits.items() if split == "train"}
+        assert typed <= set(asked) and {asked[t] for t in typed} == {questions.fact_answer(*fact)[0]}, fact
+    assert len(asked) == sum(list(question_splits(questions.fact_sentences(*f), 0).values()).count("train")
+                             for f in questions.all_facts())
+    summary = json.loads((corpus / "corpus.json").read_text())
+    assert summary["splits"]["train"]["manifests"]["text.jsonl"] == {"typed_question": len(rows)}
 
 
 def test_manifests_load_through_datasets(corpus):

@@ -9,6 +9,7 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
                      instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, wrong word, or rambling)
+    text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, at which rate and pitch
@@ -37,7 +38,9 @@ from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
 from audiollm.synth.espeak import SAMPLE_RATE
-from audiollm.synth.questions import NUMBER_WORDS, off_by_one, spoken_question
+from audiollm.synth.questions import (
+    NUMBER_WORDS, all_facts, fact_answer, fact_sentences, off_by_one, spoken_question,
+)
 from audiollm.synth.render import render
 
 SPLITS = ("train", "validation", "heldout")
@@ -303,6 +306,22 @@ def chat_rows(s: Speaker, manifest: str, counts: dict[str, int]) -> list[dict]:
     return rows
 
 
+def typed_rows(seed: int) -> list[dict]:
+    """``text.jsonl``: each fact's training sentences typed, with the spoken answer; the same ~280 rows for every size.
+
+    A released LLM knows that three plus four is seven before it ever hears a question; the demo's tiny LLM starts
+    from random weights and learns it from these rows (see ``stages/configs/text_demo.yaml``). Only training
+    sentences are typed, so a held-out sentence is never seen in training, spoken or typed.
+    """
+    rows = []
+    for fact in all_facts():
+        sentences, answer = fact_sentences(*fact), fact_answer(*fact)[0]
+        splits = question_splits(sentences, seed)
+        rows += [{"messages": [user(t), assistant(answer)], "audios": []} for t in sentences if splits[t] == "train"]
+    random.Random(f"{seed}:train:text:order").shuffle(rows)
+    return rows
+
+
 def split_counts(size: str, split: str) -> dict[str, dict[str, int]]:
     """Rows per manifest and kind: the size's table for training, HELDOUT_SHARE of it (at least 1) held out."""
     if size not in SIZES:
@@ -324,9 +343,11 @@ def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]],
     return rows, s.clips
 
 
-def check_heldout(clips: list[Clip]) -> None:
-    """Raise unless no utterance is spoken in two splits and no held-out voice variant speaks in training."""
+def check_heldout(clips: list[Clip], typed: tuple[str, ...] = ()) -> None:
+    """Raise unless no utterance is spoken in two splits and no held-out voice variant speaks in training. ``typed``
+    questions count as training utterances."""
     texts = {split: {c.text for c in clips if c.split == split} for split in SPLITS}
+    texts["train"] |= set(typed)
     for i, one in enumerate(SPLITS):
         for other in SPLITS[i + 1 :]:
             shared = sorted(texts[one] & texts[other])
@@ -389,7 +410,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
     _require_empty(out)
     plans = {split: plan_split(split, seed, size) for split in SPLITS}
     clips = [c for split in SPLITS for c in plans[split][1]]
-    check_heldout(clips)
+    typed = typed_rows(seed)
+    check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -399,8 +421,10 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
                 if manifest != "pretrain":
                     check_chat_rows(rows[manifest], manifest_name(split, manifest))
                 write_jsonl(tmp / manifest_name(split, manifest), rows[manifest])
+        write_jsonl(tmp / "text.jsonl", typed)
         write_jsonl(tmp / "clips.jsonl", [asdict(c) for c in clips])
         summary = summarise(seed, size, clips, samples, espeak)
+        summary["splits"]["train"]["manifests"]["text.jsonl"] = {"typed_question": len(typed)}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _require_empty(out)

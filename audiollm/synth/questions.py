@@ -57,6 +57,16 @@ def spoken_fact(rng: random.Random) -> tuple[str, int, int]:
     return kind, a, a + rng.randint(2, 4)
 
 
+def all_facts() -> list[tuple[str, int, int]]:
+    """Every (kind, a, b) that ``spoken_fact`` can draw: 25 sums, 15 differences, 20 + 20 neighbours, 51 counts."""
+    m, top = MAX_TERM, MAX_NUMBER
+    return ([("plus", a, b) for a in range(m + 1) for b in range(m + 1)]
+            + [("minus", a, b) for a in range(m + 1) for b in range(a + 1)]
+            + [("after", a, 0) for a in range(top)]
+            + [("before", a, 0) for a in range(1, top + 1)]
+            + [("count", a, a + d) for a in range(top - 3) for d in (2, 3, 4)])
+
+
 def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
     """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, [".. six",
     ".. eight"]; a count lists the numbers (wrong: one short, one too far)."""
