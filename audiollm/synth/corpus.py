@@ -8,7 +8,7 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
     sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
                      instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
-    dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, wrong word, or rambling)
+    dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, misheard, wrong word, rambling)
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl

@@ -69,14 +69,32 @@ def all_facts() -> list[tuple[str, int, int]]:
 
 def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
     """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, [".. six",
-    ".. eight"]; a count lists the numbers (wrong: one short, one too far)."""
-    n = NUMBER_WORDS
+    ".. eight", "two plus four is six", "three plus five is eight", ...]: results one off, then the right answers
+    to the questions one number away (a count: one short, one too far)."""
     if kind == "count":
-        answer = " ".join(n[a : b + 1])
+        answer = " ".join(NUMBER_WORDS[a : b + 1])
         return answer, off_by_one(answer)
+    head, value = answer_parts(kind, a, b)
+    wrong = [f"{head} {NUMBER_WORDS[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
+    return f"{head} {NUMBER_WORDS[value]}", wrong + misheard(kind, a, b)
+
+
+def answer_parts(kind: str, a: int, b: int) -> tuple[str, int]:
+    """The restated question and the result: ``("plus", 3, 4)`` -> ``("three plus four is", 7)``."""
     value = {"plus": a + b, "minus": a - b, "after": a + 1, "before": a - 1}[kind]
-    head = ANSWER_FORMS[kind].format(a=n[a], b=n[b])
-    return f"{head} {n[value]}", [f"{head} {n[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
+    return ANSWER_FORMS[kind].format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]), value
+
+
+def misheard(kind: str, a: int, b: int) -> list[str]:
+    """Right answers to the questions one number away, as a model that mishears says them: ``("plus", 3, 4)`` ->
+    ["two plus four is six", "four plus four is eight", "three plus three is six", "three plus five is eight"].
+    Telling these from the right answer takes hearing the question, not only knowing the sums. Kept to the facts
+    the questions ask (``all_facts``)."""
+    near = [(kind, a + d, b) for d in (-1, 1)]
+    if kind in ("plus", "minus"):
+        near += [(kind, a, b + d) for d in (-1, 1)]
+    facts = set(all_facts())
+    return [f"{head} {NUMBER_WORDS[value]}" for head, value in (answer_parts(*f) for f in near if f in facts)]
 
 
 def fact_sentences(kind: str, a: int, b: int) -> tuple[str, ...]:
