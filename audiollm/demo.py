@@ -120,7 +120,8 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
         chat = split_chat(data, split)
         tasks.update({split: f"manifest:{data / f'{split}_pretrain.jsonl'}",
                       f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
-                      f"{split}_analysis": f"short:manifest:{chat['analysis']}"})
+                      f"{split}_analysis": f"short:manifest:{chat['analysis']}",
+                      f"{split}_typed": f"short:manifest:{data / f'{split}_text.jsonl'}"})
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
     value = lambda res, task: float(res["tasks"][task]["value"])  # noqa: E731  (the harness may give numpy floats)
@@ -128,7 +129,8 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
     def figures(split: str) -> dict:
         return {"asr_wer": value(after, f"{split}/asr"), "classification_accuracy": value(after, f"{split}/short"),
                 "analysis_accuracy": value(after, f"{split}_analysis"),
-                "voice_chat_accuracy": value(after, f"{split}_voice_chat")}
+                "voice_chat_accuracy": value(after, f"{split}_voice_chat"),
+                "typed_question_accuracy": value(after, f"{split}_typed")}  # the same questions, typed
 
     return {**figures("heldout"), "dpo_pref_accuracy_before": value(before, "preference"),
             "dpo_pref_accuracy_after": value(after, "preference"), "validation": figures("validation")}
@@ -152,8 +154,8 @@ def write_outputs(out: Path, results: dict) -> None:
 def results_table(results: dict) -> str:
     rows = ["| figure | held-out | validation |", "|---|---|---|"]
     for key in ("asr_wer", "classification_accuracy", "analysis_accuracy", "voice_chat_accuracy",
-                "dpo_pref_accuracy_before", "dpo_pref_accuracy_after", "tts_heldout_token_accuracy",
-                "tts_majority_baseline"):
+                "typed_question_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after",
+                "tts_heldout_token_accuracy", "tts_majority_baseline"):
         checked = results["validation"].get(key)
         rows.append(f"| {key} | {results[key]:.3f} | {'' if checked is None else f'{checked:.3f}'} |")
     rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} | |")

@@ -26,8 +26,8 @@ def test_results_hold_every_figure_measured(demo):
     assert saved == json.loads(json.dumps(results))
     for key in (*RESULT_KEYS, "wall_seconds"):
         assert isinstance(saved[key], float) and math.isfinite(saved[key]), key
-    for key in ("analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after",
-                "tts_heldout_token_accuracy", "tts_majority_baseline"):
+    for key in ("analysis_accuracy", "voice_chat_accuracy", "typed_question_accuracy", "dpo_pref_accuracy_before",
+                "dpo_pref_accuracy_after", "tts_heldout_token_accuracy", "tts_majority_baseline"):
         assert 0.0 <= saved[key] <= 1.0
     voice = json.loads((out / "voice" / "tts_results.json").read_text())
     assert voice["heldout_token_accuracy"] == saved["tts_heldout_token_accuracy"]
@@ -35,13 +35,15 @@ def test_results_hold_every_figure_measured(demo):
     assert saved["asr_wer"] >= 0.0
     # the validation split (its own voices and sentences) is scored the same way, beside the held-out figures
     assert set(saved["validation"]) == {"asr_wer", "classification_accuracy", "analysis_accuracy",
-                                        "voice_chat_accuracy"}
+                                        "voice_chat_accuracy", "typed_question_accuracy"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in saved["validation"].values())
     # The figures are the harness's own, computed from its saved per-item predictions.
     harness = json.loads((out / "eval" / "results.json").read_text())
     assert harness["tasks"]["heldout/asr"]["value"] == saved["asr_wer"]
     predictions = (out / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == sum(t["n"] for t in harness["tasks"].values())
+    typed = (out / "data" / "heldout_text.jsonl").read_text().splitlines()  # every held-out sentence, typed
+    assert harness["tasks"]["heldout_typed"]["n"] == len(typed) > 0
 
 
 def test_every_stage_wrote_a_model_and_its_loss_curve(demo):

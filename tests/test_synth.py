@@ -283,23 +283,24 @@ def test_check_heldout_refuses_shared_words_or_voices():
                       typed=("three",))
 
 
-def test_typed_questions_are_every_fact_in_its_training_sentences_only(corpus):
-    rows = read_jsonl(corpus / "text.jsonl")
-    asked = {}
-    for row in rows:
-        assert row["audios"] == [] and [m["role"] for m in row["messages"]] == ["user", "assistant"]
-        asked[row["messages"][0]["content"]] = row["messages"][1]["content"]
-    assert len(asked) == len(rows)  # no sentence twice
-    spoken = {c["text"]: c["split"] for c in read_jsonl(corpus / "clips.jsonl")}
-    assert all(spoken.get(sentence, "train") == "train" for sentence in asked)  # never a held-out sentence
-    for fact in questions.all_facts():  # every fact, in exactly its training sentences, with its spoken answer
-        splits = question_splits(questions.fact_sentences(*fact), 0)
-        typed = {t for t, split in splits.items() if split == "train"}
-        assert typed <= set(asked) and {asked[t] for t in typed} == {questions.fact_answer(*fact)[0]}, fact
-    assert len(asked) == sum(list(question_splits(questions.fact_sentences(*f), 0).values()).count("train")
-                             for f in questions.all_facts())
+def test_typed_questions_are_every_fact_in_each_splits_own_sentences(corpus):
     summary = json.loads((corpus / "corpus.json").read_text())
-    assert summary["splits"]["train"]["manifests"]["text.jsonl"] == {"typed_question": len(rows)}
+    asked = {}
+    for split, name in (("train", "text.jsonl"), ("validation", "validation_text.jsonl"),
+                        ("heldout", "heldout_text.jsonl")):
+        rows = read_jsonl(corpus / name)
+        assert summary["splits"][split]["manifests"][name] == {"typed_question": len(rows)}
+        for row in rows:
+            assert row["audios"] == [] and [m["role"] for m in row["messages"]] == ["user", "assistant"]
+            assert row["messages"][0]["content"] not in asked  # no sentence twice, nor in two splits
+            asked[row["messages"][0]["content"]] = (split, row["messages"][1]["content"])
+    spoken = {c["text"]: c["split"] for c in read_jsonl(corpus / "clips.jsonl")}
+    assert all(spoken.get(t, split) == split for t, (split, _) in asked.items())  # typed in its own split only
+    for fact in questions.all_facts():  # every sentence of every fact, in its split, with the spoken answer
+        splits = question_splits(questions.fact_sentences(*fact), 0)
+        answer = questions.fact_answer(*fact)[0]
+        assert {t: asked[t] for t in splits} == {t: (split, answer) for t, split in splits.items()}
+    assert len(asked) == 3 * len(questions.all_facts())
 
 
 def test_manifests_load_through_datasets(corpus):

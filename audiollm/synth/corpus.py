@@ -10,8 +10,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
                      instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, misheard, wrong word, rambling)
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
-    heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl
-    validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl
+    heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
+    validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, at which rate and pitch
     corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
 
@@ -306,19 +306,21 @@ def chat_rows(s: Speaker, manifest: str, counts: dict[str, int]) -> list[dict]:
     return rows
 
 
-def typed_rows(seed: int) -> list[dict]:
-    """``text.jsonl``: each fact's training sentences typed, with the spoken answer; the same ~280 rows for every size.
+def typed_rows(seed: int, split: str = "train") -> list[dict]:
+    """Each fact's sentences of ``split`` typed, with the spoken answer: ``text.jsonl`` (training, ~280 rows),
+    ``validation_text.jsonl`` and ``heldout_text.jsonl`` (~30 and ~80); the same for every size.
 
     A released LLM knows that three plus four is seven before it ever hears a question; the demo's tiny LLM starts
-    from random weights and learns it from these rows (see ``stages/configs/text_demo.yaml``). Only training
-    sentences are typed, so a held-out sentence is never seen in training, spoken or typed.
+    from random weights and learns it from the training rows (see ``stages/configs/text_demo.yaml``). The other
+    splits' rows are only scored: whether the LLM knows the answer in writing, so that the voice-chat figure can be
+    read as listening. Only training sentences are trained on, spoken or typed.
     """
     rows = []
     for fact in all_facts():
         sentences, answer = fact_sentences(*fact), fact_answer(*fact)[0]
         splits = question_splits(sentences, seed)
-        rows += [{"messages": [user(t), assistant(answer)], "audios": []} for t in sentences if splits[t] == "train"]
-    random.Random(f"{seed}:train:text:order").shuffle(rows)
+        rows += [{"messages": [user(t), assistant(answer)], "audios": []} for t in sentences if splits[t] == split]
+    random.Random(f"{seed}:{split}:text:order").shuffle(rows)
     return rows
 
 
@@ -410,8 +412,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
     _require_empty(out)
     plans = {split: plan_split(split, seed, size) for split in SPLITS}
     clips = [c for split in SPLITS for c in plans[split][1]]
-    typed = typed_rows(seed)
-    check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed))
+    typed = {split: typed_rows(seed, split) for split in SPLITS}
+    check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed["train"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -421,10 +423,12 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
                 if manifest != "pretrain":
                     check_chat_rows(rows[manifest], manifest_name(split, manifest))
                 write_jsonl(tmp / manifest_name(split, manifest), rows[manifest])
-        write_jsonl(tmp / "text.jsonl", typed)
+        for split, rows in typed.items():
+            write_jsonl(tmp / manifest_name(split, "text"), rows)
         write_jsonl(tmp / "clips.jsonl", [asdict(c) for c in clips])
         summary = summarise(seed, size, clips, samples, espeak)
-        summary["splits"]["train"]["manifests"]["text.jsonl"] = {"typed_question": len(typed)}
+        for split, rows in typed.items():
+            summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _require_empty(out)
