@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("text", "pretrain", "sft", "dpo")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
-# The stage module each demo stage runs (stages/<module>.py); the recipe is stages/configs/<stage>_demo.yaml.
-STAGE_MODULE = {"text": "sft", "pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
+# The stage module each demo stage runs (stages/<module>.py) and its recipe (in stages/configs/).
+STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain", "pretrain_demo.yaml"),
+                 "sft": ("sft", "sft_demo.yaml"), "dpo": ("dpo", "dpo_demo.yaml")}
 # Which manifests of the corpus each stage trains on, in the order of its recipe's mix_weights. Typed questions
 # (text.jsonl) stay in the mixes so that pretraining and SFT do not wipe out what the text stage taught.
 STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl"],
@@ -90,12 +91,13 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
     """One stage through its module and demo recipe, exactly as ``audiollm train STAGE --config ...`` runs it."""
     import importlib
 
-    argv = ["--config", str(CONFIG_DIR / f"{stage}_demo.yaml"), "--model_name_or_path", str(model),
+    module, recipe = STAGE_RECIPES[stage]
+    argv = ["--config", str(CONFIG_DIR / recipe), "--model_name_or_path", str(model),
             "--train_files", *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
             "--seed", str(seed)]
     if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
         argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
-    importlib.import_module(f"stages.{STAGE_MODULE[stage]}").main(argv)
+    importlib.import_module(f"stages.{module}").main(argv)
 
 
 def split_chat(data: Path, split: str) -> dict[str, Path]:
