@@ -8,7 +8,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
     sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
                      instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
-    dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (off by one, misheard, wrong word, rambling)
+    dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (misheard, one number off, another word,
+                     or rambling)
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
@@ -311,7 +312,7 @@ def typed_rows(seed: int, split: str = "train") -> list[dict]:
     ``validation_text.jsonl`` and ``heldout_text.jsonl`` (~30 and ~80); the same for every size.
 
     A released LLM knows that three plus four is seven before it ever hears a question; the demo's tiny LLM starts
-    from random weights and learns it from the training rows (see ``stages/configs/text_demo.yaml``). The other
+    from random weights and learns it from the training rows (see ``stages/configs/sft_text_demo.yaml``). The other
     splits' rows are only scored: whether the LLM knows the answer in writing, so that the voice-chat figure can be
     read as listening. Only training sentences are trained on, spoken or typed.
     """

@@ -68,15 +68,19 @@ def all_facts() -> list[tuple[str, int, int]]:
 
 
 def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
-    """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, [".. six",
-    ".. eight", "two plus four is six", "three plus five is eight", ...]: results one off, then the right answers
-    to the questions one number away (a count: one short, one too far)."""
+    """The answer and plausible wrong ones: ``("plus", 3, 4)`` -> ``"three plus four is seven"``, ["two plus four
+    is six", "four plus four is eight", "three plus three is six", "three plus five is eight"]: the right answers to
+    the questions one number away (``misheard``); a count: one short, one too far.
+
+    Not a wrong result after the right restatement ("three plus four is eight"): once the LLM knows its sums (the
+    demo's text stage), the SFT model already prefers the right answer to every such pair, and DPO learns nothing
+    from them. On the validation pairs, 7 of the SFT model's 10 errors were misheard answers.
+    """
     if kind == "count":
         answer = " ".join(NUMBER_WORDS[a : b + 1])
         return answer, off_by_one(answer)
     head, value = answer_parts(kind, a, b)
-    wrong = [f"{head} {NUMBER_WORDS[v]}" for v in (value - 1, value + 1) if 0 <= v <= MAX_NUMBER]
-    return f"{head} {NUMBER_WORDS[value]}", wrong + misheard(kind, a, b)
+    return f"{head} {NUMBER_WORDS[value]}", misheard(kind, a, b)
 
 
 def answer_parts(kind: str, a: int, b: int) -> tuple[str, int]:
