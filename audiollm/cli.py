@@ -147,7 +147,7 @@ def run_data_synth(args) -> int:
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on a laptop CPU: synth -> init -> pretrain -> SFT -> DPO -> eval -> export",
+        help="the whole pipeline on a laptop CPU: synth -> init -> text -> pretrain -> SFT -> DPO -> eval -> export",
         description="Synthesises a spoken corpus offline, trains a tiny listening model through the three stages, "
         "scores it on a held-out split and exports it. About 10-15 minutes on 2 CPU cores.",
     )
