@@ -6,6 +6,7 @@ question (plus, minus, after, before, count), each in three sentences.
 
 from __future__ import annotations
 
+import functools
 import random
 
 NUMBER_WORDS = (
@@ -57,14 +58,15 @@ def spoken_fact(rng: random.Random) -> tuple[str, int, int]:
     return kind, a, a + rng.randint(2, 4)
 
 
-def all_facts() -> list[tuple[str, int, int]]:
+@functools.cache  # misheard() asks for every planned question
+def all_facts() -> tuple[tuple[str, int, int], ...]:
     """Every (kind, a, b) that ``spoken_fact`` can draw: 25 sums, 15 differences, 20 + 20 neighbours, 51 counts."""
     m, top = MAX_TERM, MAX_NUMBER
-    return ([("plus", a, b) for a in range(m + 1) for b in range(m + 1)]
-            + [("minus", a, b) for a in range(m + 1) for b in range(a + 1)]
-            + [("after", a, 0) for a in range(top)]
-            + [("before", a, 0) for a in range(1, top + 1)]
-            + [("count", a, a + d) for a in range(top - 3) for d in (2, 3, 4)])
+    return tuple([("plus", a, b) for a in range(m + 1) for b in range(m + 1)]
+                 + [("minus", a, b) for a in range(m + 1) for b in range(a + 1)]
+                 + [("after", a, 0) for a in range(top)]
+                 + [("before", a, 0) for a in range(1, top + 1)]
+                 + [("count", a, a + d) for a in range(top - 3) for d in (2, 3, 4)])
 
 
 def fact_answer(kind: str, a: int, b: int) -> tuple[str, list[str]]:
@@ -97,8 +99,7 @@ def misheard(kind: str, a: int, b: int) -> list[str]:
     near = [(kind, a + d, b) for d in (-1, 1)]
     if kind in ("plus", "minus"):
         near += [(kind, a, b + d) for d in (-1, 1)]
-    facts = set(all_facts())
-    return [f"{head} {NUMBER_WORDS[value]}" for head, value in (answer_parts(*f) for f in near if f in facts)]
+    return [f"{head} {NUMBER_WORDS[value]}" for head, value in (answer_parts(*f) for f in near if f in all_facts())]
 
 
 def fact_sentences(kind: str, a: int, b: int) -> tuple[str, ...]:
