@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audiollm.loss import chunked_causal_lm_loss
@@ -37,6 +38,28 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self.generation_config = self.language_model.generation_config  # generate() runs the LLM's
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Stock ``from_pretrained``, with the LLM's class imported first (before any ZeRO-3 ``zero.Init``).
+
+        Why: ``__init__`` builds the LLM with ``AutoModelForCausalLM.from_config``, which imports its modeling
+        module on first use. Under ZeRO-3 that first use happens inside DeepSpeed's ``zero.Init``, which wraps the
+        ``__init__`` of every nn.Module class defined while it is active and, on exit, puts back the ``__init__`` it
+        saw at class creation. transformers >= 5.25 decorates Qwen2/Qwen3 attention with kernels' (0.19)
+        ``use_kernelized_func``, whose ``__init__`` (it sets ``_kernel_funcs``) is installed after class creation,
+        so the exit drops it while the decorated ``forward`` stays: every model built afterwards (the DPO
+        reference, the second of two loads) fails in forward with "'Qwen2Attention' object has no attribute
+        '_kernel_funcs'" (DeepSpeed 0.19.8, transformers 5.25.0, kernels 0.19.1). Importing the class here, outside
+        ``zero.Init``, leaves it unwrapped. Stock ``AutoModelForCausalLM.from_pretrained`` imports before it
+        enters ``zero.Init`` too; composite models like this one (and stock Qwen2-Audio) do not.
+        """
+        config = kwargs.get("config")
+        if not isinstance(config, AudioLLMConfig):
+            config = AudioLLMConfig.from_pretrained(pretrained_model_name_or_path,
+                                                    trust_remote_code=kwargs.get("trust_remote_code", False))
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]  # the lookup imports the LLM's modeling module
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
