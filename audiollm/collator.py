@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import MIN_CHUNK_SAMPLES, AudioError, change_speed, clip_token_count, featurize, load_audio_source
+from audiollm.audio import MIN_CHUNK_SAMPLES, AudioError, change_speed, clip_token_count, featurize
+from audiollm.audio_sources import load_audio_source
 from audiollm.bad_rows import BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
 from audiollm.row_checks import RowError, check_chat_row

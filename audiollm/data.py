@@ -18,6 +18,7 @@ import os
 import tempfile
 
 from audiollm.prompts import pick_prompt
+from audiollm.row_checks import parse_line
 
 log = logging.getLogger(__name__)
 MANIFEST_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -62,8 +63,6 @@ def parseable_jsonl(source: str, bad_rows=None) -> str:
     Streams the file twice at most and holds only the broken lines' numbers: a manifest of millions of rows costs
     a pass of ``json.loads``, not its rows in memory.
     """
-    from audiollm.data_check import parse_line
-
     name, good, broken = os.path.basename(source), 0, []
     with open(source, "rb") as f:
         for number, raw in enumerate(f, start=1):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from audiollm.audio import AudioError, clip_token_count
 from audiollm.audio_checks import AUDIO_KINDS, read_checked
-from audiollm.row_checks import ROW_KINDS, RowError, check_chat_row
+from audiollm.data import load_manifest, locate_paths, pretrain_to_chat
+from audiollm.row_checks import ROW_KINDS, RowError, check_chat_row, parse_line
 
 KINDS = {**ROW_KINDS, **AUDIO_KINDS}
 CHARS_PER_TOKEN = 4  # text length estimate without a tokenizer (English BPE averages about 4 characters a token)
@@ -52,8 +53,6 @@ def read_rows(source: str) -> list[RowReport]:
     """Every row of a manifest, unchecked. JSONL is read line by line so that a non-UTF-8 or broken line is one
     bad row; other formats go through ``audiollm.data.load_manifest``."""
     if not source.endswith(".jsonl"):
-        from audiollm.data import load_manifest
-
         return [RowReport(source, i + 1, row["id"], row) for i, row in enumerate(load_manifest(source))]
     reports, base_dir, name = [], os.path.dirname(os.path.abspath(source)), os.path.basename(source)
     with open(source, "rb") as f:
@@ -63,22 +62,7 @@ def read_rows(source: str) -> list[RowReport]:
     return reports
 
 
-def parse_line(raw: bytes) -> tuple[dict | None, tuple[str, str] | None]:
-    """One JSONL line -> (the row, None) or (None, (kind, detail)) for a non-UTF-8, non-JSON or non-object line."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        return None, ("non_utf8", f"byte {err.start}: {err.reason}")
-    except json.JSONDecodeError as err:
-        return None, ("bad_json", str(err))
-    if not isinstance(row, dict):
-        return None, ("bad_row", f"a JSON {type(row).__name__}, not an object")
-    return row, None
-
-
 def _parse_line(raw: bytes, source: str, name: str, number: int, base_dir: str) -> RowReport:
-    from audiollm.data import locate_paths
-
     report = RowReport(source, number, f"{name}:{number}", None)
     row, problem = parse_line(raw)
     if problem is not None:
@@ -120,8 +104,6 @@ def check_report(report: RowReport, options: CheckOptions) -> RowReport:
 def as_checkable_chat(row: dict, row_id: str) -> dict:
     """Any manifest row as the chat row training would see: pretraining rows get their instruction, preference
     rows their chosen answer (both answers must be there)."""
-    from audiollm.data import pretrain_to_chat
-
     if "messages" not in row and "task" in row:
         if not isinstance(row.get("audio"), str) or not isinstance(row.get("text"), str):
             raise RowError(f"{row_id}: a pretraining row needs 'audio' (a file) and 'text' (a string)", "bad_row")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from audiollm import model_card
-from audiollm.export_cli import FORMATS
 from audiollm.build import DTYPES, parameter_counts
+from audiollm.export_choices import FORMATS
 from audiollm.export_sources import ExportError, Source, load_source, source_config
 from audiollm.model.config import STOCK_ARCHITECTURE, STOCK_MODEL_TYPE
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
@@ -351,7 +351,7 @@ def export(model_path, out, format: str = "auto", dtype: str = "bf16", merge_lor
     ``push_to_hub`` the finished folder is uploaded; an upload failure raises after ``out`` is complete.
     """
     out = Path(out)
-    if dtype not in DTYPES:  # the CLI's choices are export_cli.DTYPE_NAMES
+    if dtype not in DTYPES:  # the CLI's choices are export_choices.DTYPE_NAMES
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before minutes of loading
         raise ExportError(f"{out}: already exists and is not an empty folder; choose a new --out or remove it")

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-FORMATS = ("auto", "qwen2_audio", "native")
-DTYPE_NAMES = ("bf16", "fp16", "fp32")  # audiollm.build.DTYPES' keys
+from audiollm.export_choices import DTYPE_NAMES, FORMATS
 
 
 def add_export_parser(subparsers) -> None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import featurize, load_audio_source
+from audiollm.audio import featurize
+from audiollm.audio_sources import load_audio_source
 from audiollm.collator import ChatCollator, Encoded, RowError, row_id_of
 from audiollm.row_checks import check_inside_root
 

@@ -2,11 +2,13 @@
 
 The collator calls ``check_chat_row`` on every row it encodes and ``audiollm data check`` calls it before training,
 so both refuse the same rows for the same reasons. Every problem is a ``RowError`` with a ``kind`` from
-``ROW_KINDS``, so bad rows can be counted by class.
+``ROW_KINDS``, so bad rows can be counted by class. A JSONL line that is not a row at all gets its kind from
+``parse_line``, which loading a manifest (``audiollm.data``) and ``data check`` share for the same reason.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from audiollm.chat import count_audio_markers
@@ -29,6 +31,19 @@ class RowError(ValueError):
     def __init__(self, message: str, kind: str = "bad_row"):
         super().__init__(message)
         self.kind = kind
+
+
+def parse_line(raw: bytes) -> tuple[dict | None, tuple[str, str] | None]:
+    """One JSONL line -> (the row, None) or (None, (kind, detail)) for a non-UTF-8, non-JSON or non-object line."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return None, ("non_utf8", f"byte {err.start}: {err.reason}")
+    except json.JSONDecodeError as err:
+        return None, ("bad_json", str(err))
+    if not isinstance(row, dict):
+        return None, ("bad_row", f"a JSON {type(row).__name__}, not an object")
+    return row, None
 
 
 def check_chat_row(row: dict, row_id: str, data_root: str | None = None, generation: bool = False) -> None:

@@ -15,10 +15,10 @@ from audiollm.audio import (
     audio_token_count,
     clip_token_count,
     featurize,
-    load_audio,
     log_mel,
     mel_frame_count,
 )
+from audiollm.audio_sources import load_audio
 
 
 def tone(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiollm.audio import SAMPLE_RATE, load_audio_source
+from audiollm.audio import SAMPLE_RATE
+from audiollm.audio_sources import load_audio_source
 from audiollm.prompts import PROMPT_POOLS
 from eval.items import EvalError
 from eval.loaders import Source, detect_format, load_source, parse_task

@@ -37,7 +37,8 @@ from audiollm.audio import SAMPLE_RATE
 from audiollm.build import DTYPES, build_tiny
 from audiollm.collator import ChatCollator
 from audiollm.export import ExportError, export, padding_check, synthetic_clip
-from audiollm.export_cli import DTYPE_NAMES, add_export_parser, run_export
+from audiollm.export_choices import DTYPE_NAMES
+from audiollm.export_cli import add_export_parser, run_export
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.model_card import write_training_summary
 from eval.report import summarize

@@ -8,7 +8,8 @@ import librosa
 import numpy as np
 import pytest
 
-from audiollm.audio import SAMPLE_RATE, load_audio
+from audiollm.audio import SAMPLE_RATE
+from audiollm.audio_sources import load_audio
 from audiollm.chat import count_audio_markers
 from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS

@@ -66,7 +66,7 @@ def chat(listener_dir: str, audio: str, tts_dir: str | None = None, out_wav: str
     cascade needs ``asr_model`` (an OpenAI Whisper .pt or HF Whisper folder); ``text_llm`` (a causal-LM folder)
     replaces the listener's LLM as the text answerer.
     """
-    from audiollm.audio import load_audio
+    from audiollm.audio_sources import load_audio
     from eval.generate import load_model
 
     if mode not in MODES:
