@@ -1,6 +1,6 @@
 """Neural audio codecs behind one interface: waveform -> discrete codes -> waveform.
 
-    codec = load_codec("xcodec2-folder/")          # or a SNAC or Mimi folder
+    codec = load_codec("xcodec2-folder/")          # or a SNAC, Mimi or DAC folder
     codes = codec.encode(wav)                        # wav: (n,) float32 at codec.sample_rate
     wav = codec.decode(codes)                        # (frames * codec.samples_per_frame,) float32
 
@@ -10,6 +10,8 @@ Codes are a list with one 1-D LongTensor per codebook level. A *frame* is the co
     XCodec2 (LLaSA)   16 kHz, 1 level of 65,536 (FSQ 4^8), 50 frames/s, 320 samples/frame, rates (1,)
     SNAC 24 kHz       3 levels of 4,096 at ~12/23/47 Hz, 2,048 samples/frame, rates (1, 2, 4)
     Mimi (CSM/Moshi)  24 kHz, K RVQ levels of 2,048 at 12.5 Hz, 1,920 samples/frame, rates (1,) * K
+    DAC (Dia)         16 / 24 / 44.1 kHz, K RVQ levels of 1,024 at 50 / 75 / ~86 Hz, 320 / 320 / 512 samples/frame,
+                      rates (1,) * K
 
 Each loads from a local folder: ``config.json`` plus ``*.safetensors`` (or a ``.bin`` / ``.pt`` read with
 ``torch.load(weights_only=True)``). Nothing is downloaded.
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CODECS = ("xcodec2", "snac", "mimi")
+CODECS = ("xcodec2", "snac", "mimi", "dac")
 SNAC_CONFIG_KEYS = {"encoder_rates", "decoder_rates", "vq_strides"}  # snac's config.json has no model_type
 SNAC_WEIGHTS = "model.safetensors"
 
@@ -208,9 +210,7 @@ class MimiCodec(Codec):
 
         self.model = MimiModel.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
         config = self.model.config
-        self.codebooks = codebooks or config.num_quantizers
-        if not 1 <= self.codebooks <= config.num_quantizers:
-            raise CodecError(f"{folder}: codebooks must be 1..{config.num_quantizers}, got {codebooks}")
+        self.codebooks = kept_codebooks(folder, codebooks, config.num_quantizers)
         self.sample_rate, self.codebook_size = config.sampling_rate, config.codebook_size
         self.samples_per_frame = round(config.sampling_rate / config.frame_rate)
         self.level_rates = (1,) * self.codebooks
@@ -224,6 +224,62 @@ class MimiCodec(Codec):
         return self.model.decode(torch.stack(codes)[None]).audio_values
 
 
+class DacCodec(Codec):
+    """Descript Audio Codec through ``transformers.DacModel`` (Dia's audio tokenizer, 44.1 kHz with 9 levels):
+    convolutional encoder and decoder around K residual-VQ levels, every level at the frame rate. The descript
+    releases, as converted to transformers (``descript/dac_16khz``, ``dac_24khz``, ``dac_44khz``):
+
+        16 kHz    encoder strides [2, 4, 5, 8]: hop 320, 50 frames/s, 12 levels of 1,024
+        24 kHz    encoder strides [2, 4, 5, 8]: hop 320, 75 frames/s, 32 levels of 1,024
+        44.1 kHz  encoder strides [2, 4, 8, 8]: hop 512, ~86.1 frames/s, 9 levels of 1,024
+
+    ``codebooks`` keeps the first k levels: encode stops the residual VQ after k levels (so the k codes equal the
+    first k of a full encode) and decode sums those k quantizers' vectors (``DacModel.decode(audio_codes=...)``
+    reads any number of levels up to K), a coarser reconstruction.
+
+    The hop is the product of the encoder strides, not ``config.hop_length``: a config.json's stored hop_length
+    wins over the one transformers derives from the strides, even where the two disagree. The decoder's
+    transposed convolutions give one sample short at an odd stride (upsampling [8, 5, 4, 2]: frames * 320 - 8), so
+    decode pads the end with zeros to whole frames, as encode pads the input.
+    """
+
+    name = "dac"
+
+    def __init__(self, folder, device="cpu", codebooks: int | None = None):
+        super().__init__(folder, device)
+        from transformers import DacModel
+
+        try:
+            self.model = DacModel.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        except OSError as err:  # missing or unreadable weights
+            raise CodecError(f"{folder}: cannot load the DAC weights ({err})") from err
+        config = self.model.config
+        self.samples_per_frame = math.prod(config.downsampling_ratios)
+        if math.prod(config.upsampling_ratios) != self.samples_per_frame:
+            raise CodecError(f"{folder}: decoder upsampling {config.upsampling_ratios} does not undo encoder "
+                             f"downsampling {config.downsampling_ratios}")
+        self.codebooks = kept_codebooks(folder, codebooks, config.n_codebooks)
+        self.sample_rate, self.codebook_size = config.sampling_rate, config.codebook_size
+        self.level_rates = (1,) * self.codebooks
+
+    def _encode(self, wav):
+        wav = pad_to_frames(wav, self.samples_per_frame)
+        codes = self.model.encode(wav[None, None], n_quantizers=self.codebooks).audio_codes  # (1, K, frames)
+        return list(codes[0])
+
+    def _decode(self, codes):
+        wav = self.model.decode(audio_codes=torch.stack(codes)[None]).audio_values  # (1, <= frames * hop)
+        return pad_to_frames(wav, self.samples_per_frame)
+
+
+def kept_codebooks(folder: str | os.PathLike, codebooks: int | None, available: int) -> int:
+    """The number of RVQ levels an adapter keeps: ``codebooks`` (1..available), or all of them when None."""
+    kept = codebooks or available
+    if not 1 <= kept <= available:
+        raise CodecError(f"{folder}: codebooks must be 1..{available}, got {codebooks}")
+    return kept
+
+
 def codec_key(folder: str | os.PathLike) -> str:
     """Names a codec's weights in caches, without loading them: its kind and a hash of its config and file sizes."""
     folder = Path(folder)
@@ -234,10 +290,10 @@ def codec_key(folder: str | os.PathLike) -> str:
 
 
 def codec_kind(folder: Path) -> str:
-    """xcodec2, mimi or snac, from the folder's config.json."""
+    """xcodec2, mimi, snac or dac, from the folder's config.json."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CodecError(f"{folder}: no config.json; pass a local XCodec2, SNAC or Mimi folder")
+        raise CodecError(f"{folder}: no config.json; pass a local XCodec2, SNAC, Mimi or DAC folder")
     config = json.loads(config_file.read_text())
     kind = config.get("model_type") or ("snac" if SNAC_CONFIG_KEYS <= config.keys() else None)
     if kind not in CODECS:
@@ -248,7 +304,7 @@ def codec_kind(folder: Path) -> str:
 def load_codec(folder: str | os.PathLike, device: str | None = None, **options) -> Codec:
     """The adapter for a local codec folder (kind read from its config.json)."""
     folder = Path(folder)
-    classes = {"xcodec2": XCodec2Codec, "snac": SnacCodec, "mimi": MimiCodec}
+    classes = {"xcodec2": XCodec2Codec, "snac": SnacCodec, "mimi": MimiCodec, "dac": DacCodec}
     return classes[codec_kind(folder)](folder, device or "cpu", **options)
 
 

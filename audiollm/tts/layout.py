@@ -10,6 +10,7 @@ as ``slots`` tokens and each slot reads one level of the codec at one position:
     single  LLaSA (XCodec2)   1 token per frame:  l0
     snac7   Orpheus (SNAC)    7 tokens per frame: l0, l1a, l2a, l2b, l1b, l2c, l2d  (slot offsets k * 4096)
     rvq     CSM/Moshi (Mimi)  k tokens per frame: c0, c1, ..., c(k-1)              (codebook offsets k * size)
+            DAC               the same: one token per RVQ level (any codec whose levels all run per frame)
 
 The ids of the control tokens and the layout are saved with the model as ``tts_config.json``.
 """
@@ -98,7 +99,7 @@ def make_layout(name: str, codebook_size: int, level_rates: tuple[int, ...]) -> 
     if name == "rvq" and set(level_rates) == {1}:
         return TokenLayout(name, codebook_size, tuple((k, 0) for k in range(len(level_rates))))
     raise LayoutError(f"layout {name!r} does not fit a codec with level rates {level_rates} (single: (1,) "
-                      "XCodec2; snac7: (1, 2, 4) SNAC; rvq: (1,)*k Mimi)")
+                      "XCodec2; snac7: (1, 2, 4) SNAC; rvq: (1,)*k Mimi, DAC)")
 
 
 @dataclass

@@ -31,11 +31,20 @@ TINY_MIMI = dict(hidden_size=16, num_filters=4, num_residual_layers=1, codebook_
                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=32,
                  num_quantizers=4, num_semantic_quantizers=1, sliding_window=16, upsample_groups=16,
                  vector_quantization_hidden_dimension=8)
+# The descript DAC releases' rates and encoder strides (hop 320 at 16 and 24 kHz, 512 at 44.1 kHz), 1- to 16-channel
+# convolutions and 4 RVQ levels of 64 codes: ~14k parameters.
+TINY_DAC_STRIDES = {16000: [2, 4, 5, 8], 24000: [2, 4, 5, 8], 44100: [2, 4, 8, 8]}
+TINY_DAC = dict(encoder_hidden_size=1, decoder_hidden_size=16, n_codebooks=4, codebook_size=64, codebook_dim=4)
 
 
-def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a random ``kind`` codec (xcodec2, snac, mimi) to ``out``; same seed, same weights."""
+def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0, sample_rate: int | None = None) -> Path:
+    """Write a random ``kind`` codec (xcodec2, snac, mimi, dac) to ``out``; same seed, same weights.
+
+    ``sample_rate`` picks the DAC release whose rate and strides the tiny DAC copies: 16000, 24000 or 44100
+    (default); the other codecs have one rate each."""
     out = Path(out)
+    if sample_rate is not None and (kind != "dac" or sample_rate not in TINY_DAC_STRIDES):
+        raise ValueError(f"sample_rate {sample_rate} for {kind!r}: only dac takes one, of {sorted(TINY_DAC_STRIDES)}")
     torch.manual_seed(seed)
     if kind == "snac":
         from snac import SNAC
@@ -55,6 +64,12 @@ def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0) -> Path:
             if name.endswith("codebook.embed_sum"):
                 buffer.copy_(torch.randn_like(buffer))
         model.save_pretrained(out)
+    elif kind == "dac":
+        from transformers import DacConfig, DacModel
+
+        sample_rate = sample_rate or 44100
+        config = DacConfig(**TINY_DAC, sampling_rate=sample_rate, downsampling_ratios=TINY_DAC_STRIDES[sample_rate])
+        DacModel(config).save_pretrained(out)
     else:
         raise ValueError(f"unknown codec {kind!r}")
     return out
