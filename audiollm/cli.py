@@ -5,6 +5,7 @@
     audiollm init --from-qwen2-audio Qwen2-Audio-7B-Instruct --out runs/init
     audiollm init --tiny --out runs/tiny
     audiollm train sft --config stages/configs/sft.yaml --learning_rate 2e-5
+    audiollm eval-tts --tts runs/tts --texts texts.txt --listener whisper-large-v3 --best-of 4 --out runs/tts_eval
 
 A subcommand's user errors (a missing file, a wrong checkpoint) print one line naming the file and exit with 1;
 argument mistakes are parser errors (exit 2).
@@ -21,7 +22,7 @@ from audiollm.data_check_cli import add_check_parser
 from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
 from audiollm.tts.cli import add_tts_commands
-from eval.cli import add_eval_parser
+from eval.cli import add_eval_parser, add_eval_tts_parser
 
 INIT_MODES = ("parts", "qwen2_audio", "tiny")
 # Options each init mode takes beyond --out; anything else given with that mode is an argument error.
@@ -164,7 +165,7 @@ def run_demo(args) -> int:
     return 0
 
 
-STAGES = ("pretrain", "sft", "dpo", "tts")  # stages/<name>.py: the listening pipeline in order, then the voice
+STAGES = ("pretrain", "sft", "dpo", "codec", "tts")  # stages/<name>.py: the listening pipeline in order, then the voice
 
 
 def add_train_parser(subparsers) -> None:
@@ -187,7 +188,7 @@ def run_train(args) -> int:
 
 
 SUBCOMMANDS = (add_demo_parser, add_init_parser, add_data_parser, add_train_parser, add_eval_parser,
-               add_export_parser, add_tts_commands)
+               add_eval_tts_parser, add_export_parser, add_tts_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -434,7 +434,17 @@ def tts_recipe(argv: list[str]):
     return model_args, data_args, args
 
 
-RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe, "tts": tts_recipe}
+def codec_recipe(argv: list[str]):
+    from stages.codec import parse_recipe
+
+    model_args, data_args, args = parse_recipe(argv)
+    model_args.config()  # the sizes build a codec config
+    return model_args, data_args, args
+
+
+RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe, "tts": tts_recipe,
+                  "codec": codec_recipe}
+NEW_MODEL_STAGES = {"codec"}  # recipes that may build a new model instead of starting from a folder
 SHIPPED_RECIPES = sorted((REPO_ROOT / "stages" / "configs").glob("*.yaml"))
 
 
@@ -446,7 +456,7 @@ def test_shipped_recipe_parses(path):
     stage = path.stem.split("_")[0].split("-")[0]  # sft.yaml, sft_lora.yaml, sft-asr.yaml -> sft
     assert stage in RECIPE_PARSERS, f"{path.name}: no parser known for stage {stage!r}; add it to RECIPE_PARSERS"
     model_args, data_args, args = RECIPE_PARSERS[stage](["--config", str(path), "--bf16", "false"])
-    assert model_args.model_name_or_path and data_args.train_files and args.output_dir
+    assert (model_args.model_name_or_path or stage in NEW_MODEL_STAGES) and data_args.train_files and args.output_dir
     assert args.remove_unused_columns is False
 
     launches = [line for line in path.read_text().splitlines() if "launch/train.sh" in line]

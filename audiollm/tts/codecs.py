@@ -12,6 +12,8 @@ Codes are a list with one 1-D LongTensor per codebook level. A *frame* is the co
     Mimi (CSM/Moshi)  24 kHz, K RVQ levels of 2,048 at 12.5 Hz, 1,920 samples/frame, rates (1,) * K
     DAC (Dia)         16 / 24 / 44.1 kHz, K RVQ levels of 1,024 at 50 / 75 / ~86 Hz, 320 / 320 / 512 samples/frame,
                       rates (1,) * K
+    trained here      16 kHz, K RVQ levels (4 of 256 in the demo) at 31.25 Hz, 512 samples/frame, rates (1,) * K:
+                      ``audiollm train codec`` (mel frames -> RVQ -> magnitude -> Griffin-Lim; melcodec.py)
 
 Each loads from a local folder: ``config.json`` plus ``*.safetensors`` (or a ``.bin`` / ``.pt`` read with
 ``torch.load(weights_only=True)``). Nothing is downloaded.
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CODECS = ("xcodec2", "snac", "mimi", "dac")
+CODECS = ("xcodec2", "snac", "mimi", "dac", "audiollm_melcodec")
 SNAC_CONFIG_KEYS = {"encoder_rates", "decoder_rates", "vq_strides"}  # snac's config.json has no model_type
 SNAC_WEIGHTS = "model.safetensors"
 
@@ -39,14 +41,15 @@ class CodecError(ValueError):
     """A codec folder or an audio file that cannot be used; the message names the file."""
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+def read_audio(path: str | os.PathLike, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Decode an audio file to mono float32 at ``sample_rate``, shape (n,), with the same checks as the listening
-    side (``audiollm.audio_checks``: corrupt, empty, silent, NaN...). Raises CodecError naming the file and why."""
+    side (``audiollm.audio_checks``: corrupt, empty, silent, NaN, longer than ``max_seconds``...). Raises
+    CodecError naming the file and why (the AudioError, with its ``kind``, is the cause)."""
     from audiollm.audio import AudioError
     from audiollm.audio_checks import read_checked
 
     try:
-        return read_checked(path, sample_rate=sample_rate)[0]
+        return read_checked(path, max_seconds, sample_rate=sample_rate)[0]
     except (AudioError, FileNotFoundError) as err:
         raise CodecError(str(err)) from err
 
@@ -272,6 +275,37 @@ class DacCodec(Codec):
         return pad_to_frames(wav, self.samples_per_frame)
 
 
+class MelCodec(Codec):
+    """The codec trained here (``audiollm train codec``, audiollm/tts/melcodec.py): log-mel frames -> RVQ codes ->
+    magnitude spectrogram -> Griffin-Lim. 16 kHz, 512 samples per frame (31.25 frames/s), 4 levels of 256 codes in
+    the demo's recipe; ``codebooks`` keeps the first k levels (quantiser dropout trained them to decode alone).
+
+    Decoding is deterministic (Griffin-Lim starts from a fixed random phase) but not local: every iteration
+    re-analyses the whole signal, so a windowed (streamed) decode is close to, not equal to, the one-shot decode.
+    """
+
+    name = "audiollm_melcodec"
+
+    def __init__(self, folder, device="cpu", codebooks: int | None = None):
+        super().__init__(folder, device)
+        from audiollm.tts.melcodec import MelCodecModel
+
+        try:
+            self.model = MelCodecModel.from_pretrained(folder).to(self.device).eval()
+        except OSError as err:
+            raise CodecError(f"{folder}: cannot load the codec weights ({err})") from err
+        config = self.model.config
+        self.codebooks = kept_codebooks(folder, codebooks, config.num_quantizers)
+        self.sample_rate, self.codebook_size = config.sampling_rate, config.codebook_size
+        self.samples_per_frame, self.level_rates = config.samples_per_frame, (1,) * self.codebooks
+
+    def _encode(self, wav):
+        return list(self.model.encode(pad_to_frames(wav, self.samples_per_frame)[None], self.codebooks)[0])
+
+    def _decode(self, codes):
+        return torch.from_numpy(self.model.decode(torch.stack(codes)[None]))
+
+
 def kept_codebooks(folder: str | os.PathLike, codebooks: int | None, available: int) -> int:
     """The number of RVQ levels an adapter keeps: ``codebooks`` (1..available), or all of them when None."""
     kept = codebooks or available
@@ -304,7 +338,8 @@ def codec_kind(folder: Path) -> str:
 def load_codec(folder: str | os.PathLike, device: str | None = None, **options) -> Codec:
     """The adapter for a local codec folder (kind read from its config.json)."""
     folder = Path(folder)
-    classes = {"xcodec2": XCodec2Codec, "snac": SnacCodec, "mimi": MimiCodec, "dac": DacCodec}
+    classes = {"xcodec2": XCodec2Codec, "snac": SnacCodec, "mimi": MimiCodec, "dac": DacCodec,
+               "audiollm_melcodec": MelCodec}
     return classes[codec_kind(folder)](folder, device or "cpu", **options)
 
 

@@ -31,17 +31,22 @@ IGNORE_INDEX = -100  # label value the cross-entropy skips
 TOKEN_DTYPE = np.int32  # ids up to 2**31: LLaSA's 150 k text + 65 k speech ids fit
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict]:
-    """JSONL rows with their audio path made absolute (relative to the manifest's folder)."""
+def read_manifest(path: str | os.PathLike, keys: tuple[str, ...] = ("audio", "text")) -> list[dict]:
+    """JSONL rows with their audio path made absolute (relative to the manifest's folder); every row needs ``keys``
+    (the codec stage reads audio-only rows: ``keys=("audio",)``)."""
     path = Path(path)
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "audio" not in row or "text" not in row:
-            raise ValueError(f"{path}: line {number} needs 'audio' and 'text' keys, has {sorted(row)}")
-        rows.append({"audio": str(path.parent / row["audio"]), "text": str(row["text"]), "where": f"{path}:{number}"})
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not JSON ({err})") from err
+        if not all(key in row for key in keys):
+            raise ValueError(f"{path}: line {number} needs {' and '.join(map(repr, keys))} keys, has {sorted(row)}")
+        rows.append({"audio": str(path.parent / row["audio"]), "text": str(row.get("text", "")),
+                     "where": f"{path}:{number}"})
     return rows
 
 

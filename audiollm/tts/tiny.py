@@ -37,8 +37,14 @@ TINY_DAC_STRIDES = {16000: [2, 4, 5, 8], 24000: [2, 4, 5, 8], 44100: [2, 4, 8, 8
 TINY_DAC = dict(encoder_hidden_size=1, decoder_hidden_size=16, n_codebooks=4, codebook_size=64, codebook_dim=4)
 
 
+# The codec trained here (audiollm/tts/melcodec.py) at its real rates (16 kHz, 512 samples per frame), 3 levels of
+# 16 codes, 16 channels; 4 Griffin-Lim iterations keep decoding fast.
+TINY_MELCODEC = dict(n_mels=20, hidden_size=16, encoder_layers=1, decoder_layers=1, num_quantizers=3,
+                     codebook_size=16, codebook_dim=4, griffin_lim_iters=4)
+
+
 def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0, sample_rate: int | None = None) -> Path:
-    """Write a random ``kind`` codec (xcodec2, snac, mimi, dac) to ``out``; same seed, same weights.
+    """Write a random ``kind`` codec (xcodec2, snac, mimi, dac, melcodec) to ``out``; same seed, same weights.
 
     ``sample_rate`` picks the DAC release whose rate and strides the tiny DAC copies: 16000, 24000 or 44100
     (default); the other codecs have one rate each."""
@@ -64,6 +70,10 @@ def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0, sample_rate: in
             if name.endswith("codebook.embed_sum"):
                 buffer.copy_(torch.randn_like(buffer))
         model.save_pretrained(out)
+    elif kind == "melcodec":
+        from audiollm.tts.melcodec import MelCodecConfig, MelCodecModel
+
+        MelCodecModel(MelCodecConfig(**TINY_MELCODEC)).save_pretrained(out)
     elif kind == "dac":
         from transformers import DacConfig, DacModel
 
