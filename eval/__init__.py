@@ -31,7 +31,9 @@ returns the results dict; ``eval.rescore(predictions, out_dir, judge=None)`` res
 
 Modules: ``metrics`` (pure scoring rules and the bootstrap), ``tasks`` (kinds: prompt and score per kind),
 ``loaders`` (benchmark formats), ``generate`` (batched generation, preference log-probs), ``judge`` (LLM judge),
-``report`` (results.json, report.md), ``pipeline`` (the two steps), ``speech`` (Whisper WER of generated speech).
+``report`` (results.json, report.md), ``pipeline`` (the two steps), ``speech`` (listeners: Whisper or an audio LLM
+transcribing speech, WER of generated speech), ``tts_eval`` (``audiollm eval-tts``: a TTS's round-trip WER, best of
+N, codec resynthesis ceiling, real-time factor, time to first audio).
 """
 
 

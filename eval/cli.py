@@ -1,9 +1,12 @@
-"""``audiollm eval`` (and ``python -m eval``): generate answers for benchmark tasks, score them, write a report.
+"""``audiollm eval`` (and ``python -m eval``): generate answers for benchmark tasks, score them, write a report;
+``audiollm eval-tts``: the round-trip intelligibility of a TTS (eval.tts_eval).
 
     audiollm eval --model runs/sft --task mmau=mmau-test-mini.json --audio-root mmau=data/mmau --out runs/eval
     audiollm eval --model runs/sft --task ls=data/LibriSpeech/test-clean \\
         --task chat=airbench_chat:Chat_meta.json --judge models/Qwen2.5-7B-Instruct --out runs/eval
     audiollm eval --score-only runs/eval/predictions.jsonl --judge models/Qwen2.5-7B-Instruct --out runs/eval2
+    audiollm eval-tts --tts runs/tts --texts texts.txt --listener runs/sft --best-of 4 --codec-clips clips.jsonl \\
+        --out runs/tts_eval
 """
 
 from __future__ import annotations
@@ -112,4 +115,53 @@ def run_eval(args) -> int:
     except (EvalError, FileNotFoundError, AudioError, RowError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(_summary(results))
+    return 0
+
+
+def add_eval_tts_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-tts",
+        help="round-trip intelligibility of a TTS: audiollm eval-tts --tts DIR --texts FILE --listener PATH --out DIR",
+        description="Speak each text with a tts folder (audiollm train tts), transcribe the speech with a listener "
+        "and score the WER against the text (seed-tts-eval's protocol), with a bootstrap 95% CI; optionally the "
+        "best of N candidates (chosen by the same listener) and the codec's own resynthesis WER on recorded "
+        "clips, the ceiling for any TTS on that codec. Writes results.json and report.md.",
+    )
+    p.add_argument("--tts", required=True, metavar="DIR", help="tts folder (with tts_config.json)")
+    p.add_argument("--texts", required=True, metavar="FILE", help=".txt (one text a line) or .jsonl rows with "
+                   "\"text\"")
+    p.add_argument("--listener", required=True, metavar="PATH", help="the ASR model: Whisper .pt, HF Whisper "
+                   "folder, or an audio-LLM folder (ours or a stock Qwen2-Audio), asked \"Transcribe the speech.\"")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes results.json and report.md")
+    p.add_argument("--best-of", type=int, default=1, metavar="N", help="also score the best of N candidates, "
+                   "chosen by the listener's WER against the text (default 1: off)")
+    p.add_argument("--codec-clips", metavar="MANIFEST", help="JSONL of {\"audio\", \"text\"} rows (audio relative "
+                   "to the file): WER of the clips resynthesised by the TTS's codec")
+    p.add_argument("--originals", action="store_true", help="with --codec-clips: also the WER of the clips as is")
+    p.add_argument("--codec", metavar="DIR", help="codec folder (default: the one the tts folder recorded)")
+    p.add_argument("--language", default="en", help="language of the texts: picks the normaliser, CER for zh/ja")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (best-of uses SEED + 1) and bootstrap seed")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the 95%% CI")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per listener batch (default 8)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.set_defaults(run=run_eval_tts, parser=p)
+
+
+def run_eval_tts(args) -> int:
+    from eval.items import EvalError
+    from eval.tts_eval import evaluate_tts, summary
+
+    parser = args.parser
+    if args.best_of < 1 or args.bootstrap < 1 or args.batch_size < 1:
+        parser.error("--best-of, --bootstrap and --batch-size must be >= 1")
+    if args.originals and not args.codec_clips:
+        parser.error("--originals goes with --codec-clips")
+    try:
+        results = evaluate_tts(args.tts, args.texts, args.listener, args.out, args.best_of, args.codec_clips,
+                               args.originals, args.codec, args.language, args.seed, args.bootstrap, args.device,
+                               args.batch_size)
+    except EvalError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    print(summary(results))
+    print(f"wrote {args.out}/results.json and report.md")
     return 0

@@ -1,25 +1,31 @@
-"""Intelligibility of generated speech: transcribe it with Whisper, score the transcript against the text it was
-asked to say (WER after Whisper's normaliser; CER for zh/ja), as TTS papers report "WER by Whisper".
+"""Intelligibility of generated speech: transcribe it with a listener (an ASR model), score the transcript against
+the text it was asked to say (WER after Whisper's normaliser; CER for zh/ja), as TTS papers report "WER by Whisper".
 
-Any Whisper checkpoint on disk serves:
-- an OpenAI ``.pt`` (``{"dims", "model_state_dict"}``), read with ``torch.load(weights_only=True)`` (a pickle can run
-  code; weights-only refuses anything but tensors and plain containers) and run with openai-whisper;
-- a Hugging Face Whisper folder (``WhisperForConditionalGeneration`` + ``WhisperProcessor``).
+Listeners on disk (``load_transcriber``):
+- an OpenAI Whisper ``.pt`` (``{"dims", "model_state_dict"}``), read with ``torch.load(weights_only=True)`` (a
+  pickle can run code; weights-only refuses anything but tensors and plain containers) and run with openai-whisper;
+- a Hugging Face Whisper folder (``WhisperForConditionalGeneration`` + ``WhisperProcessor``);
+- an audio-LLM folder (ours or a stock Qwen2-Audio export), asked ``eval.tasks.ASR_PROMPT`` about each clip.
+
+Every listener has ``.name`` and ``transcribe(wavs, language) -> list[str]`` over 16 kHz mono waveforms.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from audiollm.audio import SAMPLE_RATE
+from audiollm.audio import MIN_CHUNK_SAMPLES, SAMPLE_RATE
 from eval import metrics
-from eval.items import EvalError
+from eval.items import EvalError, Item
 
 HF_CHUNK_SAMPLES = 30 * SAMPLE_RATE  # longer clips go through transformers' long-form (sequential) decoding
+LISTENER_MODEL_TYPES = ("qwen2_audio", "audiollm")  # config.json model_type of folders eval.generate loads
+LISTENER_ANSWER_TOKENS = 128  # transcript length cap: a seed-tts-eval sentence is ~20-40 tokens
 
 
 class OpenAIWhisper:
@@ -85,14 +91,72 @@ class HFWhisper:
         return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-def load_transcriber(path: str, device: str | None = None):
-    """An OpenAI ``.pt`` file or a Hugging Face Whisper folder -> an object with ``transcribe(wavs, language)``."""
+class AudioLLMTranscriber:
+    """An audio-LLM folder (anything ``eval.generate.load_model`` loads) asked ``ASR_PROMPT`` about each clip, in
+    batches, greedily: the prompt an eval asr item gets, so the transcripts are what ``audiollm eval`` would score.
+    ``language`` is not told to the model (the trained ASR prompt names none); it only picks the scoring rule."""
+
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = LISTENER_ANSWER_TOKENS, dtype: str | None = None):
+        from eval.generate import load_model
+
+        self.model, self.tokenizer = load_model(path, device, dtype)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.name = Path(path).resolve().name
+
+    def transcribe(self, wavs: Sequence[np.ndarray], language: str | None = "en") -> list[str]:
+        from eval.generate import GenerationSettings, generate_answers
+
+        items = [Item(id=f"clip {i}", kind="asr", audios=[audible(wav)], language=language)
+                 for i, wav in enumerate(wavs)]
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
+        return generate_answers(self.model, self.tokenizer, items, settings, self.batch_size, desc="transcribe")
+
+
+def audible(wav: np.ndarray) -> np.ndarray:
+    """(n,) 16 kHz float32, zero-padded to the 25 ms that make one audio token: a TTS may stop after one short
+    frame (XCodec2: 20 ms), and the listener's collator refuses anything shorter."""
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+    return np.pad(wav, (0, max(0, MIN_CHUNK_SAMPLES - len(wav))))
+
+
+def folder_model_type(folder: Path) -> str | None:
+    """``model_type`` of a model folder's config.json (None when it names none)."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise EvalError(f"{folder / 'config.json'}: not a readable model config ({err})") from err
+
+
+def load_transcriber(path: str, device: str | None = None, batch_size: int = 8):
+    """A listener -> an object with ``.name`` and ``transcribe(wavs, language)``: an OpenAI Whisper ``.pt`` file, a
+    Hugging Face Whisper folder, or an audio-LLM folder (config.json model_type qwen2_audio or audiollm)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".pt":
         return OpenAIWhisper(path, device)
     if p.is_dir() and (p / "config.json").is_file():
-        return HFWhisper(path, device)
-    raise EvalError(f"{path}: not a Whisper checkpoint; pass an OpenAI .pt file or a Hugging Face Whisper folder")
+        model_type = folder_model_type(p)
+        if model_type in LISTENER_MODEL_TYPES:
+            return AudioLLMTranscriber(path, device, batch_size)
+        if model_type == "whisper":
+            return HFWhisper(path, device, batch_size)
+        raise EvalError(f"{p / 'config.json'}: model_type {model_type!r} is neither Whisper nor an audio LLM "
+                        f"({', '.join(LISTENER_MODEL_TYPES)})")
+    raise EvalError(f"{path}: not a listener; pass an OpenAI Whisper .pt file, a Hugging Face Whisper folder or "
+                    "an audio-LLM folder (audiollm init / training output, or a stock Qwen2-Audio)")
+
+
+def to_listener_rate(wavs: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
+    """Waveforms at ``sample_rate`` -> (n',) float32 at the listeners' 16 kHz (librosa's default soxr resampler)."""
+    return [resample(wav, sample_rate, SAMPLE_RATE) for wav in wavs]
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """(n,) float32 at ``orig_sr`` -> (n * target_sr / orig_sr,) float32; unchanged when the rates agree."""
+    import librosa
+
+    wav = np.asarray(wav, dtype=np.float32)
+    return wav if orig_sr == target_sr else librosa.resample(wav, orig_sr=orig_sr, target_sr=target_sr)
 
 
 def transcript_wer(texts: Sequence[str], transcripts: Sequence[str], language: str | None = "en") -> dict:

@@ -74,3 +74,26 @@ def make_speech_like(seconds: float, seed: int = 0) -> np.ndarray:
 def speech_like():
     """``speech_like(seconds, seed=0)`` -> deterministic speech-like waveform (see ``make_speech_like``)."""
     return make_speech_like
+
+
+def build_untrained_tts(root, codec: str = "snac", layout: str = "snac7"):
+    """A tts folder trained for nothing, under ``root``: a tiny random codec (``root/codec``) and a tiny random
+    Qwen2 with the TTS tokens added, saved as ``audiollm train tts`` saves (``root/tts``). Returns that folder."""
+    from pathlib import Path
+
+    from audiollm.tts.tiny import tiny_codec, tiny_lm
+    from audiollm.tts.training import TTSModelArguments, load_tts_model
+
+    root = Path(root)
+    codec_dir, lm = tiny_codec(codec, root / "codec"), tiny_lm(root / "lm")
+    model, tokenizer, vocab = load_tts_model(TTSModelArguments(str(lm), str(codec_dir), layout=layout))
+    model.save_pretrained(root / "tts")
+    tokenizer.save_pretrained(root / "tts")
+    vocab.save(root / "tts")
+    return root / "tts"
+
+
+@pytest.fixture(scope="session")
+def untrained_tts_dir(tmp_path_factory):
+    """A tiny random SNAC tts folder (see ``build_untrained_tts``), built once per session."""
+    return build_untrained_tts(tmp_path_factory.mktemp("untrained_tts"))

@@ -182,10 +182,10 @@ def test_best_of_n_keeps_the_verifiers_best(tts):
     assert result.chosen == int(np.argmax(scores)) and np.array_equal(result.wav, seen["wavs"][result.chosen])
 
 
-def test_whisper_verifier_scores_minus_wer(tts, tmp_path):
-    from audiollm.tts.generate import WhisperVerifier
+def test_listener_verifier_scores_minus_wer(tts, tmp_path):
+    from audiollm.tts.generate import ListenerVerifier
 
-    verifier = WhisperVerifier(str(tiny_openai_whisper(tmp_path / "w.pt")))
+    verifier = ListenerVerifier(str(tiny_openai_whisper(tmp_path / "w.pt")))
     wavs = [0.1 * np.random.default_rng(i).standard_normal(12000).astype(np.float32) for i in range(2)]
     scores = verifier(wavs, 24000, "hello world")
     assert len(scores) == 2 and all(s <= 0 for s in scores)  # -WER; random Whisper hears garbage

@@ -23,7 +23,8 @@ def add_tts_commands(subparsers) -> None:
     p.add_argument("--prompt-audio", metavar="WAV", help="voice to clone (needs --prompt-text)")
     p.add_argument("--prompt-text", help="the words of --prompt-audio")
     p.add_argument("--best-of", type=int, default=1, metavar="N", help="sample N, keep the best by --verifier")
-    p.add_argument("--verifier", metavar="WHISPER", help="Whisper .pt or HF folder scoring --best-of candidates")
+    p.add_argument("--verifier", metavar="LISTENER", help="scores --best-of candidates by WER: a Whisper .pt, an HF "
+                   "Whisper folder or an audio-LLM folder (audiollm init / training output, stock Qwen2-Audio)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
@@ -44,11 +45,11 @@ def add_tts_commands(subparsers) -> None:
 
 
 def run_speak(args) -> int:
-    from audiollm.tts.generate import WhisperVerifier, load_tts, speak, speak_stream, timed_stream, write_wav
+    from audiollm.tts.generate import ListenerVerifier, load_tts, speak, speak_stream, timed_stream, write_wav
     from audiollm.tts.sampling import default_sampling
 
     if args.best_of > 1 and not args.verifier:
-        args.parser.error("--best-of N needs --verifier WHISPER")
+        args.parser.error("--best-of N needs --verifier LISTENER")
     if args.stream and args.best_of > 1:
         args.parser.error("--stream speaks one candidate; it does not go with --best-of")
     if (args.prompt_audio is None) != (args.prompt_text is None):
@@ -62,7 +63,7 @@ def run_speak(args) -> int:
         write_wav(args.out, wav, tts.codec.sample_rate)
         print(f"time to first audio {timing.first_audio_s:.3f} s, real-time factor {timing.rtf:.2f}")
     else:
-        verifier = WhisperVerifier(args.verifier) if args.verifier else None
+        verifier = ListenerVerifier(args.verifier) if args.verifier else None
         result = speak(tts, args.text, best_of=args.best_of, verifier=verifier, sampling=sampling,
                        out_wav=args.out, **clone)
         if result.scores:

@@ -2,7 +2,7 @@
 
     result = speak("runs/tts", "hello world")                                   # SpeechResult(wav, sample_rate..)
     result = speak(tts, text, prompt_audio="ref.wav", prompt_text="what ref says")   # zero-shot voice cloning
-    result = speak(tts, text, best_of=4, verifier=WhisperVerifier("whisper.pt"))      # keep the best of 4
+    result = speak(tts, text, best_of=4, verifier=ListenerVerifier("whisper.pt"))     # keep the best of 4
     for chunk in speak_stream(tts, text): ...                                       # audio as it is generated
 
 Cloning follows LLaSA: the prompt transcript goes before the target text, and the prompt audio's tokens are
@@ -116,7 +116,7 @@ def speak(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | No
     """Speak ``text``; with best_of > 1, sample that many candidates in one batch and keep the verifier's best."""
     tts = as_tts(model)
     if best_of > 1 and verifier is None:
-        raise ValueError("best_of > 1 needs a verifier (e.g. WhisperVerifier) to choose among the candidates")
+        raise ValueError("best_of > 1 needs a verifier (e.g. ListenerVerifier) to choose among the candidates")
     sampling = sampling or default_sampling(tts.vocab.layout)
     prompt = build_prompt(tts, text, prompt_audio, prompt_text)
     steps = list(sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames, rows=best_of,
@@ -187,29 +187,31 @@ def timed_stream(chunks: Iterator[np.ndarray], sample_rate: int) -> tuple[np.nda
     return wav, StreamTiming(first if first is not None else total, total, len(wav) / sample_rate)
 
 
-class WhisperVerifier:
-    """Scores candidates by Whisper's WER against the text (lower WER, higher score: -WER), plus optionally
-    ``speaker_weight * speaker_similarity(wav, sample_rate)`` (e.g. cosine similarity of speaker embeddings to
-    the cloning prompt's; any callable)."""
+class ListenerVerifier:
+    """Scores candidates by a listener's WER against the text they were asked to say (lower WER, higher score:
+    -WER), plus optionally ``speaker_weight * speaker_similarity(wav, sample_rate)`` (e.g. cosine similarity of
+    speaker embeddings to the cloning prompt's; any callable).
 
-    def __init__(self, whisper: str | object, language: str | None = "en",
+    ``listener``: a path ``eval.speech.load_transcriber`` loads (Whisper .pt, HF Whisper folder, audio-LLM folder)
+    or any object with ``transcribe(wavs, language)``. It hears only the candidates and is scored only against
+    ``text``, never against a reference transcript (LLaSA's protocol). ``heard`` holds the last call's transcripts,
+    so a caller can report the chosen candidate's without transcribing it again.
+    """
+
+    def __init__(self, listener: str | os.PathLike | object, language: str | None = "en",
                  speaker_similarity: Callable[[np.ndarray, int], float] | None = None, speaker_weight: float = 1.0):
         from eval.speech import load_transcriber
 
-        self.transcriber = load_transcriber(whisper) if isinstance(whisper, (str, os.PathLike)) else whisper
+        self.transcriber = load_transcriber(listener) if isinstance(listener, (str, os.PathLike)) else listener
         self.language, self.similarity, self.weight = language, speaker_similarity, speaker_weight
+        self.heard: list[str] = []
 
     def __call__(self, wavs: Sequence[np.ndarray], sample_rate: int, text: str) -> list[float]:
-        import librosa
+        from eval.speech import to_listener_rate, transcript_wer
 
-        from audiollm.audio import SAMPLE_RATE
-        from eval.speech import transcript_wer
-
-        heard = [librosa.resample(np.asarray(w, dtype=np.float32), orig_sr=sample_rate, target_sr=SAMPLE_RATE)
-                 for w in wavs]
-        transcripts = self.transcriber.transcribe(heard, self.language)
+        self.heard = self.transcriber.transcribe(to_listener_rate(wavs, sample_rate), self.language)
         scores = []
-        for wav, transcript in zip(wavs, transcripts):
+        for wav, transcript in zip(wavs, self.heard):
             wer = transcript_wer([text], [transcript], self.language)["wer"]
             extra = self.weight * self.similarity(wav, sample_rate) if self.similarity else 0.0
             scores.append(-wer + extra)
