@@ -90,7 +90,7 @@ def test_stage_trains_a_codec_that_load_codec_reads(tmp_path, speech_like):
     from stages.codec import main
 
     manifest = write_clips(tmp_path, speech_like)
-    sizes = [f"--{k}={v}" for k, v in TINY_MELCODEC.items()]
+    sizes = [w for k, v in TINY_MELCODEC.items() for w in (f"--{k}", *map(str, v if isinstance(v, list) else [v]))]
     out = tmp_path / "codec"
     main(["--train_files", manifest, "--eval_files", manifest, "--output_dir", str(out), "--max_steps", "30",
           "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1",

@@ -35,8 +35,8 @@ class CodecModelArguments:
     encoder_layers: int | None = field(default=None, metadata={"help": "Residual conv blocks in the encoder."})
     decoder_layers: int | None = field(default=None, metadata={"help": "Residual conv blocks in the decoder."})
     num_quantizers: int | None = field(default=None, metadata={"help": "RVQ levels."})
-    codebook_size: int | None = field(default=None, metadata={"help": "Codes per level."})
-    codebook_dim: int | None = field(default=None, metadata={"help": "Each level's lookup space."})
+    fsq_levels: list[int] | None = field(default=None, metadata={"help": "Values per FSQ dimension of a level; "
+                                         "codes per level = their product (4 4 4 4: 256)."})
     quantizer_dropout: float | None = field(default=None, metadata={"help": "Share of rows trained on fewer levels."})
     griffin_lim_iters: int | None = field(default=None, metadata={"help": "Griffin-Lim iterations when decoding."})
 

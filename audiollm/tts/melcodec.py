@@ -11,9 +11,10 @@ training than a CPU affords before it is intelligible, while a magnitude spectro
 speech intelligible, and quantising mel frames is cheap to learn. The decoder predicts the full 513-bin magnitude,
 not the mel, so Griffin-Lim does not also have to undo the mel filterbank.
 
-Quantiser: DAC's factorised, l2-normalised codes (each level projects to ``codebook_dim`` dimensions and looks up
-the nearest code by cosine), which keeps codebooks in use without k-means or EMA updates; quantiser dropout trains
-the first k levels to decode on their own, so a TTS may use fewer levels (``MelCodec(codebooks=k)``).
+Quantiser: residual levels of finite scalar quantisation (FSQ: each level projects the residual to a few
+dimensions and rounds each to one of L values), which has no codebook to collapse and no auxiliary loss;
+quantiser dropout trains the first k levels to decode on their own, so a TTS may use fewer levels
+(``MelCodec(codebooks=k)``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 LOG_FLOOR = 1e-5  # magnitude floor before the log: -100 dB under a full-scale sine's bin
+# Natural-log mel magnitudes of speech at -20..-30 dBFS span about -11.5 (the floor) to +3: shifted and scaled to
+# roughly zero mean and unit spread before the encoder.
+MEL_CENTER, MEL_SCALE = -4.0, 4.0
+LOG_CEILING = 8.0  # predicted log|X| is capped here before exp: a full-scale sine's bin is n_fft / 4 = 256 (5.5)
 
 
 @strict
@@ -45,13 +50,14 @@ class MelCodecConfig(PreTrainedConfig):
     hidden_size: int = 256
     encoder_layers: int = 2  # residual conv blocks before stacking
     decoder_layers: int = 3  # residual conv blocks after unstacking
-    num_quantizers: int = 4  # RVQ levels
-    codebook_size: int = 256  # codes per level
-    codebook_dim: int = 8  # each level's lookup space (l2-normalised)
+    num_quantizers: int = 4  # residual levels
+    fsq_levels: list[int] | tuple[int, ...] = (4, 4, 4, 4)  # values per FSQ dimension: 4^4 = 256 codes per level
     quantizer_dropout: float = 0.5  # share of rows trained with a random number of levels 1..num_quantizers
-    commitment_loss_weight: float = 0.25
-    codebook_loss_weight: float = 1.0
     griffin_lim_iters: int = 64  # decode: more iterations, cleaner phase (32 -> 64 is audible; 128 barely)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(np.prod(self.fsq_levels))
 
     @property
     def samples_per_frame(self) -> int:
@@ -61,8 +67,6 @@ class MelCodecConfig(PreTrainedConfig):
 @dataclass
 class MelCodecOutput(ModelOutput):
     loss: torch.Tensor | None = None
-    reconstruction_loss: torch.Tensor | None = None
-    vq_loss: torch.Tensor | None = None
     codes: torch.Tensor | None = None  # (B, num_quantizers, frames)
 
 
@@ -79,27 +83,33 @@ class ResBlock(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """One RVQ level: project to ``dim``, nearest code by cosine, project back (DAC's factorised codes)."""
+    """One residual level, a finite scalar quantiser (FSQ): project to ``len(levels)`` dimensions, squash each to
+    [0, L-1], round. A code is the digits read in mixed radix: prod(levels) codes, every one reachable, no codebook
+    to learn, so none collapses (l2-normalised learnt codebooks collapsed to 1 code of 256 here within 15 steps)."""
 
-    def __init__(self, hidden: int, dim: int, size: int):
+    def __init__(self, hidden: int, levels: tuple[int, ...]):
         super().__init__()
-        self.down, self.up = nn.Conv1d(hidden, dim, 1), nn.Conv1d(dim, hidden, 1)
-        self.codebook = nn.Embedding(size, dim)
+        self.down, self.up = nn.Conv1d(hidden, len(levels), 1), nn.Conv1d(len(levels), hidden, 1)
+        top = torch.tensor(levels, dtype=torch.float32) - 1  # (d,): each digit's largest value
+        radix = torch.cumprod(torch.tensor((1, *levels[:-1])), 0)  # (d,): mixed-radix place values
+        self.register_buffer("top", top[:, None], persistent=False)
+        self.register_buffer("radix", radix[:, None], persistent=False)
+
+    def vectors(self, digits: torch.Tensor) -> torch.Tensor:
+        """(B, d, T) digits in [0, L-1] -> (B, hidden, T), each digit scaled to [-1, 1] first."""
+        return self.up(digits / self.top * 2 - 1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) codes -> (B, hidden, T)."""
-        return self.up(self.codebook(codes).transpose(1, 2))
+        digits = torch.div(codes[:, None], self.radix, rounding_mode="floor") % (self.top.long() + 1)
+        return self.vectors(digits.float())
 
-    def forward(self, z: torch.Tensor):
-        """(B, hidden, T) -> (quantised (B, hidden, T) with a straight-through gradient, codes (B, T), losses)."""
-        e = self.down(z)  # (B, dim, T)
-        flat = F.normalize(e.transpose(1, 2), dim=-1)  # (B, T, dim)
-        codes = (flat @ F.normalize(self.codebook.weight, dim=-1).T).argmax(-1)  # (B, T)
-        q = self.codebook(codes).transpose(1, 2)  # (B, dim, T)
-        commitment = F.mse_loss(e, q.detach(), reduction="none").mean(dim=(1, 2))  # (B,)
-        codebook = F.mse_loss(q, e.detach(), reduction="none").mean(dim=(1, 2))
-        q = e + (q - e).detach()
-        return self.up(q), codes, commitment, codebook
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, hidden, T) -> (quantised (B, hidden, T) with a straight-through gradient, codes (B, T))."""
+        x = torch.sigmoid(self.down(z)) * self.top  # (B, d, T) in (0, L-1)
+        digits = x.round()
+        codes = (digits.long() * self.radix).sum(1)
+        return self.vectors(x + (digits - x).detach()), codes
 
 
 class MelCodecModel(PreTrainedModel):
@@ -118,8 +128,11 @@ class MelCodecModel(PreTrainedModel):
         self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
         self.encoder = nn.Sequential(nn.Conv1d(c.n_mels, c.hidden_size, 5, padding=2),
                                      *[ResBlock(c.hidden_size, 3 ** i) for i in range(c.encoder_layers)])
-        self.stack = nn.Conv1d(c.hidden_size * c.stride, c.hidden_size, 1)
-        self.quantizers = nn.ModuleList(Quantizer(c.hidden_size, c.codebook_dim, c.codebook_size)
+        # Normalised latents keep the quantisers' sigmoids off their flat tails (unnormalised, every frame got the
+        # same code within 15 steps).
+        self.stack = nn.Sequential(nn.Conv1d(c.hidden_size * c.stride, c.hidden_size, 1),
+                                   nn.GroupNorm(1, c.hidden_size))
+        self.quantizers = nn.ModuleList(Quantizer(c.hidden_size, tuple(c.fsq_levels))
                                         for _ in range(c.num_quantizers))
         self.unstack = nn.Conv1d(c.hidden_size, c.hidden_size * c.stride, 1)
         self.decoder = nn.Sequential(*[ResBlock(c.hidden_size, 3 ** i) for i in range(c.decoder_layers)],
@@ -143,26 +156,23 @@ class MelCodecModel(PreTrainedModel):
     def latents(self, wav: torch.Tensor) -> torch.Tensor:
         """(B, n) -> (B, hidden, n / (hop * stride)): the encoder's output, before quantising."""
         _, log_mel = self.spectrogram(wav)
-        h = self.encoder(log_mel)  # (B, H, T)
+        h = self.encoder((log_mel - MEL_CENTER) / MEL_SCALE)  # (B, H, T)
         b, ch, t = h.shape
         h = h.reshape(b, ch, t // self.config.stride, self.config.stride).permute(0, 1, 3, 2)
         return self.stack(h.reshape(b, ch * self.config.stride, t // self.config.stride))
 
-    def quantize(self, z: torch.Tensor, levels: torch.Tensor | None = None):
-        """RVQ of (B, H, F) latents -> (sum of kept levels' vectors, codes (B, L, F), vq loss (B,)).
+    def quantize(self, z: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual quantisation of (B, H, F) latents -> (sum of kept levels' vectors, codes (B, L, F)).
 
         ``levels`` (B,): how many levels each row keeps (quantiser dropout); None keeps all."""
-        residual, total = z, torch.zeros_like(z)
-        codes, loss = [], torch.zeros(z.shape[0], device=z.device)
-        c = self.config
+        residual, total, codes = z, torch.zeros_like(z), []
         for i, quantizer in enumerate(self.quantizers):
-            q, idx, commitment, codebook = quantizer(residual)
-            keep = torch.ones_like(loss) if levels is None else (i < levels).float()  # (B,)
-            total = total + q * keep[:, None, None]
+            q, idx = quantizer(residual)
+            keep = 1.0 if levels is None else (i < levels).to(z.dtype)[:, None, None]  # (B, 1, 1)
+            total = total + q * keep
             residual = residual - q
-            loss = loss + keep * (c.commitment_loss_weight * commitment + c.codebook_loss_weight * codebook)
             codes.append(idx)
-        return total, torch.stack(codes, 1), loss
+        return total, torch.stack(codes, 1)
 
     def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
         """(B, H, F) -> predicted log|X| (B, 513, F * stride)."""
@@ -171,7 +181,7 @@ class MelCodecModel(PreTrainedModel):
         return self.decoder(h)
 
     def forward(self, input_values: torch.Tensor, **kwargs) -> MelCodecOutput:
-        """(B, n) waveforms, n a multiple of hop * stride -> loss = L1(log|X|) + L1(log-mel) + vq terms."""
+        """(B, n) waveforms, n a multiple of hop * stride -> loss = L1(log|X|) + L1(log-mel) (FSQ needs no other)."""
         log_mag, log_mel = self.spectrogram(input_values)
         z = self.latents(input_values)
         levels = None
@@ -179,25 +189,22 @@ class MelCodecModel(PreTrainedModel):
             n = len(self.quantizers)
             dropped = torch.rand(z.shape[0], device=z.device) < self.config.quantizer_dropout
             levels = torch.where(dropped, torch.randint(1, n + 1, (z.shape[0],), device=z.device), n)
-        q, codes, vq_loss = self.quantize(z, levels)
+        q, codes = self.quantize(z, levels)
         pred = self.decode_latents(q)  # (B, 513, T)
-        pred_mel = self.log(self.mel_basis @ pred.exp())
-        reconstruction = F.l1_loss(pred, log_mag) + F.l1_loss(pred_mel, log_mel)
-        vq = vq_loss.mean()
-        return MelCodecOutput(loss=reconstruction + vq, reconstruction_loss=reconstruction.detach(),
-                              vq_loss=vq.detach(), codes=codes)
+        pred_mel = self.log(self.mel_basis @ pred.clamp(max=LOG_CEILING).exp())
+        return MelCodecOutput(loss=F.l1_loss(pred, log_mag) + F.l1_loss(pred_mel, log_mel), codes=codes)
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         """(B, n) waveforms, n a multiple of hop * stride -> (B, levels, frames) codes."""
-        _, codes, _ = self.quantize(self.latents(wav))
+        _, codes = self.quantize(self.latents(wav))
         return codes[:, : levels or len(self.quantizers)]
 
     @torch.no_grad()
     def decode_magnitude(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, k, frames) codes of the first k levels -> magnitude |X| (B, 513, frames * stride)."""
         q = sum(self.quantizers[i].lookup(codes[:, i]) for i in range(codes.shape[1]))
-        return self.decode_latents(q).exp()
+        return self.decode_latents(q).clamp(max=LOG_CEILING).exp()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> np.ndarray:

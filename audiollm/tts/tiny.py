@@ -38,9 +38,9 @@ TINY_DAC = dict(encoder_hidden_size=1, decoder_hidden_size=16, n_codebooks=4, co
 
 
 # The codec trained here (audiollm/tts/melcodec.py) at its real rates (16 kHz, 512 samples per frame), 3 levels of
-# 16 codes, 16 channels; 4 Griffin-Lim iterations keep decoding fast.
+# 4 x 4 = 16 codes, 16 channels; 4 Griffin-Lim iterations keep decoding fast.
 TINY_MELCODEC = dict(n_mels=20, hidden_size=16, encoder_layers=1, decoder_layers=1, num_quantizers=3,
-                     codebook_size=16, codebook_dim=4, griffin_lim_iters=4)
+                     fsq_levels=[4, 4], griffin_lim_iters=4)
 
 
 def tiny_codec(kind: str, out: str | os.PathLike, seed: int = 0, sample_rate: int | None = None) -> Path:
