@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
     return tiny_codec("melcodec", tmp_path_factory.mktemp("melcodec") / "codec")
 
 
-def test_model_shapes_and_loss():
+def test_model_shapes_and_loss(tmp_path):
     torch.manual_seed(0)
     model = MelCodecModel(MelCodecConfig(**TINY_MELCODEC))
     wav = 0.1 * torch.randn(2, 4 * SPF)
@@ -32,6 +32,8 @@ def test_model_shapes_and_loss():
     out.loss.backward()  # the straight-through estimator reaches the encoder
     assert model.encoder[0].weight.grad.abs().sum() > 0
     model.eval()
+    model.save_pretrained(tmp_path)  # analysis constants and FSQ radices are rebuilt on load, never left empty
+    assert torch.equal(MelCodecModel.from_pretrained(tmp_path).encode(wav), model.encode(wav))
     assert model.decode_magnitude(model.encode(wav)).shape == (2, 513, 8)  # 2 spectrogram frames per codec frame
     assert model.decode(model.encode(wav, levels=2)).shape == (2, 4 * SPF)
 

@@ -90,26 +90,32 @@ class Quantizer(nn.Module):
     def __init__(self, hidden: int, levels: tuple[int, ...]):
         super().__init__()
         self.down, self.up = nn.Conv1d(hidden, len(levels), 1), nn.Conv1d(len(levels), hidden, 1)
-        top = torch.tensor(levels, dtype=torch.float32) - 1  # (d,): each digit's largest value
-        radix = torch.cumprod(torch.tensor((1, *levels[:-1])), 0)  # (d,): mixed-radix place values
-        self.register_buffer("top", top[:, None], persistent=False)
-        self.register_buffer("radix", radix[:, None], persistent=False)
+        self.levels = levels
 
-    def vectors(self, digits: torch.Tensor) -> torch.Tensor:
+    def constants(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each digit's largest value, its mixed-radix place value), both (d, 1). Made per call, not kept as
+        buffers: ``from_pretrained`` builds modules on the meta device and leaves non-persistent buffers empty."""
+        top = torch.tensor(self.levels, device=device)[:, None] - 1
+        radix = torch.cumprod(torch.tensor((1, *self.levels[:-1]), device=device), 0)[:, None]
+        return top, radix
+
+    def vectors(self, digits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """(B, d, T) digits in [0, L-1] -> (B, hidden, T), each digit scaled to [-1, 1] first."""
-        return self.up(digits / self.top * 2 - 1)
+        return self.up(digits / top * 2 - 1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, T) codes -> (B, hidden, T)."""
-        digits = torch.div(codes[:, None], self.radix, rounding_mode="floor") % (self.top.long() + 1)
-        return self.vectors(digits.float())
+        top, radix = self.constants(codes.device)
+        digits = torch.div(codes[:, None], radix, rounding_mode="floor") % (top + 1)
+        return self.vectors(digits.float(), top)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, hidden, T) -> (quantised (B, hidden, T) with a straight-through gradient, codes (B, T))."""
-        x = torch.sigmoid(self.down(z)) * self.top  # (B, d, T) in (0, L-1)
+        top, radix = self.constants(z.device)
+        x = torch.sigmoid(self.down(z)) * top  # (B, d, T) in (0, L-1)
         digits = x.round()
-        codes = (digits.long() * self.radix).sum(1)
-        return self.vectors(x + (digits - x).detach()), codes
+        codes = (digits.long() * radix).sum(1)
+        return self.vectors(x + (digits - x).detach(), top), codes
 
 
 class MelCodecModel(PreTrainedModel):
@@ -120,12 +126,7 @@ class MelCodecModel(PreTrainedModel):
 
     def __init__(self, config: MelCodecConfig):
         super().__init__(config)
-        import librosa
-
         c = config
-        mel = librosa.filters.mel(sr=c.sampling_rate, n_fft=c.n_fft, n_mels=c.n_mels)  # (n_mels, n_fft//2 + 1)
-        self.register_buffer("mel_basis", torch.from_numpy(mel).float(), persistent=False)
-        self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
         self.encoder = nn.Sequential(nn.Conv1d(c.n_mels, c.hidden_size, 5, padding=2),
                                      *[ResBlock(c.hidden_size, 3 ** i) for i in range(c.encoder_layers)])
         # Normalised latents keep the quantisers' sigmoids off their flat tails (unnormalised, every frame got the
@@ -140,14 +141,27 @@ class MelCodecModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        """PyTorch's own layer initialisation, kept: the stock one would zero the codebooks' spread."""
+        """PyTorch's own layer initialisation, kept (the stock one re-draws every Linear/Conv at std 0.02)."""
 
     def spectrogram(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n) with n a multiple of hop * stride -> log|X| (B, 513, n / hop), log-mel (B, n_mels, n / hop)."""
         c = self.config
-        spec = torch.stft(wav.float(), c.n_fft, c.hop_length, window=self.window, center=True, return_complex=True)
+        window, mel_basis = self.analysis(wav.device)
+        spec = torch.stft(wav.float(), c.n_fft, c.hop_length, window=window, center=True, return_complex=True)
         mag = spec.abs()[..., :-1]  # centred frames: n / hop + 1; the last one starts past the clip's end
-        return self.log(mag), self.log(self.mel_basis @ mag)
+        return self.log(mag), self.log(mel_basis @ mag)
+
+    def analysis(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Hann window (n_fft,), mel filterbank (n_mels, n_fft // 2 + 1)) on ``device``, made on first use and
+        kept. Not buffers: ``from_pretrained`` builds modules on the meta device and leaves those empty."""
+        import librosa
+
+        cached = getattr(self, "_analysis", None)
+        if cached is None or cached[0].device != torch.device(device):
+            c = self.config
+            mel = librosa.filters.mel(sr=c.sampling_rate, n_fft=c.n_fft, n_mels=c.n_mels)
+            self._analysis = (torch.hann_window(c.n_fft, device=device), torch.from_numpy(mel).to(device))
+        return self._analysis
 
     @staticmethod
     def log(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +205,7 @@ class MelCodecModel(PreTrainedModel):
             levels = torch.where(dropped, torch.randint(1, n + 1, (z.shape[0],), device=z.device), n)
         q, codes = self.quantize(z, levels)
         pred = self.decode_latents(q)  # (B, 513, T)
-        pred_mel = self.log(self.mel_basis @ pred.clamp(max=LOG_CEILING).exp())
+        pred_mel = self.log(self.analysis(pred.device)[1] @ pred.clamp(max=LOG_CEILING).exp())
         return MelCodecOutput(loss=F.l1_loss(pred, log_mag) + F.l1_loss(pred_mel, log_mel), codes=codes)
 
     @torch.no_grad()
