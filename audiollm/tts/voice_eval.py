@@ -1,0 +1,129 @@
+"""The demo's voice, measured by the demo's listener on a split's clips and texts (the TTS never trained on them).
+
+    codec_resynthesis_wer   the split's clips through the codec, transcribed (the ceiling of any TTS on it)
+    tts_wer                 one sample per text; tts_wer_best_of_4: the listener picks among 4 (LLaSA's scaling)
+    cloning_*               the listener's speaker-sex and pitch answers on TTS output prompted with a clip of the
+                            split, against its answers on that clip; the same without a prompt
+    spoken_reply_accuracy   spoken questions -> the listener's answers (the demo's eval predictions) -> the TTS
+                            speaks them -> the listener transcribes -> scored like voice chat
+
+The listener is trained on the synthesised source speech only; nothing here trains it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from audiollm.prompts import PROMPT_POOLS
+from eval import metrics
+from eval.speech import to_listener_rate
+
+BEST_OF = 4
+CLONING_PROMPTS = 24  # prompt clips, half of each held-out voice's first clips
+QUESTIONS = {"sex": PROMPT_POOLS["sex"][0], "pitch": PROMPT_POOLS["pitch"][0]}
+
+
+def read_rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line]
+
+
+def ask(listener, wavs: list[np.ndarray], sample_rate: int, question: str) -> list[str]:
+    """The listener's greedy answers to ``question`` about each waveform (resampled to 16 kHz)."""
+    from eval.generate import GenerationSettings, generate_answers
+    from eval.items import Item
+    from eval.speech import audible
+
+    items = [Item(id=f"clip {i}", kind="short", audios=[audible(w)], question=question)
+             for i, w in enumerate(to_listener_rate(wavs, sample_rate))]
+    return generate_answers(listener.model, listener.tokenizer, items, GenerationSettings(max_new_tokens=8),
+                            listener.batch_size, desc=question)
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    return float(np.mean([metrics.normalize_answer(x) == metrics.normalize_answer(y) for x, y in zip(a, b)]))
+
+
+def cloning(tts, listener, rows: list[dict], texts: list[str], sampling) -> dict:
+    """Speak ``texts[i]`` prompted with clip ``rows[i]`` and unprompted; how often the listener's sex / pitch answer
+    on the output equals its answer on the prompt clip."""
+    from audiollm.tts.codecs import read_audio
+    from audiollm.tts.generate import speak
+
+    rate = tts.codec.sample_rate
+    prompts = [read_audio(r["audio"], rate) for r in rows]
+    cloned = [speak(tts, t, prompt_audio=r["audio"], prompt_text=r["text"], sampling=sampling).wav
+              for r, t in zip(rows, texts)]
+    plain = [speak(tts, t, sampling=sampling).wav for t in texts]
+    results = {"prompts": len(rows), "prompt_voices": sorted({r["voice"] for r in rows})}
+    for name, question in QUESTIONS.items():
+        on_prompt = ask(listener, prompts, rate, question)
+        results[f"cloning_{name}_agreement"] = agreement(ask(listener, cloned, rate, question), on_prompt)
+        results[f"no_prompt_{name}_agreement"] = agreement(ask(listener, plain, rate, question), on_prompt)
+    results["prompt_sex_accuracy"] = agreement(ask(listener, prompts, rate, QUESTIONS["sex"]),
+                                               [r["sex"] for r in rows])  # does the listener hear the prompts right
+    return results
+
+
+def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, sampling, out: Path) -> dict:
+    """The listener's answers to spoken questions (``task`` rows of the demo's predictions.jsonl), spoken by the
+    TTS and transcribed by the listener, scored against the reference answer like voice chat (exact match after
+    the harness's normaliser). Writes the first question and its spoken answer as a sample pair."""
+    from audiollm.tts.generate import speak, write_wav
+
+    records = [r for r in map(json.loads, predictions.read_text(encoding="utf-8").splitlines())
+               if r["task"] == task][:limit]
+    wavs = [speak(tts, r["prediction"], sampling=sampling).wav for r in records]
+    heard = listener.transcribe(to_listener_rate(wavs, tts.codec.sample_rate), "en")
+    right = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard, records)]
+    shutil.copy(records[0]["audios"][0], out / "sample_question.wav")
+    write_wav(str(out / "sample_answer.wav"), wavs[0], tts.codec.sample_rate)
+    return {"spoken_reply_accuracy": float(np.mean(right)),
+            "reply_text_accuracy": float(np.mean([metrics.exact_match(r["prediction"], r["reference"])
+                                                  for r in records])),  # the written answers: the ceiling
+            "replies": len(records),
+            "sample": {"question": records[0]["audios"][0], "answer_text": records[0]["prediction"],
+                       "answer_heard": heard[0]}}
+
+
+def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
+                  predictions: Path | None = None, reply_task: str | None = None, full: bool = True) -> dict:
+    """The voice figures on one split (``manifest``: its {"audio", "text", "voice", "sex"} rows). ``full`` adds
+    best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures."""
+    from audiollm.tts.generate import load_tts
+    from audiollm.tts.sampling import default_sampling
+    from eval.speech import load_transcriber
+    from eval.tts_eval import codec_resynthesis_wer, tts_intelligibility
+
+    out.mkdir(parents=True, exist_ok=True)
+    tts, listener = load_tts(tts_dir), load_transcriber(str(listener_dir), batch_size=16)
+    rows = read_rows(manifest)
+    unique = list(dict.fromkeys(r["text"] for r in rows))[:texts]
+    clips = rows[:texts]
+    sampling = replace(default_sampling(tts.vocab.layout), seed=seed)
+    codec = codec_resynthesis_wer(tts.codec, [r["audio"] for r in clips], [r["text"] for r in clips], listener,
+                                  originals=True, seed=seed)
+    spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed)
+    figures = {"original_wer": codec["original_wer"]["value"],
+               "codec_resynthesis_wer": codec["resynthesis_wer"]["value"], "tts_wer": spoken["tts_wer"]["value"],
+               "real_time_factor": spoken["real_time_factor"], "time_to_first_audio_s": spoken["time_to_first_audio_s"],
+               "ci95": {"original_wer": codec["original_wer"]["ci95"],
+                        "codec_resynthesis_wer": codec["resynthesis_wer"]["ci95"], "tts_wer": spoken["tts_wer"]["ci95"]},
+               "clips": len(clips), "texts": len(unique)}
+    items = {"codec": codec["items"], "tts": spoken["items"]}
+    if full:
+        best = f"tts_wer_best_of_{BEST_OF}"
+        figures[best], figures["ci95"][best] = (spoken["tts_wer_best_of_n"]["value"],
+                                                spoken["tts_wer_best_of_n"]["ci95"])
+        items["tts_best_of"] = spoken["items_best_of_n"]
+        by_voice = {v: [r for r in rows if r["voice"] == v] for v in sorted({r["voice"] for r in rows})}
+        prompts = [r for group in by_voice.values() for r in group[: CLONING_PROMPTS // len(by_voice)]]
+        figures |= cloning(tts, listener, prompts, unique[-len(prompts):], sampling)
+    if full and predictions is not None:
+        figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out)
+    (out / "voice_items.json").write_text(json.dumps(items, indent=1))
+    return figures
