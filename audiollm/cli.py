@@ -148,20 +148,27 @@ def run_data_synth(args) -> int:
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on a laptop CPU: synth -> init -> text -> pretrain -> SFT -> DPO -> eval -> export",
+        help="the whole pipeline on a laptop CPU: synth -> init -> text -> pretrain -> SFT -> DPO -> eval -> export "
+        "-> the voice (codec, TTS)",
         description="Synthesises a spoken corpus offline, trains a tiny listening model through the three stages, "
-        "scores it on a held-out split and exports it. About 10-15 minutes on 2 CPU cores.",
+        "scores it on a held-out split and exports it; then trains a codec and a TTS decoder on the corpus and "
+        "measures them with that listener. About 20 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="new or empty folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="cap every stage at this many steps (a quick smoke run)")
+    p.add_argument("--part", choices=("all", "listening", "voice"), default="all",
+                   help="listening: stop before the voice; voice: train and measure the voice in --out, the folder "
+                   "of a finished listening run (default: all)")
     p.set_defaults(run=run_demo, parser=p)
 
 
 def run_demo(args) -> int:
     from audiollm.demo import run_demo as demo
 
-    demo(args.out, seed=args.seed, max_steps=args.max_steps)
+    if args.part == "voice" and not Path(args.out, "export", "config.json").is_file():
+        args.parser.error(f"--part voice needs a finished listening run in {args.out} (its export/ is missing)")
+    demo(args.out, seed=args.seed, max_steps=args.max_steps, part=args.part)
     return 0
 
 

@@ -4,7 +4,8 @@
     ->  text: the tiny LLM learns the facts in writing, as a released LLM knows them (the SFT module, typed rows)
     ->  pretrain -> SFT -> DPO   (stages/*.py with stages/configs/*_demo.yaml, the `audiollm train` path)
     ->  eval on the held-out split (the eval/ harness)  ->  export (stock Qwen2-Audio folder)
-    ->  the voice: a tiny codec-token TTS decoder (stages/tts.py) on the same corpus (audiollm/tts/demo.py)
+    ->  the voice (audiollm/tts/demo.py): a codec (stages/codec.py), then a codec-token TTS decoder (stages/tts.py)
+        on the corpus's English clips, measured by the listener just trained (it never trains on their audio)
     ->  results.json, report.md, loss.png
 
 The stages are the same modules and recipe format a GPU user runs; only the recipe sizes are small. Every figure
@@ -22,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STAGES = ("text", "pretrain", "sft", "dpo")
+VOICE_TEXTS = 60  # held-out texts (and clips) the voice is measured on; each costs about 2 s of speaking
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
 # The stage module each demo stage runs (stages/<module>.py) and its recipe (in stages/configs/).
 STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain", "pretrain_demo.yaml"),
@@ -31,7 +33,12 @@ STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain",
 STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl"],
               "sft": ["sft.jsonl", "pretrain.jsonl", "text.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
-               "dpo_pref_accuracy_after", "tts_heldout_token_accuracy", "tts_majority_baseline")
+               "dpo_pref_accuracy_after")
+# The voice's figures (held-out split), in results.json under "voice" (audiollm/tts/voice_eval.py).
+VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "tts_wer", "tts_wer_best_of_4", "cloning_sex_agreement",
+              "no_prompt_sex_agreement", "cloning_pitch_agreement", "no_prompt_pitch_agreement",
+              "spoken_reply_accuracy", "reply_text_accuracy", "real_time_factor", "time_to_first_audio_s")
+PARTS = ("all", "listening", "voice")  # --part: the whole demo, or one half (voice: on a finished listening run)
 
 
 class Clock:
@@ -51,16 +58,36 @@ class Clock:
         return round(time.perf_counter() - self.start, 1)
 
 
-def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpus_size: str = "full") -> dict:
+def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpus_size: str = "full",
+             part: str = "all") -> dict:
     """Run the pipeline into ``out`` (new or empty); returns the results written to ``out/results.json``.
 
-    ``max_steps`` caps every stage (tests run a shortened demo); None keeps the recipes' schedules.
+    ``max_steps`` caps every stage (tests run a shortened demo); None keeps the recipes' schedules. ``part``
+    "listening" stops before the voice; "voice" trains and measures the voice in the folder of a listening run.
     """
+    out, clock = Path(out), Clock()
+    if part == "voice":
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    else:
+        results = run_listening(out, clock, seed, max_steps, corpus_size)
+    if part != "listening":
+        from audiollm.tts.demo import run_voice_demo
+
+        with clock.step("train and measure the voice: codec, tts"):
+            results["voice"] = run_voice_demo(out / "data", out / "voice", out / "export", seed, max_steps,
+                                              texts=VOICE_TEXTS if max_steps is None else 2)
+    before = results.get("wall_seconds", 0.0) if part == "voice" else 0.0  # the listening run's own time
+    results.update(wall_seconds=round(before + clock.total(), 1), seed=seed, max_steps=max_steps,
+                   step_seconds={**results.get("step_seconds", {}), **clock.steps})
+    write_outputs(out, results)
+    return results
+
+
+def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, corpus_size: str) -> dict:
+    """Synthesise, init, train text -> pretrain -> SFT -> DPO, evaluate, export: the listening half's figures."""
     from audiollm.build import build_tiny
     from audiollm.synth.corpus import synth
-    from audiollm.tts.demo import train_tts_demo
 
-    out, clock = Path(out), Clock()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; the demo writes a new folder")
     data = out / "data"
@@ -77,14 +104,7 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
         figures = evaluate_heldout(out, data)
     with clock.step("export"):
         export_folder(out / "dpo", out / "export", out / "eval" / "results.json")
-    with clock.step("train and measure the voice: tts"):
-        voice = train_tts_demo(data, out / "voice", seed, max_steps)
-    figures.update(tts_heldout_token_accuracy=voice["heldout_token_accuracy"],
-                   tts_majority_baseline=voice["heldout_majority_baseline"], tts_notice=voice["notice"])
-    results = {**figures, "wall_seconds": clock.total(), "step_seconds": clock.steps,
-               "corpus": corpus["splits"], "seed": seed, "max_steps": max_steps}
-    write_outputs(out, results)
-    return results
+    return {**figures, "corpus": corpus["splits"]}
 
 
 def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None) -> None:
@@ -156,12 +176,19 @@ def write_outputs(out: Path, results: dict) -> None:
 def results_table(results: dict) -> str:
     rows = ["| figure | held-out | validation |", "|---|---|---|"]
     for key in ("asr_wer", "classification_accuracy", "analysis_accuracy", "voice_chat_accuracy",
-                "typed_question_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after",
-                "tts_heldout_token_accuracy", "tts_majority_baseline"):
+                "typed_question_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
         checked = results["validation"].get(key)
         rows.append(f"| {key} | {results[key]:.3f} | {'' if checked is None else f'{checked:.3f}'} |")
+    voice = results.get("voice", {})
+    for key in VOICE_KEYS if voice else ():
+        held, checked = voice["heldout"].get(key), voice["validation"].get(key)
+        rows.append(f"| voice: {key} | {_cell(held)} | {_cell(checked)} |")
     rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} | |")
     return "\n".join(rows)
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def report_markdown(results: dict, table: str) -> str:
@@ -170,12 +197,28 @@ def report_markdown(results: dict, table: str) -> str:
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
         "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
         "training. The validation column is a second split of unseen sentences and voices: the "
-        f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n| step | seconds |\n|---|---|\n{steps}\n\n"
+        f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n"
+        f"| step | seconds |\n|---|---|\n{steps}\n\n"
         "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
-        "Loss curves: `loss.png`.\n\n## The voice\n\nA tiny TTS decoder learns to write codec tokens for the "
-        "held-out transcripts (`tts_heldout_token_accuracy`: next speech token right, teacher forced; "
-        "`tts_majority_baseline`: always the most common code of each slot). "
-        f"{results['tts_notice']} A sample: `voice/sample.wav`.\n"
+        "Loss curves: `loss.png`.\n\n" + (voice_markdown(results["voice"]) if "voice" in results else "")
+    )
+
+
+def voice_markdown(voice: dict) -> str:
+    held = voice["heldout"]
+    return (
+        "## The voice\n\nA codec (`voice/codec`) and a TTS decoder (`voice/tts`) trained on the corpus's English "
+        "training clips, measured by the listener above (trained on the synthesised speech only, never on codec or "
+        f"TTS audio) on {held['texts']} held-out texts and clips: `original_wer` (the clips as synthesised), "
+        "`codec_resynthesis_wer` (through the codec: the ceiling of any TTS on it), `tts_wer` (one sample per text), "
+        "`tts_wer_best_of_4` (the listener picks the candidate it hears best), cloning (how often the listener's "
+        "speaker-sex / pitch answer on the TTS output equals its answer on the prompt clip, prompted and not), "
+        "`spoken_reply_accuracy` (held-out spoken questions answered by the listener, spoken by the TTS, "
+        "transcribed by the listener, scored like voice chat). 95% bootstrap intervals: `voice/voice_results.json`."
+        "\n\nA sample pair: `voice/heldout/sample_question.wav` -> `voice/heldout/sample_answer.wav` (answer "
+        f"\"{held.get('sample', {}).get('answer_text', '')}\", heard back as "
+        f"\"{held.get('sample', {}).get('answer_heard', '')}\"). Spectrograms (synthesised, codec, TTS): "
+        "`voice/heldout/spectrograms.png`.\n"
     )
 
 
@@ -186,7 +229,8 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")  # no display on a server or in CI
     import matplotlib.pyplot as plt
 
-    runs = {stage: out / stage for stage in STAGES} | {"tts (the voice)": out / "voice" / "tts"}
+    runs = {stage: out / stage for stage in STAGES}
+    runs |= {name: out / "voice" / name for name in ("codec", "tts") if (out / "voice" / name).is_dir()}
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
     for ax, (stage, folder) in zip(axes, runs.items()):
         state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))

@@ -1,28 +1,79 @@
-"""The demo's voice part on the smallest synthesised corpus: it trains, and its figures are measured."""
+"""The demo's voice: manifests from a corpus, the codec and TTS stages at 2 steps, and every voice figure measured
+by a tiny random listener (the figures' plumbing, not their values: nothing here learns)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import soundfile as sf
+
+from audiollm.build import build_tiny
+from audiollm.tts.demo import train_voice, voice_manifests
+from audiollm.tts.voice_eval import agreement, measure_voice
+from tests.conftest import build_untrained_tts
+
+VOICES = {"train": ["en+f1", "en+m1"], "heldout": ["en+f4", "en+m7"], "validation": ["steph", "m6"]}
+WORDS = ["red green", "three four", "blue seven", "dog car"]
 
 
-def test_train_tts_demo_measures_its_figures(tmp_path):
-    from audiollm.synth.corpus import synth
-    from audiollm.tts.data import token_dataset
-    from audiollm.tts.demo import NOTICE, token_accuracy, train_tts_demo
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """clips.jsonl and audio like the synthesiser's: 4 English clips per split in two voices, one German clip."""
+    from tests.conftest import make_speech_like
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "audio").mkdir()
+    rows = []
+    for split, voices in VOICES.items():
+        for i, text in enumerate(WORDS):
+            name = f"audio/{split}{i}.wav"
+            sf.write(root / name, make_speech_like(0.8 + 0.1 * i, seed=len(rows)), 16000)
+            rows.append({"audio": name, "split": split, "text": text, "language": "en", "voice": voices[i % 2],
+                         "sex": "female" if i % 2 == 0 else "male"})
+    rows.append({**rows[0], "language": "de", "text": "rot"})
+    (root / "clips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_manifests_keep_english_clips_of_each_split(corpus, tmp_path):
+    manifests = voice_manifests(corpus, tmp_path)
+    for split in VOICES:
+        rows = [json.loads(line) for line in manifests[split].read_text().splitlines()]
+        assert [r["text"] for r in rows] == WORDS and {r["voice"] for r in rows} == set(VOICES[split])
+
+
+def test_agreement_compares_normalised_answers():
+    assert agreement(["Female.", "male", "high"], ["female", "female", "High"]) == pytest.approx(2 / 3)
+
+
+def test_train_voice_writes_a_codec_and_a_tts(corpus, tmp_path):
+    from audiollm.tts.codecs import load_codec
     from audiollm.tts.generate import load_tts
 
-    synth(tmp_path / "corpus", seed=0, size="tiny")
-    results = train_tts_demo(tmp_path / "corpus", tmp_path / "out", max_steps=4)
-    assert [step for step, _ in results["loss_curve"]] == [1, 2, 3, 4]
-    assert results["train_rows"] > 0 and results["heldout_rows"] > 0
-    assert results["notice"] == NOTICE and "not meant to be intelligible" in NOTICE
-    assert json.loads((tmp_path / "out" / "tts_results.json").read_text())["heldout_token_accuracy"] == \
-        results["heldout_token_accuracy"]
-    tts = load_tts(tmp_path / "out" / "tts")
-    heldout = token_dataset([str(tmp_path / "out" / "data" / "tts_heldout.jsonl")], tts.tokenizer, tts.vocab,
-                            tts.codec.key, lambda: tts.codec, 512, tmp_path / "out" / "cache")
-    assert token_accuracy(tts.model, heldout, tts.vocab.speech_start) == pytest.approx(
-        results["heldout_token_accuracy"])
-    assert (tmp_path / "out" / "sample.wav").is_file()
+    folders = train_voice(corpus, tmp_path / "voice", max_steps=2)
+    assert load_codec(folders["codec"]).name == "audiollm_melcodec"
+    assert load_tts(folders["tts"]).codec.folder == folders["codec"].resolve()
+
+
+def test_every_voice_figure_is_measured(corpus, tmp_path):
+    tts = build_untrained_tts(tmp_path / "tts", codec="melcodec", layout="rvq")
+    build_tiny(tmp_path / "listener")
+    manifests = voice_manifests(corpus, tmp_path / "data")
+    question = str(corpus / "audio" / "heldout0.wav")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps({"task": task, "audios": [question], "prediction": "seven",
+                                               "reference": "seven"}) + "\n"
+                                   for task in ("heldout_voice_chat", "heldout_voice_chat", "heldout_analysis")))
+    figures = measure_voice(tts, tmp_path / "listener", manifests["heldout"], tmp_path / "out", texts=2,
+                            predictions=predictions, reply_task="heldout_voice_chat")
+    for key in ("original_wer", "codec_resynthesis_wer", "tts_wer", "tts_wer_best_of_4"):
+        assert figures[key] >= 0.0 and len(figures["ci95"][key]) == 2, key
+    for key in ("cloning_sex_agreement", "no_prompt_sex_agreement", "cloning_pitch_agreement",
+                "prompt_sex_accuracy", "spoken_reply_accuracy"):
+        assert 0.0 <= figures[key] <= 1.0, key
+    assert figures["reply_text_accuracy"] == 1.0 and figures["replies"] == 2  # the written answers were right
+    assert figures["texts"] == figures["clips"] == 2 and figures["prompt_voices"] == VOICES["heldout"]
+    assert (tmp_path / "out" / "sample_answer.wav").is_file() and (tmp_path / "out" / "sample_question.wav").is_file()
+    quick = measure_voice(tts, tmp_path / "listener", manifests["validation"], tmp_path / "val", texts=2, full=False)
+    assert "tts_wer_best_of_4" not in quick and "cloning_sex_agreement" not in quick

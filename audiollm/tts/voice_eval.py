@@ -90,6 +90,31 @@ def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, samp
                        "answer_heard": heard[0]}}
 
 
+def spectrogram_figure(tts, row: dict, sampling, path: Path) -> None:
+    """Log-mel spectrograms of one clip as synthesised, through the codec, and its text spoken by the TTS."""
+    import librosa
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    from audiollm.tts.codecs import read_audio
+    from audiollm.tts.generate import speak
+
+    rate = tts.codec.sample_rate
+    clip = read_audio(row["audio"], rate)
+    panels = {"synthesised": clip, "codec": tts.codec.decode(tts.codec.encode(clip))[: len(clip)],
+              "TTS": speak(tts, row["text"], sampling=sampling).wav}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for ax, (name, wav) in zip(axes, panels.items()):
+        mel = librosa.power_to_db(librosa.feature.melspectrogram(y=wav, sr=rate, n_mels=80), ref=1.0)
+        ax.imshow(mel, origin="lower", aspect="auto", vmin=mel.max() - 80, extent=(0, len(wav) / rate, 0, 80))
+        ax.set(title=f"{name}: \"{row['text']}\"" if name == "synthesised" else name, xlabel="s", ylabel="mel bin")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
                   predictions: Path | None = None, reply_task: str | None = None, full: bool = True) -> dict:
     """The voice figures on one split (``manifest``: its {"audio", "text", "voice", "sex"} rows). ``full`` adds
@@ -123,6 +148,8 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
         by_voice = {v: [r for r in rows if r["voice"] == v] for v in sorted({r["voice"] for r in rows})}
         prompts = [r for group in by_voice.values() for r in group[: CLONING_PROMPTS // len(by_voice)]]
         figures |= cloning(tts, listener, prompts, unique[-len(prompts):], sampling)
+    if full:
+        spectrogram_figure(tts, clips[0], sampling, out / "spectrograms.png")
     if full and predictions is not None:
         figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out)
     (out / "voice_items.json").write_text(json.dumps(items, indent=1))
