@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +115,11 @@ def spectrogram_figure(tts, row: dict, sampling, path: Path) -> None:
 
 
 def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
-                  predictions: Path | None = None, reply_task: str | None = None, full: bool = True) -> dict:
+                  predictions: Path | None = None, reply_task: str | None = None, full: bool = True,
+                  sampling: dict | None = None) -> dict:
     """The voice figures on one split (``manifest``: its {"audio", "text", "voice", "sex"} rows). ``full`` adds
-    best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures."""
+    best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures.
+    ``sampling``: changes to the layout's default sampling settings (temperature, top_k...)."""
     from audiollm.tts.generate import load_tts
     from audiollm.tts.sampling import default_sampling
     from eval.speech import load_transcriber
@@ -129,10 +130,11 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
     rows = read_rows(manifest)
     unique = list(dict.fromkeys(r["text"] for r in rows))[:texts]
     clips = rows[:texts]
-    sampling = replace(default_sampling(tts.vocab.layout), seed=seed)
+    sampling = default_sampling(tts.vocab.layout, **(sampling or {}), seed=seed)
     codec = codec_resynthesis_wer(tts.codec, [r["audio"] for r in clips], [r["text"] for r in clips], listener,
                                   originals=True, seed=seed)
-    spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed)
+    spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed,
+                                 sampling=sampling)
     figures = {"original_wer": codec["original_wer"]["value"],
                "codec_resynthesis_wer": codec["resynthesis_wer"]["value"], "tts_wer": spoken["tts_wer"]["value"],
                "real_time_factor": spoken["real_time_factor"], "time_to_first_audio_s": spoken["time_to_first_audio_s"],
