@@ -23,11 +23,13 @@ class TTSModelArguments:
 
     model_name_or_path: str = field(metadata={"help": "Any local HF causal-LM folder (TTS tokens are added), or a "
                                               "previous tts output (its tts_config.json is kept)."})
-    codec_name_or_path: str | None = field(default=None, metadata={"help": "Local XCodec2, SNAC, Mimi, DAC or trained-here codec folder; "
-                                           "default: the one in the model's tts_config.json."})
+    codec_name_or_path: str | None = field(default=None, metadata={"help": "Local XCodec2, SNAC, Mimi, DAC or "
+                                           "trained-here codec folder; default: the one in the model's "
+                                           "tts_config.json."})
     layout: str = field(default="single", metadata={"help": "single (XCodec2, LLaSA), snac7 (SNAC, Orpheus) or rvq "
                         "(Mimi, DAC, the codec trained here); ignored when the model already has a tts_config.json."})
-    codec_codebooks: int | None = field(default=None, metadata={"help": "Mimi, DAC, the codec trained here: RVQ levels kept (default all)."})
+    codec_codebooks: int | None = field(default=None, metadata={"help": "Mimi, DAC, the codec trained here: RVQ "
+                                        "levels kept (default all)."})
     model_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 weights."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code in the LM folder."})
