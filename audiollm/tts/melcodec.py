@@ -191,7 +191,8 @@ class MelCodecModel(PreTrainedModel):
     def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
         """(B, H, F) -> predicted log|X| (B, 513, F * stride)."""
         b, ch, f = q.shape
-        h = self.unstack(q).reshape(b, ch, self.config.stride, f).permute(0, 1, 3, 2).reshape(b, ch, f * self.config.stride)
+        stride = self.config.stride
+        h = self.unstack(q).reshape(b, ch, stride, f).permute(0, 1, 3, 2).reshape(b, ch, f * stride)
         return self.decoder(h)
 
     def forward(self, input_values: torch.Tensor, **kwargs) -> MelCodecOutput:

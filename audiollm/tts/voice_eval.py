@@ -139,7 +139,8 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
                "codec_resynthesis_wer": codec["resynthesis_wer"]["value"], "tts_wer": spoken["tts_wer"]["value"],
                "real_time_factor": spoken["real_time_factor"], "time_to_first_audio_s": spoken["time_to_first_audio_s"],
                "ci95": {"original_wer": codec["original_wer"]["ci95"],
-                        "codec_resynthesis_wer": codec["resynthesis_wer"]["ci95"], "tts_wer": spoken["tts_wer"]["ci95"]},
+                        "codec_resynthesis_wer": codec["resynthesis_wer"]["ci95"],
+                        "tts_wer": spoken["tts_wer"]["ci95"]},
                "clips": len(clips), "texts": len(unique)}
     items = {"codec": codec["items"], "tts": spoken["items"]}
     if full:
