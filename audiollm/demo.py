@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("text", "pretrain", "sft", "dpo")
 VOICE_TEXTS = 60  # held-out texts (and clips) the voice is measured on; each costs about 2 s of speaking
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "stages" / "configs"
 # The stage module each demo stage runs (stages/<module>.py) and its recipe (in stages/configs/).
 STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain", "pretrain_demo.yaml"),
                  "sft": ("sft", "sft_demo.yaml"), "dpo": ("dpo", "dpo_demo.yaml")}
@@ -108,16 +107,13 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
 
 
 def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None) -> None:
-    """One stage through its module and demo recipe, exactly as ``audiollm train STAGE --config ...`` runs it."""
-    import importlib
+    """One listening stage through its module and demo recipe, exactly as ``audiollm train STAGE --config ...``."""
+    from audiollm.tts.demo import run_recipe
 
     module, recipe = STAGE_RECIPES[stage]
-    argv = ["--config", str(CONFIG_DIR / recipe), "--model_name_or_path", str(model),
-            "--train_files", *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
-            "--seed", str(seed)]
-    if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
-        argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
-    importlib.import_module(f"stages.{module}").main(argv)
+    run_recipe(module, recipe, ["--model_name_or_path", str(model), "--train_files",
+                                *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
+                                "--seed", str(seed)], max_steps)
 
 
 def split_chat(data: Path, split: str) -> dict[str, Path]:

@@ -46,10 +46,11 @@ def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
     return manifests
 
 
-def run_stage(module: str, recipe: str, overrides: list[str], max_steps: int | None) -> None:
-    """One stage through its module and demo recipe, as ``audiollm train MODULE --config ...`` runs it."""
+def run_recipe(module: str, recipe: str, overrides: list[str], max_steps: int | None) -> None:
+    """stages/MODULE.py with stages/configs/RECIPE and ``overrides``, as ``audiollm train MODULE --config ...`` runs
+    it; every demo stage, listening and voice, goes through here."""
     argv = ["--config", str(CONFIG_DIR / recipe), *overrides]
-    if max_steps is not None:
+    if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
         argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
     importlib.import_module(f"stages.{module}").main(argv)
 
@@ -66,11 +67,11 @@ def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_
     # thread sync made a TTS training step 25x slower (1.16 s vs 0.045 s measured).
     torch.set_num_threads(1)
     try:
-        run_stage("codec", "codec_demo.yaml", ["--train_files", str(manifests["train"]), "--eval_files",
+        run_recipe("codec", "codec_demo.yaml", ["--train_files", str(manifests["train"]), "--eval_files",
                                                str(manifests["validation"]), "--output_dir", str(out / "codec"),
                                                "--seed", str(seed)], max_steps)
         lm = tiny_lm(out / "init" / "lm", "demo", seed)
-        run_stage("tts", "tts_demo.yaml", ["--model_name_or_path", str(lm), "--codec_name_or_path",
+        run_recipe("tts", "tts_demo.yaml", ["--model_name_or_path", str(lm), "--codec_name_or_path",
                                            str(out / "codec"), "--codec_codebooks", str(TTS_CODEBOOKS),
                                            "--train_files", str(manifests["train"]),
                                            "--eval_files", str(manifests["validation"]), "--output_dir",
