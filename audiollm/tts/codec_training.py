@@ -38,10 +38,6 @@ class CodecModelArguments:
     fsq_levels: list[int] | None = field(default=None, metadata={"help": "Values per FSQ dimension of a level; "
                                          "codes per level = their product (4 4 4 4: 256)."})
     quantizer_dropout: float | None = field(default=None, metadata={"help": "Share of rows trained on fewer levels."})
-    vocoder: str | None = field(default=None, metadata={"help": "Decoding: harmonic (pitch-driven) or griffin_lim; "
-                                "a codec folder's config.json may be edited to switch."})
-    f0_min: float | None = field(default=None, metadata={"help": "Hz, lowest pitch tracked."})
-    f0_max: float | None = field(default=None, metadata={"help": "Hz, highest pitch tracked."})
     griffin_lim_iters: int | None = field(default=None, metadata={"help": "Griffin-Lim iterations when decoding."})
 
     def config(self) -> MelCodecConfig:

@@ -276,14 +276,12 @@ class DacCodec(Codec):
 
 
 class MelCodec(Codec):
-    """The codec trained here (``audiollm train codec``, audiollm/tts/melcodec.py): log-mel and pitch frames -> RVQ
-    codes -> magnitude spectrogram and pitch -> harmonic vocoder (or Griffin-Lim). 16 kHz, 512 samples per frame
-    (31.25 frames/s), 4 levels of 256 codes in the demo's recipe; ``codebooks`` keeps the first k levels (quantiser
-    dropout trained them to decode alone).
+    """The codec trained here (``audiollm train codec``, audiollm/tts/melcodec.py): log-mel frames -> RVQ codes ->
+    magnitude spectrogram -> Griffin-Lim. 16 kHz, 512 samples per frame (31.25 frames/s), 4 levels of 256 codes in
+    the demo's recipe; ``codebooks`` keeps the first k levels (quantiser dropout trained them to decode alone).
 
-    Decoding is deterministic (seeded noise; Griffin-Lim starts from a fixed phase) but a windowed (streamed)
-    decode is close to, not equal to, the one-shot decode: the harmonic vocoder's phase runs from the window's
-    start and its noise restarts there; Griffin-Lim re-analyses the whole signal on every iteration.
+    Decoding is deterministic (Griffin-Lim starts from a fixed random phase) but not local: every iteration
+    re-analyses the whole signal, so a windowed (streamed) decode is close to, not equal to, the one-shot decode.
     """
 
     name = "audiollm_melcodec"

@@ -1,19 +1,15 @@
-"""A small speech codec that trains in minutes on a CPU: log-mel and pitch frames -> residual VQ codes -> magnitude
-spectrogram and pitch -> a harmonic vocoder (or Griffin-Lim). It is the demo's codec (no trained codec can be
-downloaded offline) and a baseline for real ones.
+"""A small speech codec that trains in minutes on a CPU: log-mel frames -> residual VQ codes -> magnitude spectrogram
+-> Griffin-Lim. It is the demo's codec (no trained codec can be downloaded offline) and a baseline for real ones.
 
     wav (16 kHz) --STFT n_fft 1024, hop 256--> |X| (513, T) --mel filterbank--> log-mel (80, T)        62.5 Hz
-                 --YIN (audiollm/tts/vocoder.py)--> f0, periodicity (T,)
-      --encoder: convs over log-mel + pitch, then `stride` frames stacked--> (hidden, T/stride)          31.25 Hz
+      --encoder: convs, then `stride` frames stacked--> (hidden, T/stride)                              31.25 Hz
       --RVQ: num_quantizers levels of codebook_size codes--> codes (num_quantizers, T/stride)
-      --decoder: convs, frames unstacked--> log|X| (513, T), log f0 and periodicity (T,)
-      --vocoder: harmonics of f0 and noise, shared by periodicity, both shaped by |X| (or Griffin-Lim)--> wav
+      --decoder: convs, frames unstacked--> log|X| (513, T) --Griffin-Lim (librosa)--> wav
 
 Why this design (measured on the demo corpus, see README "The voice"): a waveform codec (DAC) needs far longer
-training than a CPU affords before it is intelligible, while a magnitude spectrogram keeps speech intelligible and
-quantising mel frames is cheap to learn. The decoder predicts the full 513-bin magnitude, not the mel, so the
-vocoder does not also have to undo the mel filterbank. Its L1 loss makes that magnitude a smooth envelope without
-harmonics, which Griffin-Lim voices as a whisper; the decoded pitch puts the harmonics back.
+training than a CPU affords before it is intelligible, while a magnitude spectrogram inverted by Griffin-Lim keeps
+speech intelligible, and quantising mel frames is cheap to learn. The decoder predicts the full 513-bin magnitude,
+not the mel, so Griffin-Lim does not also have to undo the mel filterbank.
 
 Quantiser: residual levels of finite scalar quantisation (FSQ: each level projects the residual to a few
 dimensions and rounds each to one of L values), which has no codebook to collapse and no auxiliary loss;
@@ -33,15 +29,11 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from audiollm.tts.vocoder import harmonic_synthesis, yin_pitch
-
 LOG_FLOOR = 1e-5  # magnitude floor before the log: -100 dB under a full-scale sine's bin
 # Natural-log mel magnitudes of speech at -20..-30 dBFS span about -11.5 (the floor) to +3: shifted and scaled to
 # roughly zero mean and unit spread before the encoder.
 MEL_CENTER, MEL_SCALE = -4.0, 4.0
 LOG_CEILING = 8.0  # predicted log|X| is capped here before exp: a full-scale sine's bin is n_fft / 4 = 256 (5.5)
-F0_CENTER = float(np.log(150.0))  # log f0 is coded as octaves from 150 Hz: the demo's voices span -1..+0.6
-VOCODERS = ("harmonic", "griffin_lim")
 
 
 @strict
@@ -61,15 +53,7 @@ class MelCodecConfig(PreTrainedConfig):
     num_quantizers: int = 4  # residual levels
     fsq_levels: list[int] | tuple[int, ...] = (4, 4, 4, 4)  # values per FSQ dimension: 4^4 = 256 codes per level
     quantizer_dropout: float = 0.5  # share of rows trained with a random number of levels 1..num_quantizers
-    vocoder: str = "harmonic"  # decode: "harmonic" (pitch-driven, audiollm/tts/vocoder.py) or "griffin_lim"
-    f0_min: float = 60.0  # Hz, the pitch tracker's range
-    f0_max: float = 400.0
     griffin_lim_iters: int = 64  # decode: more iterations, cleaner phase (32 -> 64 is audible; 128 barely)
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.vocoder not in VOCODERS:
-            raise ValueError(f"vocoder must be one of {VOCODERS}, got {self.vocoder!r}")
 
     @property
     def codebook_size(self) -> int:
@@ -143,8 +127,7 @@ class MelCodecModel(PreTrainedModel):
     def __init__(self, config: MelCodecConfig):
         super().__init__(config)
         c = config
-        # Input: log-mel plus 2 pitch channels (octaves from 150 Hz times periodicity; periodicity 0..1).
-        self.encoder = nn.Sequential(nn.Conv1d(c.n_mels + 2, c.hidden_size, 5, padding=2),
+        self.encoder = nn.Sequential(nn.Conv1d(c.n_mels, c.hidden_size, 5, padding=2),
                                      *[ResBlock(c.hidden_size, 3 ** i) for i in range(c.encoder_layers)])
         # Normalised latents keep the quantisers' sigmoids off their flat tails (unnormalised, every frame got the
         # same code within 15 steps).
@@ -153,9 +136,8 @@ class MelCodecModel(PreTrainedModel):
         self.quantizers = nn.ModuleList(Quantizer(c.hidden_size, tuple(c.fsq_levels))
                                         for _ in range(c.num_quantizers))
         self.unstack = nn.Conv1d(c.hidden_size, c.hidden_size * c.stride, 1)
-        self.decoder = nn.Sequential(*[ResBlock(c.hidden_size, 3 ** i) for i in range(c.decoder_layers)], nn.GELU())
-        self.to_magnitude = nn.Conv1d(c.hidden_size, c.n_fft // 2 + 1, 1)
-        self.to_pitch = nn.Conv1d(c.hidden_size, 2, 1)  # (octaves from 150 Hz, periodicity logit)
+        self.decoder = nn.Sequential(*[ResBlock(c.hidden_size, 3 ** i) for i in range(c.decoder_layers)],
+                                     nn.GELU(), nn.Conv1d(c.hidden_size, c.n_fft // 2 + 1, 1))
         self.post_init()
 
     def _init_weights(self, module):
@@ -185,18 +167,10 @@ class MelCodecModel(PreTrainedModel):
     def log(x: torch.Tensor) -> torch.Tensor:
         return torch.log(x.clamp(min=LOG_FLOOR))
 
-    def pitch(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, n) -> (octaves of f0 from 150 Hz (B, T), periodicity (B, T) in [0, 1]), T = n / hop."""
-        c = self.config
-        f0, periodicity = yin_pitch(wav, c.sampling_rate, c.n_fft, c.hop_length, c.f0_min, c.f0_max)
-        return (f0.log() - F0_CENTER) / np.log(2), periodicity
-
-    def latents(self, wav: torch.Tensor, log_mel: torch.Tensor, pitch: tuple[torch.Tensor, torch.Tensor]
-                ) -> torch.Tensor:
-        """(B, n) waveforms, their log-mel (B, n_mels, T) and ``pitch`` -> (B, hidden, T / stride): the encoder's
-        output, before quantising."""
-        octaves, v = pitch
-        h = self.encoder(torch.cat([(log_mel - MEL_CENTER) / MEL_SCALE, (octaves * v)[:, None], v[:, None]], 1))
+    def latents(self, wav: torch.Tensor) -> torch.Tensor:
+        """(B, n) -> (B, hidden, n / (hop * stride)): the encoder's output, before quantising."""
+        _, log_mel = self.spectrogram(wav)
+        h = self.encoder((log_mel - MEL_CENTER) / MEL_SCALE)  # (B, H, T)
         b, ch, t = h.shape
         h = h.reshape(b, ch, t // self.config.stride, self.config.stride).permute(0, 1, 3, 2)
         return self.stack(h.reshape(b, ch * self.config.stride, t // self.config.stride))
@@ -214,63 +188,49 @@ class MelCodecModel(PreTrainedModel):
             codes.append(idx)
         return total, torch.stack(codes, 1)
 
-    def decode_latents(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, F) -> (predicted log|X| (B, 513, F * stride), pitch (B, 2, F * stride): octaves from 150 Hz and
-        the voicing logit)."""
+    def decode_latents(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, F) -> predicted log|X| (B, 513, F * stride)."""
         b, ch, f = q.shape
         stride = self.config.stride
-        h = self.decoder(self.unstack(q).reshape(b, ch, stride, f).permute(0, 1, 3, 2).reshape(b, ch, f * stride))
-        return self.to_magnitude(h), self.to_pitch(h)
+        h = self.unstack(q).reshape(b, ch, stride, f).permute(0, 1, 3, 2).reshape(b, ch, f * stride)
+        return self.decoder(h)
 
     def forward(self, input_values: torch.Tensor, **kwargs) -> MelCodecOutput:
-        """(B, n) waveforms, n a multiple of hop * stride -> loss = L1(log|X|) + L1(log-mel) + pitch loss (FSQ
-        needs no other)."""
+        """(B, n) waveforms, n a multiple of hop * stride -> loss = L1(log|X|) + L1(log-mel) (FSQ needs no other)."""
         log_mag, log_mel = self.spectrogram(input_values)
-        octaves, periodicity = self.pitch(input_values)
-        z = self.latents(input_values, log_mel, (octaves, periodicity))
+        z = self.latents(input_values)
         levels = None
         if self.training and self.config.quantizer_dropout > 0:
             n = len(self.quantizers)
             dropped = torch.rand(z.shape[0], device=z.device) < self.config.quantizer_dropout
             levels = torch.where(dropped, torch.randint(1, n + 1, (z.shape[0],), device=z.device), n)
         q, codes = self.quantize(z, levels)
-        pred, pitch = self.decode_latents(q)  # (B, 513, T), (B, 2, T)
+        pred = self.decode_latents(q)  # (B, 513, T)
         pred_mel = self.log(self.analysis(pred.device)[1] @ pred.clamp(max=LOG_CEILING).exp())
-        v = periodicity
-        pitch_loss = (F.binary_cross_entropy_with_logits(pitch[:, 1], v)  # soft targets: periodicity 0..1
-                      + ((pitch[:, 0] - octaves).abs() * v).sum() / v.sum().clamp(min=1))
-        return MelCodecOutput(loss=F.l1_loss(pred, log_mag) + F.l1_loss(pred_mel, log_mel) + pitch_loss,
-                              codes=codes)
+        return MelCodecOutput(loss=F.l1_loss(pred, log_mag) + F.l1_loss(pred_mel, log_mel), codes=codes)
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         """(B, n) waveforms, n a multiple of hop * stride -> (B, levels, frames) codes."""
-        _, log_mel = self.spectrogram(wav)
-        _, codes = self.quantize(self.latents(wav, log_mel, self.pitch(wav)))
+        _, codes = self.quantize(self.latents(wav))
         return codes[:, : levels or len(self.quantizers)]
 
     @torch.no_grad()
-    def decode_frames(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, k, frames) codes of the first k levels -> (magnitude |X| (B, 513, T), f0 (B, T) Hz, periodicity
-        (B, T) in [0, 1]), T = frames * stride."""
+    def decode_magnitude(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, k, frames) codes of the first k levels -> magnitude |X| (B, 513, frames * stride)."""
         q = sum(self.quantizers[i].lookup(codes[:, i]) for i in range(codes.shape[1]))
-        log_mag, pitch = self.decode_latents(q)
-        f0 = (150.0 * 2.0 ** pitch[:, 0]).clamp(self.config.f0_min, self.config.f0_max)
-        return log_mag.clamp(max=LOG_CEILING).exp(), f0, torch.sigmoid(pitch[:, 1])
+        return self.decode_latents(q).clamp(max=LOG_CEILING).exp()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> np.ndarray:
-        """(B, k, frames) codes -> (B, frames * hop * stride) float32 waveforms."""
-        c = self.config
-        mag, f0, periodicity = (t.float().cpu().numpy() for t in self.decode_frames(codes))
-        # A centred STFT of T * hop samples has T + 1 frames: the last (dropped in ``spectrogram``) repeats its
-        # neighbour, so the vocoders' frame and sample counts agree.
-        mag, f0, periodicity = (np.concatenate([a, a[..., -1:]], axis=-1) for a in (mag, f0, periodicity))
-        if c.vocoder == "harmonic":
-            return np.stack([harmonic_synthesis(m, f, p, c.sampling_rate, c.n_fft, c.hop_length)
-                             for m, f, p in zip(mag, f0, periodicity)])
+        """(B, k, frames) codes -> (B, frames * hop * stride) float32 waveforms, phase by Griffin-Lim."""
         import librosa
 
+        c = self.config
+        mag = self.decode_magnitude(codes).float().cpu().numpy()  # (B, 513, T)
+        # Centred STFT of T * hop samples has T + 1 frames: the last (dropped in ``spectrogram``) repeats its
+        # neighbour, so Griffin-Lim's re-analysis shapes agree.
+        mag = np.concatenate([mag, mag[..., -1:]], axis=-1)
         return librosa.griffinlim(mag, n_iter=c.griffin_lim_iters, hop_length=c.hop_length, n_fft=c.n_fft,
                                   win_length=c.n_fft, center=True, length=(mag.shape[-1] - 1) * c.hop_length,
                                   random_state=0).astype(np.float32)
