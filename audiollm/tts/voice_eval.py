@@ -71,17 +71,24 @@ def cloning(tts, listener, rows: list[dict], texts: list[str], sampling) -> dict
 def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, sampling, out: Path) -> dict:
     """The listener's answers to spoken questions (``task`` rows of the demo's predictions.jsonl), spoken by the
     TTS and transcribed by the listener, scored against the reference answer like voice chat (exact match after
-    the harness's normaliser). Writes the first question and its spoken answer as a sample pair."""
-    from audiollm.tts.generate import speak, write_wav
+    the harness's normaliser): one sample per answer, and the best of 4 that the listener, as the verifier, hears
+    closest to the answer it meant to say (as ``audiollm speak --best-of 4`` would voice it). Writes the first
+    question and its spoken answer as a sample pair."""
+    from audiollm.tts.generate import ListenerVerifier, speak, write_wav
 
     records = [r for r in map(json.loads, predictions.read_text(encoding="utf-8").splitlines())
                if r["task"] == task][:limit]
+    verifier = ListenerVerifier(listener, "en")
+    best = [speak(tts, r["prediction"], best_of=BEST_OF, verifier=verifier, sampling=sampling).wav for r in records]
     wavs = [speak(tts, r["prediction"], sampling=sampling).wav for r in records]
-    heard = listener.transcribe(to_listener_rate(wavs, tts.codec.sample_rate), "en")
+    rate = tts.codec.sample_rate
+    heard, heard_best = (listener.transcribe(to_listener_rate(w, rate), "en") for w in (wavs, best))
     right = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard, records)]
+    right_best = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard_best, records)]
     shutil.copy(records[0]["audios"][0], out / "sample_question.wav")
-    write_wav(str(out / "sample_answer.wav"), wavs[0], tts.codec.sample_rate)
+    write_wav(str(out / "sample_answer.wav"), wavs[0], rate)
     return {"spoken_reply_accuracy": float(np.mean(right)),
+            f"spoken_reply_accuracy_best_of_{BEST_OF}": float(np.mean(right_best)),
             "reply_text_accuracy": float(np.mean([metrics.exact_match(r["prediction"], r["reference"])
                                                   for r in records])),  # the written answers: the ceiling
             "replies": len(records),
