@@ -24,7 +24,9 @@ def test_tts_trains_on_two_deepspeed_ranks(tmp_path):
     for i in range(8):
         wav = 0.1 * np.random.default_rng(i).standard_normal(int((0.5 + 0.1 * i) * 16000)).astype(np.float32)
         sf.write(tmp_path / f"c{i}.wav", wav, 16000)
-        rows.append({"audio": f"c{i}.wav", "text": ["one two", "red blue green", "cat"][i % 3]})
+        text = ["one two", "red blue green", "cat"][i % 3]  # the demo recipe interleaves words: times for each
+        rows.append({"audio": f"c{i}.wav", "text": text,
+                     "words": [{"word": w, "start": 0.15 * k} for k, w in enumerate(text.split())]})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "stages/tts.py",

@@ -45,7 +45,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tts")
     codec, lm, manifest = tiny_codec("snac", root / "codec"), tiny_lm(root / "lm"), write_rows(root)
     cli(["train", "tts", "--config", "stages/configs/tts_demo.yaml", "--model_name_or_path", str(lm),
-         "--codec_name_or_path", str(codec), "--layout", "snac7", "--train_files", str(manifest), "--eval_files", str(manifest),
+         "--codec_name_or_path", str(codec), "--layout", "snac7", "--interleave", "none", "--train_files", str(manifest),
+         "--eval_files", str(manifest),
          "--output_dir", str(root / "out"), "--cache_dir", str(root / "cache"), "--max_steps", "2",
          "--per_device_train_batch_size", "3", "--max_length", str(MAX_LENGTH), "--use_cpu", "true",
          "--logging_steps", "1"])
@@ -100,7 +101,8 @@ def test_constraint_masks_by_slot():
     vocab = TTSVocab("snac7", 64, [list(s) for s in layout.slots], 100, 1, 2, 3, 4, "codec", 24000, 11.7)
     constraint = SpeechConstraint(vocab, max_frames=2)
     for emitted in range(15):
-        allowed = constraint.allowed(emitted, 600).nonzero().flatten().tolist()
+        allowed = constraint.allowed(0, 600).nonzero().flatten().tolist()
+        constraint.update(torch.tensor([allowed[-1]]))  # a code of the slot (the last id allowed is one)
         slot, frames = emitted % 7, emitted // 7
         codes = list(range(100 + slot * 64, 164 + slot * 64))
         if frames == 2:

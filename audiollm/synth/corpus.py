@@ -13,7 +13,7 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
-    clips.jsonl      one line per clip: what was said, by which voice, at which rate and pitch
+    clips.jsonl      one line per clip: what was said, by which voice, rate and pitch; where each word starts (s)
     corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
 
 The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
@@ -418,7 +418,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        samples, espeak = render([(c.audio, c.text, c.voice, c.rate, c.pitch) for c in clips], tmp)
+        samples, espeak, word_starts = render([(c.audio, c.text, c.voice, c.rate, c.pitch) for c in clips], tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
                 if manifest != "pretrain":
@@ -426,7 +426,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
                 write_jsonl(tmp / manifest_name(split, manifest), rows[manifest])
         for split, rows in typed.items():
             write_jsonl(tmp / manifest_name(split, "text"), rows)
-        write_jsonl(tmp / "clips.jsonl", [asdict(c) for c in clips])
+        write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
         summary = summarise(seed, size, clips, samples, espeak)
         for split, rows in typed.items():
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}

@@ -48,9 +48,19 @@ EE_OK = 0
 RAND_SEED = 0  # replaces the clock seed of espeak's noise generator (breathy variants such as f2, f3, f5)
 ESPEAK_ERRORS = {-1: "EE_INTERNAL_ERROR", 1: "EE_BUFFER_FULL", 2: "EE_NOT_FOUND"}
 
+EVENT_LIST_TERMINATED, EVENT_WORD = 0, 1  # espeak_EVENT_TYPE: the end of an event list; the start of a word
+
+
+class Event(ctypes.Structure):
+    """speak_lib.h's espeak_EVENT; only word starts are read (``audio_position``: ms into the utterance)."""
+
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
 # int callback(short *wav, int numsamples, espeak_EVENT *events); return 0 to go on, 1 to abort.
-# The event list is not read, so it stays an opaque pointer.
-SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(Event))
 
 
 class EspeakError(RuntimeError):
@@ -100,13 +110,20 @@ class _Engine:
     lock = threading.Lock()  # espeak is global state: one utterance at a time per process
     lib: ctypes.CDLL | None = None
     chunks: list[np.ndarray] = []  # int16 chunks of the utterance being synthesised
+    word_ms: list[int] = []  # where each word of the utterance starts, in ms of audio
     callback = None  # the ctypes callback object; must stay referenced or espeak calls freed memory
 
 
 def _on_samples(wav, numsamples: int, events) -> int:
-    """espeak's synth callback: copy the chunk (espeak reuses its buffer); a NULL/0 call marks the end."""
+    """espeak's synth callback: copy the chunk (espeak reuses its buffer) and note its word starts; a NULL/0 call
+    marks the end."""
     if numsamples > 0 and wav:
         _Engine.chunks.append(np.ctypeslib.as_array(wav, shape=(numsamples,)).copy())
+    i = 0
+    while events and events[i].type != EVENT_LIST_TERMINATED:
+        if events[i].type == EVENT_WORD:
+            _Engine.word_ms.append(events[i].audio_position)
+        i += 1
     return 0
 
 
@@ -160,6 +177,12 @@ class Espeak:
 
     def synth(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT) -> np.ndarray:
         """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text."""
+        return self.synth_words(text, voice, rate, pitch)[0]
+
+    def synth_words(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT
+                    ) -> tuple[np.ndarray, list[float]]:
+        """``synth``, plus where each word starts (seconds into the audio; one per word espeak spoke, which for
+        plain words is one per whitespace-separated word of ``text``)."""
         where = f"voice {voice!r}, text {text!r}"
         if not RATE_MIN <= rate <= RATE_MAX or not PITCH_MIN <= pitch <= PITCH_MAX:
             raise EspeakError(f"{where}: rate must be {RATE_MIN}-{RATE_MAX} words per minute and pitch "
@@ -172,14 +195,15 @@ class Espeak:
             for param, value in ((PARAM_RATE, rate), (PARAM_PITCH, pitch), (PARAM_RANGE, RANGE_DEFAULT),
                                  (PARAM_VOLUME, VOLUME_DEFAULT)):
                 _check(engine.lib.espeak_SetParameter(param, int(value), 0), f"espeak_SetParameter({param})", where)
-            engine.chunks = []
+            engine.chunks, engine.word_ms = [], []
             data = text.encode("utf-8") + b"\0"  # the size passed includes the terminating NUL
             status = engine.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
             _check(status, "espeak_Synth", where)
             chunks, engine.chunks = engine.chunks, []
+            starts = [ms / 1000 for ms in engine.word_ms]
         if not chunks:
             raise EspeakError(f"{where}: espeak produced no audio")
-        return resample(np.concatenate(chunks).astype(np.float32) / INT16_SCALE)
+        return resample(np.concatenate(chunks).astype(np.float32) / INT16_SCALE), starts
 
     @staticmethod
     def _set_voice(lib: ctypes.CDLL, voice: str, where: str) -> None:

@@ -22,15 +22,16 @@ from audiollm.synth.espeak import SAMPLE_RATE, EspeakError
 SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
 
 
-def render(clips: list[tuple[str, str, str, int, int]], root: Path) -> tuple[list[int], str]:
+def render(clips: list[tuple[str, str, str, int, int]], root: Path) -> tuple[list[int], str, list[list[float]]]:
     """Synthesise every clip under ``root``: shards of SHARD_CLIPS, each in a fresh process, up to one per core.
 
-    Returns the samples of each clip (in order) and espeak's version.
+    Returns the samples of each clip (in order), espeak's version and each clip's word starts (seconds).
     """
     shards = [clips[i : i + SHARD_CLIPS] for i in range(0, len(clips), SHARD_CLIPS)]
     with ThreadPoolExecutor(min(len(shards), os.cpu_count() or 1)) as pool:
         results = list(pool.map(lambda shard: _render_shard(shard, root), shards))
-    return [n for result in results for n in result["samples"]], results[0]["espeak"]
+    samples = [n for result in results for n in result["samples"]]
+    return samples, results[0]["espeak"], [starts for result in results for starts in result["word_starts"]]
 
 
 def _render_shard(shard: list[tuple], root: Path) -> dict:
@@ -55,14 +56,16 @@ def _render_worker() -> None:
     from audiollm.synth.espeak import Espeak, version
 
     job = json.load(sys.stdin)
-    engine, samples = Espeak(), []
+    engine, samples, word_starts = Espeak(), [], []
     for audio, text, voice, rate, pitch in job["clips"]:
-        wav = np.clip(engine.synth(text, voice, rate, pitch), -1.0, 1.0)  # resampling can overshoot full scale
+        wav, starts = engine.synth_words(text, voice, rate, pitch)
+        wav = np.clip(wav, -1.0, 1.0)  # resampling can overshoot full scale
         path = Path(job["root"]) / audio
         path.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(path, wav, SAMPLE_RATE, subtype="PCM_16")
         samples.append(len(wav))
-    print(json.dumps({"samples": samples, "espeak": version()}))
+        word_starts.append(starts)
+    print(json.dumps({"samples": samples, "espeak": version(), "word_starts": word_starts}))
 
 
 if __name__ == "__main__":

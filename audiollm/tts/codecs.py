@@ -277,7 +277,7 @@ class DacCodec(Codec):
 
 class MelCodec(Codec):
     """The codec trained here (``audiollm train codec``, audiollm/tts/melcodec.py): log-mel frames -> RVQ codes ->
-    magnitude spectrogram -> Griffin-Lim. 16 kHz, 512 samples per frame (31.25 frames/s), 4 levels of 256 codes in
+    magnitude spectrogram -> Griffin-Lim. 16 kHz, 512 samples per frame (31.25 frames/s), 4 levels of 1,000 codes in
     the demo's recipe; ``codebooks`` keeps the first k levels (quantiser dropout trained them to decode alone).
 
     Decoding is deterministic (Griffin-Lim starts from a fixed random phase) but not local: every iteration

@@ -1,12 +1,13 @@
 """(text, audio) rows -> codec codes (encoded once, cached on disk) -> token sequences in a numpy memmap.
 
     manifest rows   {"audio": "clips/a.wav", "text": "..."}   (audio paths relative to the manifest)
+                    + "words": [{"word": "hello", "start": 0.12}, ...] (seconds) for ``interleave: words``
     code cache      CACHE/codes/<codec key>/<hash of file path, size, mtime>.npz   one array per code level
     token memmap    CACHE/tokens/<hash of manifests, tokenizer, layout, max_length>/tokens.bin (int32, flat)
                     + index.npy (rows x [start, length, label_start]) + meta.json (row counts, skip reasons)
 
-Rows that cannot be used are skipped, never truncated: a missing or unreadable file, or text + speech longer than
-max_length. Each skip is logged with the manifest, the row and the reason, and counted by reason in meta.json.
+Rows that cannot be used are skipped, never truncated: a missing or unreadable file, text + speech longer than
+max_length, or (interleaving words) word times that are missing or do not fit the text and audio. Each skip is logged with the manifest, the row and the reason, and counted by reason in meta.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from audiollm.tts.codecs import CodecError, read_audio
-from audiollm.tts.layout import TTSVocab, text_ids
+from audiollm.tts.layout import TTSVocab, interleave_words, text_ids, word_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def read_manifest(path: str | os.PathLike, keys: tuple[str, ...] = ("audio", "te
         if not all(key in row for key in keys):
             raise ValueError(f"{path}: line {number} needs {' and '.join(map(repr, keys))} keys, has {sorted(row)}")
         rows.append({"audio": str(path.parent / row["audio"]), "text": str(row.get("text", "")),
-                     "where": f"{path}:{number}"})
+                     "words": row.get("words"), "where": f"{path}:{number}"})
     return rows
 
 
@@ -88,11 +89,35 @@ class CodeCache:
         return codes
 
 
+class WordTimesError(ValueError):
+    """A row's word times are missing or do not fit its text and audio."""
+
+
+def word_frames(words, text: str, frame_rate: float, frames: int) -> list[int]:
+    """The frame where each word of ``text`` starts, from the row's [{"word", "start"}] (seconds); the first word
+    also takes the frames before it. Raises WordTimesError."""
+    expected = text.split()
+    if not isinstance(words, list) or [w.get("word") if isinstance(w, dict) else None for w in words] != expected:
+        raise WordTimesError(f"\"words\" must list the text's {len(expected)} words in order as {{\"word\", "
+                             f"\"start\"}}; got {str(words)[:120]}")
+    starts = [float(w["start"]) for w in words]
+    if any(b < a for a, b in zip(starts, starts[1:])) or starts[0] < 0 or starts[-1] * frame_rate >= frames:
+        raise WordTimesError(f"word starts {starts} are not increasing within the audio's {frames / frame_rate:.2f} s")
+    return [0] + [round(t * frame_rate) for t in starts[1:]]
+
+
 def row_tokens(row: dict, tokenizer, vocab: TTSVocab, cache: CodeCache) -> tuple[list[int], int]:
-    """(ids, label_start) of one row: prompt, speech tokens, SPEECH_END; labels start at SPEECH_START."""
+    """(ids, label_start) of one row: prompt, speech tokens (words interleaved if the vocab says so), SPEECH_END;
+    labels start at SPEECH_START."""
     prompt = text_ids(tokenizer, vocab, row["text"])
     speech = vocab.token_layout.codes_to_tokens(cache.codes(row["audio"])) + vocab.code_offset
-    return prompt + speech.tolist() + [vocab.speech_end], len(prompt) - 1
+    if vocab.words:
+        frames = len(speech) // vocab.token_layout.per_frame
+        starts = word_frames(row.get("words"), row["text"], vocab.frame_rate, frames)
+        body = interleave_words(vocab, word_ids(tokenizer, row["text"]), speech, starts)
+    else:
+        body = speech.tolist()
+    return prompt + body + [vocab.speech_end], len(prompt) - 1
 
 
 @dataclass
@@ -114,6 +139,9 @@ def encode_rows(rows: list[dict], tokenizer, vocab: TTSVocab, cache: CodeCache, 
             ids, label_start = row_tokens(row, tokenizer, vocab, cache)
         except CodecError as err:
             skips.add("unreadable_audio", row["where"], str(err))
+            continue
+        except WordTimesError as err:
+            skips.add("word_times", row["where"], str(err))
             continue
         if len(ids) > max_length:
             skips.add("too_long", row["where"], f"{len(ids)} tokens > max_length {max_length} "
@@ -159,10 +187,12 @@ def build_memmap(manifests: list[str], tokenizer, vocab: TTSVocab, cache: CodeCa
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Rows of a token memmap: {"input_ids", "labels"} with labels -100 before SPEECH_START."""
+    """Rows of a token memmap: {"input_ids", "labels"} with labels -100 before SPEECH_START and, for a vocab that
+    interleaves words, on the words' own tokens inside the speech (they are given, not predicted)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, vocab: TTSVocab | None = None):
         folder = Path(folder)
+        self.vocab = vocab if vocab is not None and vocab.words else None
         self.index = np.load(folder / "index.npy")
         size = int(self.index[:, 1].sum()) if len(self.index) else 0
         self.tokens = np.memmap(folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(size,)) if size else None
@@ -176,6 +206,10 @@ class TokenDataset(torch.utils.data.Dataset):
         ids = torch.from_numpy(np.array(self.tokens[start : start + length], dtype=np.int64))
         labels = ids.clone()
         labels[:label_start] = IGNORE_INDEX
+        if self.vocab is not None:  # text inside the speech: only TEXT_START (a word ends) and SPEECH_END are learnt
+            given = (ids < self.vocab.code_offset) & (ids != self.vocab.text_start) & (ids != self.vocab.speech_end)
+            given[:label_start] = False
+            labels[given] = IGNORE_INDEX
         return {"input_ids": ids, "labels": labels}
 
 
@@ -203,4 +237,4 @@ def token_dataset(manifests: list[str], tokenizer, vocab: TTSVocab, codec_key: s
     cache = CodeCache(cache_dir, codec_key, load_codec)
     folder = Path(cache_dir) / "tokens" / memmap_key(manifests, tokenizer, vocab, codec_key, max_length)
     build_memmap(manifests, tokenizer, vocab, cache, max_length, folder)
-    return TokenDataset(folder)
+    return TokenDataset(folder, vocab)

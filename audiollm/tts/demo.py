@@ -46,11 +46,19 @@ def voice_manifests(corpus: Path, out: Path, seed: int = 0) -> dict[str, Path]:
     manifests = {}
     for split in ("train", "heldout", "validation"):
         rows = [{"audio": str((corpus / c["audio"]).resolve()), "text": c["text"], "voice": c["voice"],
-                 "sex": c["sex"]} for c in clips if c["split"] == split and c["language"] == LANGUAGE]
+                 "sex": c["sex"], **word_times(c["text"], c["word_starts"])}
+                for c in clips if c["split"] == split and c["language"] == LANGUAGE]
         rows = rows + spoken_replies(corpus, out / "replies", seed) if split == "train" else rows[:EVAL_ROWS]
         manifests[split] = out / f"voice_{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifests
+
+
+def word_times(text: str, starts: list[float]) -> dict:
+    """{"words": [{"word", "start"}...]} for a clip whose espeak word starts match its words one to one, else {}
+    (the tts stage then skips and counts the row)."""
+    words = text.split()
+    return {"words": [{"word": w, "start": t} for w, t in zip(words, starts)]} if len(words) == len(starts) else {}
 
 
 def chat_replies(manifest: Path) -> list[str]:
@@ -77,10 +85,10 @@ def spoken_replies(corpus: Path, out: Path, seed: int) -> list[dict]:
     clips = [(f"{len(voices) * i + j:05d}.wav", text, f"{LANGUAGE}+{v}", rng.randint(*RATE_NORMAL),
               rng.randint(*PITCH_NORMAL)) for i, text in enumerate(texts) for j, (_, v) in enumerate(voices)]
     out.mkdir(parents=True, exist_ok=True)
-    render(clips, out)
+    _, _, starts = render(clips, out)
     sexes = [sex for _ in texts for sex, _ in voices]
-    return [{"audio": str((out / name).resolve()), "text": text, "voice": voice, "sex": sex}
-            for (name, text, voice, _, _), sex in zip(clips, sexes)]
+    return [{"audio": str((out / name).resolve()), "text": text, "voice": voice, "sex": sex, **word_times(text, s)}
+            for (name, text, voice, _, _), sex, s in zip(clips, sexes, starts)]
 
 
 def run_recipe(module: str, recipe: str, overrides: list[str], max_steps: int | None) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from audiollm.tts.codecs import Codec, load_codec, read_audio
-from audiollm.tts.layout import TTSVocab, text_ids
+from audiollm.tts.layout import TTSVocab, text_ids, word_ids
 from audiollm.tts.sampling import Sampling, default_sampling, frame_cap, sample_speech, speech_tokens
 from audiollm.tts.streaming import DEFAULT_HOP, FrameStreamer
 
@@ -66,6 +66,7 @@ class Prompt:
     ids: list[int]
     prefix_tokens: torch.Tensor  # (prompt_frames * per_frame,) layout indices of the cloning prompt
     max_frames: int
+    words: list[list[int]] | None = None  # an interleaving vocab's per-word tokens of the text to speak
 
     @property
     def prefilled(self) -> int:
@@ -74,7 +75,8 @@ class Prompt:
 
 def build_prompt(tts: TTSModel, text: str, prompt_audio: str | None = None, prompt_text: str | None = None,
                  ) -> Prompt:
-    """The prompt ids for ``text`` (and a cloning prompt); the frame cap counts the prompt's frames too."""
+    """The prompt ids for ``text`` (and a cloning prompt); the frame cap counts the prompt's frames too. With an
+    interleaving vocab the cloning prompt's words go before its codes as one word (its word times are unknown)."""
     if (prompt_audio is None) != (prompt_text is None):
         raise ValueError("voice cloning needs both prompt_audio and prompt_text (the words of the prompt audio)")
     layout, prefix = tts.vocab.token_layout, torch.zeros(0, dtype=torch.long)
@@ -82,9 +84,13 @@ def build_prompt(tts: TTSModel, text: str, prompt_audio: str | None = None, prom
     if prompt_audio is not None:
         prefix = layout.codes_to_tokens(tts.codec.encode(read_audio(prompt_audio, tts.codec.sample_rate)))
         full_text = f"{prompt_text.strip()} {text}"
-    ids = text_ids(tts.tokenizer, tts.vocab, full_text) + (prefix + tts.vocab.code_offset).tolist()
+    ids = text_ids(tts.tokenizer, tts.vocab, full_text)
+    if tts.vocab.words and prompt_audio is not None:
+        ids += [tts.vocab.text_start, *sum(word_ids(tts.tokenizer, prompt_text), [])]
+    ids += (prefix + tts.vocab.code_offset).tolist()
     prompt_frames = len(prefix) // layout.per_frame
-    return Prompt(ids, prefix, prompt_frames + frame_cap(text, tts.codec.frame_rate))
+    words = word_ids(tts.tokenizer, text) if tts.vocab.words else None
+    return Prompt(ids, prefix, prompt_frames + frame_cap(text, tts.codec.frame_rate), words)
 
 
 @dataclass
@@ -120,7 +126,7 @@ def speak(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | No
     sampling = sampling or default_sampling(tts.vocab.layout)
     prompt = build_prompt(tts, text, prompt_audio, prompt_text)
     steps = list(sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames, rows=best_of,
-                               prefilled=prompt.prefilled))
+                               prefilled=prompt.prefilled, words=prompt.words))
     frames = prompt.prefilled // tts.per_frame
     candidates = [torch.cat([prompt.prefix_tokens, new]) for new in speech_tokens(steps, tts.vocab)]
     wavs = [decode_tokens(tts, tokens, frames) for tokens in candidates]
@@ -144,10 +150,12 @@ def speak_stream(model: TTSModel | str | os.PathLike, text: str, prompt_audio: s
     streamer = FrameStreamer(tts.codec, hop, context, prefix)
     frame: list[int] = []
     for step in sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames,
-                              prefilled=prompt.prefilled):
+                              prefilled=prompt.prefilled, words=prompt.words):
         token = int(step[0])
         if token == tts.vocab.speech_end:
             break
+        if token < tts.vocab.code_offset:  # an interleaved word: not audio
+            continue
         frame.append(token - tts.vocab.code_offset)
         if len(frame) == tts.per_frame:
             yield from streamer.push(layout.tokens_to_codes(torch.tensor(frame)))

@@ -12,6 +12,15 @@ as ``slots`` tokens and each slot reads one level of the codec at one position:
     rvq     CSM/Moshi (Mimi)  k tokens per frame: c0, c1, ..., c(k-1)              (codebook offsets k * size)
             DAC               the same: one token per RVQ level (any codec whose levels all run per frame)
 
+With ``interleave: words`` (rows whose manifest gives word start times), each word's text comes again inside the
+speech, just before the frames that say it, so the model only ever has to voice the word it has just been given:
+
+    ... <|SPEECH_START|> <|TEXT_START|> w1 codes(w1) <|TEXT_START|> w2 codes(w2) ... <|SPEECH_END|>
+
+The model predicts each <|TEXT_START|> (where a word ends) and the codes; the word's own tokens are given, in training
+(no loss on them) and in sampling (forced). A tiny LM without it learnt to say the first word of a text and then lost
+its place (see audiollm/tts/demo.py).
+
 The ids of the control tokens and the layout are saved with the model as ``tts_config.json``.
 """
 
@@ -25,6 +34,7 @@ from pathlib import Path
 import torch
 
 LAYOUTS = ("single", "snac7", "rvq")
+INTERLEAVES = ("none", "words")
 TEXT_START, TEXT_END = "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>"  # LLaSA's names
 SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
 CONTROL_TOKENS = (TEXT_START, TEXT_END, SPEECH_START, SPEECH_END)
@@ -117,6 +127,11 @@ class TTSVocab:
     codec: str  # the codec folder the codes come from
     sample_rate: int
     frame_rate: float
+    interleave: str = "none"  # or "words": see the module docstring
+
+    @property
+    def words(self) -> bool:
+        return self.interleave == "words"
 
     @property
     def token_layout(self) -> TokenLayout:
@@ -138,13 +153,15 @@ class TTSVocab:
         return cls(**json.loads(path.read_text()))
 
 
-def add_tts_tokens(model, tokenizer, layout: TokenLayout, codec) -> TTSVocab:
+def add_tts_tokens(model, tokenizer, layout: TokenLayout, codec, interleave: str = "none") -> TTSVocab:
     """Add the 4 control tokens to ``tokenizer`` and room for the layout's speech tokens to ``model``'s embeddings.
 
     Speech tokens are ids past the tokenizer (code_offset onward), not tokenizer entries: 65,536 or 28,672 strings
     would only slow the tokenizer, and speech ids never pass through text decoding. New rows start at the mean
     of the old embeddings (transformers' resize), so the first logits over speech are not extreme.
     """
+    if interleave not in INTERLEAVES:
+        raise LayoutError(f"interleave {interleave!r}: expected one of {INTERLEAVES}")
     missing = [t for t in CONTROL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
@@ -153,7 +170,7 @@ def add_tts_tokens(model, tokenizer, layout: TokenLayout, codec) -> TTSVocab:
     model.resize_token_embeddings(code_offset + layout.vocab_size, pad_to_multiple_of=EMBED_ROW_MULTIPLE)
     return TTSVocab(layout.name, layout.codebook_size, [list(s) for s in layout.slots], code_offset, *ids,
                     codec=str(Path(codec.folder).resolve()), sample_rate=codec.sample_rate,
-                    frame_rate=codec.frame_rate)
+                    frame_rate=codec.frame_rate, interleave=interleave)
 
 
 def text_ids(tokenizer, vocab: TTSVocab, text: str) -> list[int]:
@@ -161,3 +178,19 @@ def text_ids(tokenizer, vocab: TTSVocab, text: str) -> list[int]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     return bos + [vocab.text_start, *body, vocab.text_end, vocab.speech_start]
+
+
+def word_ids(tokenizer, text: str) -> list[list[int]]:
+    """The tokens of each whitespace-separated word of ``text``, each word tokenised on its own."""
+    return [tokenizer(word, add_special_tokens=False)["input_ids"] for word in text.split()]
+
+
+def interleave_words(vocab: TTSVocab, words: list[list[int]], speech: torch.Tensor, starts: list[int]) -> list[int]:
+    """Speech tokens (code_offset added, frames x per_frame) with each word's TEXT_START and tokens put before the
+    frame where it starts. ``starts``: one frame index per word, the first 0, non-decreasing (a word that starts in
+    the same frame as the next one gets no frame of its own)."""
+    per_frame, out = vocab.token_layout.per_frame, []
+    bounds = [*starts, len(speech) // per_frame]
+    for word, start, end in zip(words, bounds, bounds[1:]):
+        out += [vocab.text_start, *word, *speech[start * per_frame : end * per_frame].tolist()]
+    return out

@@ -28,6 +28,9 @@ class TTSModelArguments:
                                            "tts_config.json."})
     layout: str = field(default="single", metadata={"help": "single (XCodec2, LLaSA), snac7 (SNAC, Orpheus) or rvq "
                         "(Mimi, DAC, the codec trained here); ignored when the model already has a tts_config.json."})
+    interleave: str = field(default="none", metadata={"help": "none, or words: each word's text inside the speech "
+                            "before its frames (rows need \"words\" start times; see audiollm/tts/layout.py); "
+                            "ignored when the model already has a tts_config.json."})
     codec_codebooks: int | None = field(default=None, metadata={"help": "Mimi, DAC, the codec trained here: RVQ "
                                         "levels kept (default all)."})
     model_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 weights."})
@@ -70,10 +73,10 @@ def load_tts_model(model_args: TTSModelArguments):
         raise ValueError(f"{path} has no {TTS_CONFIG}: give codec_name_or_path (and layout) to add TTS tokens")
     codec = load_codec(model_args.codec_name_or_path, **codec_options(model_args))
     vocab = add_tts_tokens(model, tokenizer, make_layout(model_args.layout, codec.codebook_size, codec.level_rates),
-                           codec)
-    log.info("tts: %s layout, speech ids %d..%d, control ids %s", vocab.layout, vocab.code_offset,
-             vocab.code_offset + vocab.token_layout.vocab_size - 1,
-             [vocab.text_start, vocab.text_end, vocab.speech_start, vocab.speech_end])
+                           codec, model_args.interleave)
+    controls = [vocab.text_start, vocab.text_end, vocab.speech_start, vocab.speech_end]
+    log.info("tts: %s layout, interleave %s, speech ids %d..%d, control ids %s", vocab.layout, vocab.interleave,
+             vocab.code_offset, vocab.code_offset + vocab.token_layout.vocab_size - 1, controls)
     return model, tokenizer, vocab
 
 
