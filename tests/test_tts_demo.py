@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
             name = f"audio/{split}{i}.wav"
             sf.write(root / name, make_speech_like(0.8 + 0.1 * i, seed=len(rows)), 16000)
             rows.append({"audio": name, "split": split, "text": text, "language": "en", "voice": voices[i % 2],
-                         "sex": "female" if i % 2 == 0 else "male"})
+                         "sex": "female" if i % 2 == 0 else "male", "word_starts": [0.0, 0.35]})
     rows.append({**rows[0], "language": "de", "text": "rot"})
     (root / "clips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for split, replies in REPLIES.items():
@@ -53,6 +53,7 @@ def test_manifests_keep_english_clips_of_each_split(corpus, tmp_path):
         rows = [json.loads(line) for line in manifests[split].read_text().splitlines()]
         assert [r["text"] for r in rows[: len(WORDS)]] == WORDS
         assert {r["voice"] for r in rows[: len(WORDS)]} == set(VOICES[split])
+        assert rows[0]["words"] == [{"word": "red", "start": 0.0}, {"word": "green", "start": 0.35}]
         replies = rows[len(WORDS) :]
         if split != "train":
             assert not replies
@@ -64,6 +65,7 @@ def test_manifests_keep_english_clips_of_each_split(corpus, tmp_path):
         for r in replies[:2]:
             wav, rate = sf.read(r["audio"])
             assert rate == 16000 and len(wav) > 0.5 * rate  # espeak spoke it
+            assert [w["word"] for w in r["words"]] == r["text"].split()  # and said where each word starts
 
 
 def test_agreement_compares_normalised_answers():

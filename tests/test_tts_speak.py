@@ -45,8 +45,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tts")
     codec, lm, manifest = tiny_codec("snac", root / "codec"), tiny_lm(root / "lm"), write_rows(root)
     cli(["train", "tts", "--config", "stages/configs/tts_demo.yaml", "--model_name_or_path", str(lm),
-         "--codec_name_or_path", str(codec), "--layout", "snac7", "--interleave", "none", "--train_files", str(manifest),
-         "--eval_files", str(manifest),
+         "--codec_name_or_path", str(codec), "--layout", "snac7", "--interleave", "none",
+         "--train_files", str(manifest), "--eval_files", str(manifest),
          "--output_dir", str(root / "out"), "--cache_dir", str(root / "cache"), "--max_steps", "2",
          "--per_device_train_batch_size", "3", "--max_length", str(MAX_LENGTH), "--use_cpu", "true",
          "--logging_steps", "1"])

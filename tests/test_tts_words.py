@@ -42,7 +42,8 @@ def trained(tmp_path_factory) -> Path:
     cli(["train", "tts", "--config", "stages/configs/tts_demo.yaml", "--model_name_or_path", str(lm),
          "--codec_name_or_path", str(codec), "--codec_codebooks", "2", "--train_files", str(root / "m.jsonl"),
          "--output_dir", str(root / "out"), "--cache_dir", str(root / "cache"), "--max_steps", "2",
-         "--per_device_train_batch_size", "2", "--use_cpu", "true", "--logging_steps", "1", "--eval_files", str(root / "e.jsonl")])
+         "--per_device_train_batch_size", "2", "--use_cpu", "true", "--logging_steps", "1",
+         "--eval_files", str(root / "e.jsonl")])
     return root
 
 

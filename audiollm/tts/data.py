@@ -7,7 +7,8 @@
                     + index.npy (rows x [start, length, label_start]) + meta.json (row counts, skip reasons)
 
 Rows that cannot be used are skipped, never truncated: a missing or unreadable file, text + speech longer than
-max_length, or (interleaving words) word times that are missing or do not fit the text and audio. Each skip is logged with the manifest, the row and the reason, and counted by reason in meta.json.
+max_length, or (interleaving words) word times that are missing or do not fit the text and audio. Each skip is
+logged with the manifest, the row and the reason, and counted by reason in meta.json.
 """
 
 from __future__ import annotations
