@@ -95,7 +95,8 @@ def test_every_voice_figure_is_measured(corpus, tmp_path):
     for key in ("original_wer", "codec_resynthesis_wer", "tts_wer", "tts_wer_best_of_4"):
         assert figures[key] >= 0.0 and len(figures["ci95"][key]) == 2, key
     for key in ("cloning_sex_agreement", "no_prompt_sex_agreement", "cloning_pitch_agreement",
-                "prompt_sex_accuracy", "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4"):
+                "prompt_sex_accuracy", "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4",
+                "spoken_reply_ceiling"):
         assert 0.0 <= figures[key] <= 1.0, key
     assert figures["reply_text_accuracy"] == 1.0 and figures["replies"] == 2  # the written answers were right
     assert figures["texts"] == figures["clips"] == 2 and figures["prompt_voices"] == VOICES["heldout"]

@@ -5,7 +5,9 @@
     cloning_*               the listener's speaker-sex and pitch answers on TTS output prompted with a clip of the
                             split, against its answers on that clip; the same without a prompt
     spoken_reply_accuracy   spoken questions -> the listener's answers (the demo's eval predictions) -> the TTS
-                            speaks them -> the listener transcribes -> scored like voice chat
+                            speaks them -> the listener transcribes -> scored like voice chat;
+                            spoken_reply_ceiling: the same answers spoken by espeak in the split's voices (what
+                            the listener's transcription allows at best)
 
 The listener is trained on the synthesised source speech only; nothing here trains it.
 """
@@ -68,7 +70,19 @@ def cloning(tts, listener, rows: list[dict], texts: list[str], sampling) -> dict
     return results
 
 
-def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, sampling, out: Path) -> dict:
+def espeak_replies(texts: list[str], voices: list[str], out: Path) -> list[np.ndarray]:
+    """``texts`` spoken by espeak, voices taken in turn, at the corpus's middle rate and pitch: 16 kHz waveforms."""
+    import soundfile
+
+    from audiollm.synth.render import render
+
+    clips = [(f"{i:04d}.wav", text, voices[i % len(voices)], 175, 50) for i, text in enumerate(texts)]
+    render(clips, out)
+    return [soundfile.read(out / name, dtype="float32")[0] for name, *_ in clips]
+
+
+def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, sampling, out: Path,
+                   voices: list[str]) -> dict:
     """The listener's answers to spoken questions (``task`` rows of the demo's predictions.jsonl), spoken by the
     TTS and transcribed by the listener, scored against the reference answer like voice chat (exact match after
     the harness's normaliser): one sample per answer, and the best of 4 that the listener, as the verifier, hears
@@ -85,10 +99,13 @@ def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, samp
     heard, heard_best = (listener.transcribe(to_listener_rate(w, rate), "en") for w in (wavs, best))
     right = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard, records)]
     right_best = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard_best, records)]
+    spoken = listener.transcribe(espeak_replies([r["prediction"] for r in records], voices, out / "espeak"), "en")
+    right_espeak = [metrics.exact_match(h, r["reference"]) for h, r in zip(spoken, records)]
     shutil.copy(records[0]["audios"][0], out / "sample_question.wav")
     write_wav(str(out / "sample_answer.wav"), wavs[0], rate)
     return {"spoken_reply_accuracy": float(np.mean(right)),
             f"spoken_reply_accuracy_best_of_{BEST_OF}": float(np.mean(right_best)),
+            "spoken_reply_ceiling": float(np.mean(right_espeak)),
             "reply_text_accuracy": float(np.mean([metrics.exact_match(r["prediction"], r["reference"])
                                                   for r in records])),  # the written answers: the ceiling
             "replies": len(records),
@@ -161,6 +178,7 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
     if full:
         spectrogram_figure(tts, clips[0], sampling, out / "spectrograms.png")
     if full and predictions is not None:
-        figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out)
+        voices = sorted({r["voice"] for r in rows})
+        figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out, voices)
     (out / "voice_items.json").write_text(json.dumps(items, indent=1))
     return figures
