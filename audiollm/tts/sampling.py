@@ -1,5 +1,6 @@
 """Constrained sampling of speech tokens: only codes valid for the current slot, end of speech only at a frame
-boundary, a frame cap, then repetition penalty, temperature, top-k and top-p, in that order.
+boundary, a frame cap (and, for a vocab that interleaves words, each word's tokens given in turn), then repetition
+penalty, temperature, top-k and top-p, in that order.
 
 The loop is written out (rather than ``model.generate``) so that the slot mask is applied before any warper (a
 top-k taken over text ids could leave no valid code) and so that streaming can take tokens one step at a time.
