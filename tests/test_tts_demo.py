@@ -15,9 +15,6 @@ from tests.conftest import build_untrained_tts
 
 VOICES = {"train": ["en+f1", "en+m1"], "heldout": ["en+f4", "en+m7"], "validation": ["steph", "m6"]}
 WORDS = ["red green", "three four", "blue seven", "dog car"]
-# Training replies: one is also a held-out reply, one a validation clip's text; only "two plus two is four" is new.
-REPLIES = {"train": ["two plus two is four", "after one comes two", "blue seven"], "heldout": ["after one comes two"],
-           "validation": ["eight"]}
 
 
 @pytest.fixture(scope="module")
@@ -36,36 +33,16 @@ def corpus(tmp_path_factory):
                          "sex": "female" if i % 2 == 0 else "male", "word_starts": [0.0, 0.35]})
     rows.append({**rows[0], "language": "de", "text": "rot"})
     (root / "clips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for split, replies in REPLIES.items():
-        chats = [{"messages": [{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": reply}],
-                  "audios": ["audio/train0.wav"]} for reply in replies]
-        (root / ("sft.jsonl" if split == "train" else f"{split}_sft.jsonl")).write_text(
-            "".join(json.dumps(c) + "\n" for c in chats))
     return root
 
 
 def test_manifests_keep_english_clips_of_each_split(corpus, tmp_path):
-    from audiollm.synth.corpus import VARIANTS
-    from audiollm.tts.demo import REPLY_TAKES
-
     manifests = voice_manifests(corpus, tmp_path)
     for split in VOICES:
         rows = [json.loads(line) for line in manifests[split].read_text().splitlines()]
-        assert [r["text"] for r in rows[: len(WORDS)]] == WORDS
-        assert {r["voice"] for r in rows[: len(WORDS)]} == set(VOICES[split])
+        assert [r["text"] for r in rows] == WORDS  # the German clip is left out
+        assert {r["voice"] for r in rows} == set(VOICES[split])
         assert rows[0]["words"] == [{"word": "red", "start": 0.0}, {"word": "green", "start": 0.35}]
-        replies = rows[len(WORDS) :]
-        if split != "train":
-            assert not replies
-            continue
-        # Only the reply that is neither a held-out/validation reply nor a scored clip's text, by every training voice.
-        voices = [f"en+{v}" for variants in VARIANTS["train"].values() for v in variants]
-        assert {r["text"] for r in replies} == {"two plus two is four"}
-        assert sorted(r["voice"] for r in replies) == sorted(voices * REPLY_TAKES)
-        for r in replies[:2]:
-            wav, rate = sf.read(r["audio"])
-            assert rate == 16000 and len(wav) > 0.5 * rate  # espeak spoke it
-            assert [w["word"] for w in r["words"]] == r["text"].split()  # and said where each word starts
 
 
 def test_agreement_compares_normalised_answers():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -24,11 +23,6 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "stages" / "configs"
 # English clips only: the TTS learns one language's spelling-to-sound; the codec hears the same speech.
 LANGUAGE = "en"
-# The corpus's clips are questions and word lists, while the TTS also voices the listener's answers ("before six
-# comes five"): sentences of forms never spoken there. So the training split's spoken-chat replies are spoken too,
-# by every training voice, except replies that are also held-out or validation replies (those are scored).
-REPLY_SPLITS = ("heldout", "validation")
-REPLY_TAKES = 2  # per text and voice, each at its own rate and pitch: ~770 clips, 8% of the TTS's rows
 # Training rows: every English training clip (~9,100, 1-3 s each); evaluation rows per split (the first ones).
 EVAL_ROWS = 200
 # The TTS interleaves words (stages/configs/tts_demo.yaml; espeak says where each word starts): without it the tiny
@@ -42,9 +36,10 @@ TTS_CODEBOOKS = 1
 SAMPLING = {"temperature": 0.5, "top_k": 20}
 
 
-def voice_manifests(corpus: Path, out: Path, seed: int = 0) -> dict[str, Path]:
-    """{train, heldout, validation}: the corpus's English clips of each split as {"audio", "text", "voice", "sex"}
-    rows; train adds the spoken replies (``spoken_replies``, rendered under out/replies)."""
+def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
+    """{train, heldout, validation}: the corpus's English clips of each split as {"audio", "text", "voice", "sex",
+    "words"} rows. Training's include the spoken answers the listener learns to transcribe (the corpus's
+    ``taught_answers``), so the TTS speaks sentences of the form of its replies too ("before six comes five")."""
     clips = [json.loads(line) for line in (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines() if line]
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
@@ -52,7 +47,7 @@ def voice_manifests(corpus: Path, out: Path, seed: int = 0) -> dict[str, Path]:
         rows = [{"audio": str((corpus / c["audio"]).resolve()), "text": c["text"], "voice": c["voice"],
                  "sex": c["sex"], **word_times(c["text"], c.get("word_starts", []))}
                 for c in clips if c["split"] == split and c["language"] == LANGUAGE]
-        rows = rows + spoken_replies(corpus, out / "replies", seed) if split == "train" else rows[:EVAL_ROWS]
+        rows = rows if split == "train" else rows[:EVAL_ROWS]
         manifests[split] = out / f"voice_{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifests
@@ -63,36 +58,6 @@ def word_times(text: str, starts: list[float]) -> dict:
     (the tts stage then skips and counts the row)."""
     words = text.split()
     return {"words": [{"word": w, "start": t} for w, t in zip(words, starts)]} if len(words) == len(starts) else {}
-
-
-def chat_replies(manifest: Path) -> list[str]:
-    """Every assistant answer in an SFT manifest (spoken chat, analysis and multi-turn rows alike)."""
-    replies = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        messages = json.loads(line)["messages"]
-        replies += [m["content"] for m in messages if m["role"] == "assistant"]
-    return replies
-
-
-def spoken_replies(corpus: Path, out: Path, seed: int) -> list[dict]:
-    """The training split's replies (sft.jsonl), minus every held-out and validation reply or clip text, each
-    spoken REPLY_TAKES times by every training voice at normal rates and pitches (espeak, as the corpus): TTS rows."""
-    from audiollm.synth.corpus import PITCH_NORMAL, RATE_NORMAL, VARIANTS
-    from audiollm.synth.render import render
-
-    scored = {t for split in REPLY_SPLITS for t in chat_replies(corpus / f"{split}_sft.jsonl")}
-    scored |= {c["text"] for c in map(json.loads, (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines())
-               if c["split"] in REPLY_SPLITS}
-    texts = sorted(set(chat_replies(corpus / "sft.jsonl")) - scored)
-    rng = random.Random(f"{seed}:replies")
-    voices = [(sex, v) for sex, variants in VARIANTS["train"].items() for v in variants] * REPLY_TAKES
-    clips = [(f"{len(voices) * i + j:05d}.wav", text, f"{LANGUAGE}+{v}", rng.randint(*RATE_NORMAL),
-              rng.randint(*PITCH_NORMAL)) for i, text in enumerate(texts) for j, (_, v) in enumerate(voices)]
-    out.mkdir(parents=True, exist_ok=True)
-    _, _, starts = render(clips, out)
-    sexes = [sex for _ in texts for sex, _ in voices]
-    return [{"audio": str((out / name).resolve()), "text": text, "voice": voice, "sex": sex, **word_times(text, s)}
-            for (name, text, voice, _, _), sex, s in zip(clips, sexes, starts)]
 
 
 def run_recipe(module: str, recipe: str, overrides: list[str], max_steps: int | None) -> None:
@@ -110,7 +75,7 @@ def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_
     from audiollm.tts.tiny import tiny_lm
 
     corpus, out = Path(corpus_dir), Path(out_dir)
-    manifests = voice_manifests(corpus, out / "data", seed)
+    manifests = voice_manifests(corpus, out / "data")
     threads = torch.get_num_threads()
     # One intra-op thread: models this small gain nothing from more, and on a busy 2-core machine OpenMP's
     # thread sync made a TTS training step 25x slower (1.16 s vs 0.045 s measured).
