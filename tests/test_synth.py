@@ -16,7 +16,8 @@ from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
 from audiollm.synth.corpus import (
-    ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, text_split,
+    ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, taught_answers,
+    text_split,
 )
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
@@ -225,6 +226,24 @@ def test_every_clip_decodes_at_16k_and_matches_its_plan(corpus):
     for name, rows in manifest_files(corpus).items():
         split = name.split("_")[0] if "_" in name else "train"
         assert sum(summary["splits"][split]["manifests"][name].values()) == len(rows)
+
+
+def test_spoken_answers_are_taught_ones_only_and_carry_word_starts(corpus):
+    """Training ASR rows speak taught answers, in turn; none is a reply a held-out or validation row expects."""
+    taught = taught_answers(0)
+    assert len(taught) > 20
+    files = manifest_files(corpus)
+    spoken = [r["text"] for r in files["pretrain.jsonl"] if r["task"] == "asr" and r["text"] in taught]
+    assert sorted(spoken) == sorted(taught[:4])  # the tiny corpus: 4 answers
+    for split in ("heldout", "validation"):
+        replies = {m["content"] for r in files[f"{split}_sft.jsonl"] for m in r["messages"] if m["role"] == "assistant"}
+        assert not set(taught) & replies
+        assert not set(taught) & {r["text"] for r in files[f"{split}_pretrain.jsonl"]}
+    for clip in read_jsonl(corpus / "clips.jsonl"):  # espeak said where each word starts
+        starts = clip["word_starts"]
+        assert starts == sorted(starts) and (not starts or starts[0] == 0.0), clip
+        if clip["language"] == "en":
+            assert len(starts) == len(clip["text"].split()), clip
 
 
 def test_labels_describe_the_clips(corpus):

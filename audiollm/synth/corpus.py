@@ -59,6 +59,8 @@ SMALL = {
     "sft": {"voice_chat": 200, "analysis": 80, "multi_turn_voice": 30, "multi_turn_followup": 30},
     "dpo": {"voice_chat": 50, "analysis": 50, "multi_turn_followup": 20},
 }
+# Kinds only training has: spoken answers are taught, never scored (``taught_answers``).
+TRAIN_ONLY = ("answers",)
 SIZES = {
     "tiny": {m: {k: 4 if m == "pretrain" else 2 for k in kinds} for m, kinds in SMALL.items()},
     "small": SMALL,
@@ -296,8 +298,8 @@ def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
     for _ in range(counts["asr"]):
         text = s.draw(rng, words_text)
         rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text})
-    answers, rng = (taught_answers(s.seed) if s.split == "train" else []), s.rng("pretrain:answers")
-    for i in range(counts["answers"] if answers else 0):
+    answers, rng = taught_answers(s.seed), s.rng("pretrain:answers")
+    for i in range(counts.get("answers", 0)):  # training only (TRAIN_ONLY)
         text = answers[i % len(answers)]
         rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text})
     for task, labels in LABELS.items():
@@ -349,7 +351,8 @@ def split_counts(size: str, split: str) -> dict[str, dict[str, int]]:
         raise CorpusError(f"unknown corpus size {size!r}; choose one of {', '.join(SIZES)}")
     if split == "train":
         return SIZES[size]
-    return {m: {k: max(1, round(n * HELDOUT_SHARE)) for k, n in kinds.items()} for m, kinds in SIZES[size].items()}
+    return {m: {k: max(1, round(n * HELDOUT_SHARE)) for k, n in kinds.items() if k not in TRAIN_ONLY}
+            for m, kinds in SIZES[size].items()}
 
 
 def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]], list[Clip]]:
