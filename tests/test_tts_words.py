@@ -50,10 +50,13 @@ def trained(tmp_path_factory) -> Path:
 def test_word_frames_checks_the_times():
     assert word_frames(words("a b c", 0.5), "a b c", 10.0, 20) == [0, 5, 10]
     assert word_frames([{"word": "a", "start": 0.3}], "a", 10.0, 20) == [0]  # the lead-in belongs to the first word
+    # wrong words, none, decreasing, past the audio's end, a start missing or not a number
     for bad in (words("a c"), None, [{"word": "a", "start": 0.5}, {"word": "b", "start": 0.2}],
-                words("a b", 5.0)):  # wrong words, none, decreasing, past the audio's end
+                words("a b", 5.0), [{"word": "a"}, {"word": "b", "start": "x"}]):
         with pytest.raises(WordTimesError):
             word_frames(bad, "a b", 10.0, 20)
+    with pytest.raises(WordTimesError):
+        word_frames([], "", 10.0, 20)  # an empty text has no word to interleave
 
 
 def test_interleave_puts_each_word_before_its_frames():

@@ -98,10 +98,14 @@ def word_frames(words, text: str, frame_rate: float, frames: int) -> list[int]:
     """The frame where each word of ``text`` starts, from the row's [{"word", "start"}] (seconds); the first word
     also takes the frames before it. Raises WordTimesError."""
     expected = text.split()
-    if not isinstance(words, list) or [w.get("word") if isinstance(w, dict) else None for w in words] != expected:
+    if not expected or not isinstance(words, list) or [
+            w.get("word") if isinstance(w, dict) else None for w in words] != expected:
         raise WordTimesError(f"\"words\" must list the text's {len(expected)} words in order as {{\"word\", "
                              f"\"start\"}}; got {str(words)[:120]}")
-    starts = [float(w["start"]) for w in words]
+    try:
+        starts = [float(w["start"]) for w in words]
+    except (KeyError, TypeError, ValueError) as err:
+        raise WordTimesError(f"every word needs a \"start\" in seconds; got {str(words)[:120]}") from err
     if any(b < a for a, b in zip(starts, starts[1:])) or starts[0] < 0 or starts[-1] * frame_rate >= frames:
         raise WordTimesError(f"word starts {starts} are not increasing within the audio's {frames / frame_rate:.2f} s")
     return [0] + [round(t * frame_rate) for t in starts[1:]]
