@@ -16,8 +16,8 @@ from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
 from audiollm.synth.corpus import (
-    ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, taught_answers,
-    text_split,
+    ACCENTS, ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth,
+    taught_answers, text_split,
 )
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
@@ -279,25 +279,30 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
     assert variants["heldout"] and not variants["train"] & variants["heldout"]
     assert variants["validation"] and not variants["validation"] & (variants["train"] | variants["heldout"])
     assert variants["heldout"] <= set(VARIANTS["heldout"]["female"] + VARIANTS["heldout"]["male"])
+    accents = {s: {c["voice"].split("+")[0] for c in clips if c["split"] == s and c["language"] == "en"}
+               for s in splits}
+    assert accents["heldout"] <= set(ACCENTS["heldout"]) and not accents["heldout"] & accents["train"]
 
 
 def test_check_heldout_refuses_shared_words_or_voices():
     def clip(split, text, voice):
         return Clip(f"audio/{split}/{text}.wav", split, text, "en", voice, "female", 175, 50)
 
-    validation = clip("validation", "four", "en+steph")
-    check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en+f4")])
+    validation = clip("validation", "four", "en-GB-scotland+steph")
+    check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en-029+f4")])
     with pytest.raises(CorpusError, match="utterances"):
-        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "one two", "en+f4")])
+        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "one two", "en-029+f4")])
     with pytest.raises(CorpusError, match="heldout voice variants"):
-        check_heldout([clip("train", "one two", "en+f4"), validation, clip("heldout", "three", "fr+f4")])
+        check_heldout([clip("train", "one two", "en-029+f4"), validation, clip("heldout", "three", "fr+f4")])
     with pytest.raises(CorpusError, match="validation voice variants"):
-        check_heldout([clip("train", "one two", "en+steph"), validation, clip("heldout", "three", "en+f4")])
+        check_heldout([clip("train", "one two", "en-GB-scotland+steph"), validation, clip("heldout", "three", "en-029+f4")])
+    with pytest.raises(CorpusError, match="heldout English accents"):
+        check_heldout([clip("train", "one two", "en-029+f1"), validation, clip("heldout", "three", "en-029+f4")])
     with pytest.raises(CorpusError, match="validation and heldout"):
-        check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en+steph"),
-                       clip("heldout", "two", "en+f4")])
+        check_heldout([clip("train", "one", "en+f1"), clip("validation", "two", "en-GB-scotland+steph"),
+                       clip("heldout", "two", "en-029+f4")])
     with pytest.raises(CorpusError, match="train and heldout"):  # a typed question is a training utterance
-        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en+f4")],
+        check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en-029+f4")],
                       typed=("three",))
 
 

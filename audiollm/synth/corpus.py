@@ -17,9 +17,9 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
 
 The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
-seed and the text) and is spoken only by voice variants that training never uses; the builder checks both. The
-validation split has utterances and voices of its own too: recipe choices are made on it, so that the held-out
-figures stay untuned.
+seed and the text) and is spoken only by voice variants and English accents that training never uses; the builder
+checks both. The validation split has utterances, voices and accents of its own too: recipe choices are made on it,
+so that the held-out figures stay untuned.
 The manifests depend on the seed and size only. The audio too: each shard of clips is synthesised in a fresh
 process (espeak's wave generator keeps state between utterances; see ``audiollm.synth.render``), so a build is
 byte-identical to any other build with the same seed, size and espeak version.
@@ -67,19 +67,33 @@ SIZES = {
     "full": {m: {k: 10 * n for k, n in kinds.items()} for m, kinds in SMALL.items()},
 }
 
-# Voice variants (pitch and formant sets of espeak-ng, usable with every language) per sex and split; the held-out
-# and validation variants never speak in training, nor in each other's split. All are of the same family (plain
-# formant sets, no breathy or robotic effects), so that unseen voices are new speakers, not new effects.
+# Who speaks in each split: an espeak-ng voice variant (a formant and pitch set, usable with every language) per sex,
+# and for English an accent (espeak's English voices). The held-out and validation variants and accents never speak
+# in training, nor in each other's split, so their figures measure voices and accents the listener never heard.
+# Training draws from 24 variants, the Klatt synthesiser's among them (klatt, klatt3, klatt5: the other synthesis
+# method), and four accents. Left out everywhere: variants with effects (whisper, croak, robot and demonic sets)
+# and the few whose median pitch is far from their stated sex. Sex follows the variant's median F0 measured on
+# "what is three plus four" (en, rate 175, pitch 50): female variants 173-262 Hz, male ones 81-111 Hz.
 VARIANTS = {
-    "train": {"female": ("f1", "f2", "f3", "f5"), "male": ("m1", "m2", "m3", "m4")},
-    "validation": {"female": ("steph",), "male": ("m6",)},
-    "heldout": {"female": ("f4",), "male": ("m7",)},
+    "train": {"female": ("f1", "f2", "f3", "f5", "Alicia", "Andrea", "anika", "aunty", "belinda", "grandma",
+                         "shelby", "steph2"),
+              "male": ("m1", "m2", "m3", "m4", "m5", "m8", "Andy", "Denis", "antonio", "iven", "klatt", "klatt3",
+                       "klatt5")},
+    "validation": {"female": ("steph", "Annie"), "male": ("m6", "michel", "klatt4")},
+    "heldout": {"female": ("f4", "linda"), "male": ("m7", "edward", "klatt6")},
+}
+ACCENTS = {  # espeak-ng English voices; "en" is southern British
+    "train": ("en", "en-US", "en-GB-x-rp", "en-GB-x-gbclan"),
+    "validation": ("en-GB-scotland", "en-GB-x-gbcwmd"),
+    "heldout": ("en-029", "en-US-nyc"),  # Caribbean, New York City
 }
 # Ranges drawn from per clip (inclusive). Rate in words per minute (espeak's default is 175); pitch on espeak's
 # 0-100 scale, 50 being the voice's own. Low/high pitch is relative to the voice: a high male voice (~150 Hz)
-# is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex.
-RATE_NORMAL, RATE_SLOW, RATE_FAST = (150, 200), (100, 120), (250, 280)
-PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (40, 60), (10, 20), (80, 90)
+# is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex. The
+# normal ranges are wide for variety yet stay clear of the slow/fast and low/high ranges the classification
+# tasks ask about.
+RATE_NORMAL, RATE_SLOW, RATE_FAST = (135, 220), (100, 120), (250, 280)
+PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
 WORDS_PER_CLIP = (2, 4)  # pretraining utterances
 WORDS_PER_ANALYSIS = (2, 5)  # clips asked about ("how many words")
 
@@ -197,7 +211,8 @@ class Speaker:
         sex = sex or rng.choice(("female", "male"))
         variant = rng.choice(VARIANTS[self.split][sex])
         path = f"audio/{self.split}/{len(self.clips):05d}.wav"
-        voice = f"{language}+{variant}"
+        accent = rng.choice(ACCENTS[self.split]) if language == "en" else language
+        voice = f"{accent}+{variant}"
         self.clips.append(Clip(path, self.split, text, language, voice, sex, rng.randint(*rate), rng.randint(*pitch)))
         return path
 
@@ -368,8 +383,8 @@ def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]],
 
 
 def check_heldout(clips: list[Clip], typed: tuple[str, ...] = ()) -> None:
-    """Raise unless no utterance is spoken in two splits and no held-out voice variant speaks in training. ``typed``
-    questions count as training utterances."""
+    """Raise unless no utterance is spoken in two splits and no held-out or validation voice variant or English accent
+    speaks in another split. ``typed`` questions count as training utterances."""
     texts = {split: {c.text for c in clips if c.split == split} for split in SPLITS}
     texts["train"] |= set(typed)
     for i, one in enumerate(SPLITS):
@@ -377,11 +392,13 @@ def check_heldout(clips: list[Clip], typed: tuple[str, ...] = ()) -> None:
             shared = sorted(texts[one] & texts[other])
             if shared:
                 raise CorpusError(f"utterances spoken in both {one} and {other}: {shared[:5]}")
-    variants = {split: {c.voice.partition("+")[2] for c in clips if c.split == split} for split in SPLITS}
-    for split in ("heldout", "validation"):
-        others = set().union(*(variants[o] for o in SPLITS if o != split))
-        if not variants[split] or variants[split] & others:
-            raise CorpusError(f"{split} voice variants {sorted(variants[split])} must all be unused in other splits")
+    for part, name in ((2, "voice variants"), (0, "English accents")):
+        used = {split: {c.voice.partition("+")[part] for c in clips if c.split == split and
+                        (part == 2 or c.language == "en")} for split in SPLITS}
+        for split in ("heldout", "validation"):
+            others = set().union(*(used[o] for o in SPLITS if o != split))
+            if not used[split] or used[split] & others:
+                raise CorpusError(f"{split} {name} {sorted(used[split])} must all be unused in other splits")
 
 
 def check_chat_rows(rows: list[dict], name: str) -> None:
