@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import MIN_CHUNK_SAMPLES, AudioError, change_speed, clip_token_count, featurize
+from audiollm.audio import AudioError, clip_token_count, featurize
 from audiollm.audio_sources import load_audio_source
+from audiollm.augment import Augmentation
 from audiollm.bad_rows import BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
 from audiollm.row_checks import RowError, check_chat_row
@@ -65,14 +66,12 @@ class ChatCollator:
     max_audio_seconds: float | None = None  # longer files are refused before they are decoded
     bad_rows: BadRowLog | None = None  # training: skip and record bad rows instead of raising
     return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
-    speed_range: tuple[float, float] | None = None  # training: each clip played at a random speed in this range
+    augment: Augmentation | None = None  # training: each clip transformed (audiollm.augment)
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         if self.overflow not in ("drop", "trim_text"):
             raise ValueError(f"overflow must be 'drop' or 'trim_text', got {self.overflow!r}")
-        if self.speed_range is not None and not 0 < self.speed_range[0] <= self.speed_range[1]:
-            raise ValueError(f"speed_perturbation must be two speeds 0 < low <= high, got {list(self.speed_range)}")
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         if self.audio_token_id is None or self.audio_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {AUDIO_TOKEN} token: build the model folder with `audiollm init`")
@@ -130,7 +129,8 @@ class ChatCollator:
         check_chat_row(row, row_id, self.data_root, self.generation)
         messages, audios = row["messages"], list(row.get("audios") or [])
         clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]
-        clips = [self.perturb(c) for c in clips]
+        if self.augment is not None:
+            clips = [self.augment.augment(c, row_id, k) for k, c in enumerate(clips)]
         counts = [clip_token_count(len(c), self.stack) for c in clips]
         segments = render_segments(messages, self.system_prompt, self.generation, self.train_on)
         ids, labels, clip = [], [], 0
@@ -147,15 +147,10 @@ class ChatCollator:
                 clip += 1
         return Encoded(row_id, ids, labels, clips)
 
-    def perturb(self, wav: np.ndarray) -> np.ndarray:
-        """The clip at a random speed in ``speed_range`` (unchanged without one, or where it would get too short
-        to yield an audio token). Drawn from torch's generator, which the DataLoader seeds per worker from the
-        run's seed, so a run is repeatable."""
-        if self.speed_range is None:
-            return wav
-        low, high = self.speed_range
-        factor = low + (high - low) * torch.rand(()).item()
-        return wav if len(wav) / factor < MIN_CHUNK_SAMPLES + 1 else change_speed(wav, factor)
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch, which the augmentation's draws follow (``audiollm.augment.CollatorEpochs``)."""
+        if self.augment is not None:
+            self.augment.epoch = epoch
 
     def fit(self, row: Encoded) -> Encoded | None:
         """Apply ``max_length``: keep, trim the text after the last audio token, or drop (counted, logged)."""

@@ -155,6 +155,9 @@ class PackingCollator:
         batch = self.collator(rows)
         return pack_batch(batch, self.collator.tokenizer.pad_token_id, self.max_tokens)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.collator.set_epoch(epoch)
+
     @property
     def skipped(self):
         """The wrapped collator's counts of dropped / trimmed rows."""

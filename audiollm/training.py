@@ -8,6 +8,7 @@ through ``TrainingArguments.deepspeed`` and the launcher.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from audiollm.augment import Augmentation, AugmentationError
 from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
@@ -104,10 +106,11 @@ class DataArguments:
     packing_max_tokens: int = field(default=0, metadata={"help": "With packing: tokens per packed sequence "
                                     "(rows kept whole); 0 = the whole batch in one sequence (needed by "
                                     "flash-attention)."})
-    speed_perturbation: list[float] | None = field(default=None, metadata={"help": "Two speeds, e.g. [0.9, 1.1]: "
-                                                  "each training clip is played at a random speed between them "
-                                                  "(tempo, pitch and formants together), to hear voices the data "
-                                                  "lacks. Evaluation rows are left as they are."})
+    augmentation: dict | str | None = field(default=None, metadata={"help": "Training clips transformed per "
+                                            "clip: {name: {p: probability, range: [low, high]}} for speed, reverb, "
+                                            "telephone, lowpass, resample, mp3, noise, gain (audiollm/augment.py; "
+                                            "a JSON string on the command line). Evaluation rows are left as "
+                                            "they are."})
 
 
 def skip_cpu_shm_allreduce_op() -> None:
@@ -206,12 +209,10 @@ def load_datasets(data_args: DataArguments, args):
 
 
 def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None,
-                  train: bool = True) -> ChatCollator | PackingCollator:
+                  train: bool = True, seed: int = 0) -> ChatCollator | PackingCollator:
     """The chat collator with the model's projector stacking and the recipe's length policy, packed on request;
-    ``train=False`` for evaluation rows: no speed perturbation."""
-    speed = data_args.speed_perturbation
-    if speed is not None and len(speed) != 2:
-        raise ValueError(f"speed_perturbation takes two speeds [low, high], got {speed}")
+    ``train=False`` for evaluation rows: no augmentation. ``seed`` seeds the augmentation's draws."""
+    augment = augmentation(data_args, seed) if train else None
     collator = ChatCollator(
         tokenizer,
         max_length=data_args.max_length,
@@ -223,7 +224,7 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         max_audio_seconds=data_args.max_audio_seconds,
         bad_rows=bad_row_log(data_args, output_dir),
         return_row_ids=True,
-        speed_range=tuple(speed) if speed and train else None,
+        augment=augment,
     )
     if not data_args.packing:
         return collator
@@ -234,6 +235,19 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         log.warning("packing on %s attends through one block-diagonal mask, (sum of lengths)^2 per sequence; "
                     "attn_implementation: sdpa_packed attends per row", unwrap(model).config._attn_implementation)
     return PackingCollator(collator, data_args.packing_max_tokens)
+
+
+def augmentation(data_args: DataArguments, seed: int) -> Augmentation | None:
+    """The recipe's ``augmentation`` (a mapping from YAML, or a JSON string from the command line), checked."""
+    spec = data_args.augmentation
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise AugmentationError(f"augmentation: not a JSON mapping ({err}): {spec!r}") from None
+    return Augmentation(spec, seed)
 
 
 def bad_row_log(data_args: DataArguments, output_dir: str | None) -> BadRowLog:
@@ -254,7 +268,7 @@ def preflight(dataset, collator, data_args: DataArguments, seed: int = 0) -> Non
     indices = np.random.default_rng(seed).permutation(len(dataset))[: data_args.preflight_rows]
     sample = BadRowLog(max_fraction=data_args.max_bad_fraction)
     chat = getattr(collator, "collator", collator)  # a PackingCollator wraps the ChatCollator that checks rows
-    probe = dataclasses.replace(chat, bad_rows=sample)
+    probe = dataclasses.replace(chat, bad_rows=sample, augment=None)  # checks the files, not the augmentation
     for i in indices:
         probe([dataset[int(i)]])  # the collator's own path: a chat row, a preference pair, packed or not
     sample.check_ceiling(min_rows=1)

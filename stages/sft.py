@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import TrainingArguments
 from trl import TrlParser
 
+from audiollm.augment import CollatorEpochs
 from audiollm.crash_safety import CrashSafeTrainer
 from audiollm.training import (
     DataArguments,
@@ -35,13 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(model_args)
 
     train, evals = load_datasets(data_args, args)
-    collator = make_collator(tokenizer, model, data_args, args.output_dir)  # bad rows: skipped, in bad_rows.jsonl
+    collator = make_collator(tokenizer, model, data_args, args.output_dir, seed=args.seed)  # bad rows: skipped
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
     eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is
 
     trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
-                               eval_data_collator=eval_collator)
+                               eval_data_collator=eval_collator,
+                               callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "sft", model_args, data_args, tokenizer)
