@@ -38,6 +38,9 @@ VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "tts_wer", "tts_wer_best_
               "no_prompt_sex_agreement", "cloning_pitch_agreement", "no_prompt_pitch_agreement",
               "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4", "spoken_reply_ceiling", "reply_text_accuracy",
               "real_time_factor", "time_to_first_audio_s")
+# Figures per voice (the accent+variant that spoke the clip answered), from the harness's per-item records.
+PER_VOICE_TASKS = {"voice_chat_accuracy": "{split}_voice_chat", "analysis_accuracy": "{split}_analysis",
+                   "asr_wer": "{split}/asr"}
 PARTS = ("all", "listening", "voice")  # --part: the whole demo, or one half (voice: on a finished listening run)
 
 
@@ -104,7 +107,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
         figures = evaluate_heldout(out, data)
     with clock.step("export"):
         export_folder(out / "dpo", out / "export", out / "eval" / "results.json")
-    return {**figures, "corpus": corpus["splits"]}
+    return {**figures, "per_voice": per_voice(out / "eval" / "predictions.jsonl", data), "corpus": corpus["splits"]}
 
 
 def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None) -> None:
@@ -155,6 +158,40 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
             "dpo_pref_accuracy_after": value(after, "preference"), "validation": figures("validation")}
 
 
+def per_voice(predictions: Path, data: Path) -> dict:
+    """``{split: {voice: {figure: value, "items": {figure: n}}}}`` for the held-out and validation splits: each item
+    counts for the voice of its last clip (the question being answered)."""
+    import numpy as np
+
+    from eval.items import read_records
+    from eval.tasks import aggregator
+
+    clips = (json.loads(line) for line in (data / "clips.jsonl").read_text(encoding="utf-8").splitlines())
+    voice_of = {clip["audio"]: clip["voice"] for clip in clips}
+    records = [r for r in read_records(predictions) if r.get("stats") is not None and r.get("audios")]
+    table: dict = {}
+    for split in ("heldout", "validation"):
+        for figure, task in PER_VOICE_TASKS.items():
+            groups: dict[str, list[dict]] = {}
+            for r in (r for r in records if r["task"] == task.format(split=split)):
+                groups.setdefault(voice_of["/".join(Path(r["audios"][-1]).parts[-3:])], []).append(r)
+            for voice, rows in sorted(groups.items()):
+                sums = np.asarray([r["stats"] for r in rows], dtype=np.float64).sum(axis=0)
+                cell = table.setdefault(split, {}).setdefault(voice, {})
+                cell[figure] = float(aggregator(rows[0]["kind"], rows)(sums, len(rows)))
+                cell.setdefault("items", {})[figure] = len(rows)
+    return table
+
+
+def per_voice_markdown(table: dict) -> str:
+    rows = ["| split | voice | voice chat | analysis | ASR WER | voice-chat items |", "|---|---|---|---|---|---|"]
+    for split, voices in table.items():
+        for voice, cell in voices.items():
+            rows.append(f"| {split} | {voice} | " + " | ".join(_cell(cell.get(k)) for k in PER_VOICE_TASKS)
+                        + f" | {cell['items'].get('voice_chat_accuracy', 0)} |")
+    return "\n".join(rows)
+
+
 def export_folder(model: Path, out: Path, results: Path) -> None:
     from audiollm.export import export
 
@@ -190,13 +227,15 @@ def _cell(value) -> str:
 
 def report_markdown(results: dict, table: str) -> str:
     steps = "\n".join(f"| {name} | {seconds:.0f} |" for name, seconds in results["step_seconds"].items())
+    voices = results.get("per_voice")
     return (
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
-        "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices and word sequences never occur in "
-        "training. The validation column is a second split of unseen sentences and voices: the "
+        "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices, accents and word sequences never "
+        "occur in training. The validation column is a second split of unseen sentences, voices and accents: the "
         f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n"
         f"| step | seconds |\n|---|---|\n{steps}\n\n"
-        "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
+        + (f"## Per voice\n\n{per_voice_markdown(voices)}\n\n" if voices else "")
+        + "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
         "Loss curves: `loss.png`.\n\n" + (voice_markdown(results["voice"]) if "voice" in results else "")
     )
 

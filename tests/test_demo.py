@@ -45,6 +45,16 @@ def test_results_hold_every_figure_measured(demo):
     assert harness["tasks"]["heldout/asr"]["value"] == saved["asr_wer"]
     predictions = (out / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == sum(t["n"] for t in harness["tasks"].values())
+    # per voice: each scored item counted once, under a voice of its own split
+    clips = [json.loads(line) for line in (out / "data" / "clips.jsonl").read_text().splitlines()]
+    for split, task in (("heldout", "heldout_voice_chat"), ("validation", "validation_analysis"),
+                        ("heldout", "heldout/asr")):
+        voices = saved["per_voice"][split]
+        assert set(voices) <= {c["voice"] for c in clips if c["split"] == split}
+        figure = {"voice_chat": "voice_chat_accuracy", "analysis": "analysis_accuracy", "asr": "asr_wer"}[
+            task.replace("/", "_").split("_", 1)[1]]
+        assert sum(v["items"].get(figure, 0) for v in voices.values()) == harness["tasks"][task]["n"]
+    assert "## Per voice" in (out / "report.md").read_text()
     typed = (out / "data" / "heldout_text.jsonl").read_text().splitlines()  # every held-out sentence, typed
     assert harness["tasks"]["heldout_typed"]["n"] == len(typed) > 0
 
