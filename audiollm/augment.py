@@ -48,6 +48,11 @@ RANGES = {"speed": "factor", "reverb": "rt60_s", "telephone": None, "lowpass": "
           "noise": "snr_db", "gain": "db"}
 
 
+# What each range may span: a lowpass cutoff up to the 8 kHz Nyquist frequency, a resampling rate below 16 kHz.
+LIMITS = {"speed": (0.5, 2.0), "reverb": (0.05, 2.0), "lowpass": (500.0, SAMPLE_RATE / 2),
+          "resample": (2000.0, SAMPLE_RATE), "mp3": (8.0, 320.0), "noise": (-10.0, 80.0), "gain": (-60.0, 24.0)}
+
+
 class AugmentationError(ValueError):
     """A recipe's ``augmentation`` that cannot be used; the message names the transform and key."""
 
@@ -123,8 +128,7 @@ def check_range(name: str, key: str, value) -> tuple[float, float]:
     if not ok or value[0] > value[1]:
         raise AugmentationError(f"augmentation.{name}.{key} must be two numbers [low, high], got {value!r}")
     low, high = float(value[0]), float(value[1])
-    limits = {"factor": (0.5, 2.0), "rt60_s": (0.05, 2.0), "hz": (1000.0, SAMPLE_RATE / 2), "kbps": (8.0, 320.0),
-              "snr_db": (-10.0, 80.0), "db": (-60.0, 24.0)}[key]
+    limits = LIMITS[name]
     if low < limits[0] or high > limits[1]:
         raise AugmentationError(f"augmentation.{name}.{key} must lie within {list(limits)}, got {[low, high]}")
     return low, high

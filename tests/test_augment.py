@@ -130,3 +130,23 @@ def test_persistent_dataloader_workers_follow_the_epoch():
         seen.append(next(iter(loader)))
         assert np.array_equal(seen[-1], aug.augment(wav, "r"))  # the worker drew what the main process draws
     assert not np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
+
+
+@pytest.mark.parametrize("recipe", ["pretrain.yaml", "sft.yaml"])
+def test_the_recipes_commented_example_is_a_valid_setting(recipe):
+    """The augmentation block the full recipes show (commented out) parses and runs as written."""
+    from pathlib import Path
+
+    import yaml
+
+    lines = (Path(__file__).parents[1] / "stages" / "configs" / recipe).read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("# augmentation:")))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    spec = yaml.safe_load("\n".join(block))["augmentation"]
+    assert set(spec) == set(RANGES)
+    out = Augmentation(spec).augment(speech_like(), "rows.jsonl:1")
+    assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
