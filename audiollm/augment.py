@@ -22,7 +22,8 @@ and within [-1, 1].
 
 Determinism: the draws for a clip depend only on (seed, row id, clip index, epoch), not on the batch it falls in,
 the dataloader worker or the core count, so a resumed run hears what the uninterrupted one heard. The epoch comes
-from the trainer through ``CollatorEpochs``, into shared memory that persistent dataloader workers read too. Evaluation rows are never augmented (``make_collator(train=False)``).
+from the trainer through ``CollatorEpochs``, into shared memory that persistent dataloader workers read too.
+Evaluation rows are never augmented (``make_collator(train=False)``); DPO rows neither (its own collator).
 """
 
 from __future__ import annotations
