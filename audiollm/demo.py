@@ -124,7 +124,8 @@ def split_chat(data: Path, split: str) -> dict[str, Path]:
     """A split's SFT rows as two manifests: voice chat (every user turn is only spoken audio) and analysis."""
     rows = [json.loads(line) for line in (data / f"{split}_sft.jsonl").read_text(encoding="utf-8").splitlines()]
     spoken = [all(m["content"].strip() == "<audio>" for m in r["messages"] if m["role"] == "user") for r in rows]
-    parts = {"voice_chat": [r for r, s in zip(rows, spoken) if s], "analysis": [r for r, s in zip(rows, spoken) if not s]}
+    parts = {"voice_chat": [r for r, s in zip(rows, spoken) if s],
+             "analysis": [r for r, s in zip(rows, spoken) if not s]}
     paths = {}
     for name, part in parts.items():
         paths[name] = data / f"{split}_{name}.jsonl"

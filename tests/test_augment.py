@@ -15,8 +15,9 @@ from audiollm.training import DataArguments, make_collator
 
 # One setting per transform, at p = 1 so that it always runs.
 EVERY = {"speed": {"p": 1.0, "factor": [0.9, 1.1]}, "reverb": {"p": 1.0, "rt60_s": [0.2, 0.6]},
-         "telephone": {"p": 1.0}, "lowpass": {"p": 1.0, "hz": [2000, 7000]}, "resample": {"p": 1.0, "hz": [8000, 8000]},
-         "mp3": {"p": 1.0, "kbps": [16, 64]}, "noise": {"p": 1.0, "snr_db": [10, 40]}, "gain": {"p": 1.0, "db": [-6, 6]}}
+         "telephone": {"p": 1.0}, "lowpass": {"p": 1.0, "hz": [2000, 7000]},
+         "resample": {"p": 1.0, "hz": [8000, 8000]}, "mp3": {"p": 1.0, "kbps": [16, 64]},
+         "noise": {"p": 1.0, "snr_db": [10, 40]}, "gain": {"p": 1.0, "db": [-6, 6]}}
 
 
 def speech_like(seconds=1.0, peak=0.5, seed=0):
