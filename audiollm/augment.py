@@ -49,8 +49,10 @@ RANGES = {"speed": "factor", "reverb": "rt60_s", "telephone": None, "lowpass": "
           "noise": "snr_db", "gain": "db"}
 
 
-# What each range may span: a lowpass cutoff up to the 8 kHz Nyquist frequency, a resampling rate below 16 kHz.
-LIMITS = {"speed": (0.5, 2.0), "reverb": (0.05, 2.0), "lowpass": (500.0, SAMPLE_RATE / 2),
+# What each range may span: a lowpass cutoff up to the 8 kHz Nyquist frequency, a resampling rate below 16 kHz, a
+# reverberation time the rooms can have (below ~0.11 s the largest room, 5.6 x 3.9 x 3 m, would need walls that absorb
+# more than all the sound: pyroomacoustics refuses).
+LIMITS = {"speed": (0.5, 2.0), "reverb": (0.15, 2.0), "lowpass": (500.0, SAMPLE_RATE / 2),
           "resample": (2000.0, SAMPLE_RATE), "mp3": (8.0, 320.0), "noise": (-10.0, 80.0), "gain": (-60.0, 24.0)}
 
 
@@ -90,12 +92,23 @@ class Augmentation:
         out = wav.astype(np.float32)
         for name, transform in self.chain:
             if rng.random() < self.spec[name][0]:
-                out = transform(out, random.Random(rng.getrandbits(64)))
+                out = self.apply(name, transform, out, random.Random(rng.getrandbits(64)), f"{row_id} audio {clip}")
         if not np.isfinite(out).all():
             log.warning("%s audio %d: augmentation gave non-finite samples; the clip is used as it was", row_id, clip)
             return wav
         peak = float(np.abs(out).max(initial=0.0))
         return out / peak if peak > 1.0 else out
+
+
+    @staticmethod
+    def apply(name: str, transform, wav: np.ndarray, rng: random.Random, where: str) -> np.ndarray:
+        """One transform; one that fails on this clip (a library's refusal of a drawn setting) is skipped with a
+        warning, so that a rare draw never stops a long run."""
+        try:
+            return transform(wav, rng)
+        except Exception as err:  # noqa: BLE001  (any library error: the clip goes on without this transform)
+            log.warning("%s: augmentation %s skipped (%s: %s)", where, name, type(err).__name__, err)
+            return wav
 
 
 def draw_seed(seed: int, row_id: str, clip: int, epoch: int) -> int:

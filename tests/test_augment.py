@@ -151,3 +151,19 @@ def test_the_recipes_commented_example_is_a_valid_setting(recipe):
     assert set(spec) == set(RANGES)
     out = Augmentation(spec).augment(speech_like(), "rows.jsonl:1")
     assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
+
+
+def test_reverb_at_the_shortest_allowed_time_works_in_every_drawn_room():
+    aug = Augmentation({"reverb": {"p": 1.0, "rt60_s": [0.15, 0.15]}})
+    for i in range(30):
+        out = aug.augment(speech_like(0.3), f"r{i}")
+        assert np.isfinite(out).all() and not np.allclose(out, speech_like(0.3), atol=1e-3)
+
+
+def test_a_transform_that_fails_on_a_clip_is_skipped_with_a_warning(caplog):
+    aug = Augmentation({"noise": {"p": 1.0, "snr_db": [10, 10]}, "gain": {"p": 1.0, "db": [-6, -6]}})
+    aug.chain[0] = ("noise", lambda wav, rng: 1 / 0)
+    wav = speech_like()
+    out = aug.augment(wav, "rows.jsonl:3")
+    assert np.allclose(out, wav * 10 ** (-6 / 20), atol=1e-6)  # gain still ran
+    assert "rows.jsonl:3 audio 0: augmentation noise skipped (ZeroDivisionError" in caplog.text
