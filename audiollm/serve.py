@@ -74,12 +74,12 @@ def respond(responder: Responder, max_seconds: float, path: str | None, instruct
     conversation = conversation or Conversation()
     instruction = (instruction or "").strip()
     if not path and not instruction:
-        yield gr.skip(), gr.skip(), None, f"{WARNING}Record or upload a question (or type one) first."
+        yield gr.skip(), gr.skip(), gr.skip(), f"{WARNING}Record or upload a question (or type one) first."
         return
     try:
         wav = read_question(path, max_seconds) if path else None
     except (ValueError, FileNotFoundError) as err:  # AudioError is a ValueError
-        yield chat_view(conversation), gr.skip(), None, problem(err, path)
+        yield gr.skip(), gr.skip(), gr.skip(), problem(err, path)  # the last answer and its voice stay
         return
     asked = conversation.ask(instruction, wav)
     text = None
