@@ -6,6 +6,7 @@
     audiollm init --tiny --out runs/tiny
     audiollm train sft --config stages/configs/sft.yaml --learning_rate 2e-5
     audiollm eval-tts --tts runs/tts --texts texts.txt --listener whisper-large-v3 --best-of 4 --out runs/tts_eval
+    audiollm serve --model runs/demo/export --tts runs/demo/voice/tts --port 7860
 
 A subcommand's user errors (a missing file, a wrong checkpoint) print one line naming the file and exit with 1;
 argument mistakes are parser errors (exit 2).
@@ -21,6 +22,7 @@ from pathlib import Path
 from audiollm.data_check_cli import add_check_parser
 from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
+from audiollm.serve import add_serve_parser
 from audiollm.tts.cli import add_tts_commands
 from eval.cli import add_eval_parser, add_eval_tts_parser
 
@@ -195,7 +197,7 @@ def run_train(args) -> int:
 
 
 SUBCOMMANDS = (add_demo_parser, add_init_parser, add_data_parser, add_train_parser, add_eval_parser,
-               add_eval_tts_parser, add_export_parser, add_tts_commands)
+               add_eval_tts_parser, add_export_parser, add_tts_commands, add_serve_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

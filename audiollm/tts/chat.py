@@ -31,8 +31,12 @@ class ChatReply:
     sample_rate: int | None = None
 
 
-def answer(model, tokenizer, messages: list[dict], audios: list, max_new_tokens: int = ANSWER_TOKENS) -> str:
-    """Greedy answer of an audiollm model to a chat (prompt built by the training collator, as eval does)."""
+def answer(model, tokenizer, messages: list[dict], audios: list, max_new_tokens: int = ANSWER_TOKENS,
+           streamer=None) -> str:
+    """Greedy answer of an audiollm model to a chat (prompt built by the training collator, as eval does).
+
+    ``streamer`` (a transformers ``TextStreamer``) receives the new tokens as they are generated.
+    """
     from audiollm.collator import ChatCollator
     from eval.generate import GenerationSettings, NO_LENGTH_LIMIT, _on_device, stop_ids
 
@@ -40,7 +44,7 @@ def answer(model, tokenizer, messages: list[dict], audios: list, max_new_tokens:
                             generation=True)
     batch = _on_device(collator([{"messages": messages, "audios": audios}]), model)
     ids = model.generate(**batch, **GenerationSettings(max_new_tokens=max_new_tokens).kwargs(),
-                         eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=streamer)
     return tokenizer.decode(ids[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
