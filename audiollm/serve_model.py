@@ -112,6 +112,26 @@ class Responder:
             spoken = speak(self.tts, text)
         return spoken.sample_rate, spoken.wav
 
+    def voice_stream(self, text: str) -> Iterator[tuple[int, np.ndarray]]:
+        """The text spoken as it is decoded: (sample rate in Hz, float32 chunk (n,)) every few codec frames.
+
+        Same sampling settings (and seed) as ``voice``, so the chunks join into ``voice(text)``'s waveform (up to
+        float rounding: the codec decodes overlapping windows instead of the whole). Nothing without a tts folder.
+        The lock is held until the last chunk; a reader that stops early (the page was closed) ends the sampling
+        at the next chunk and lets the lock go, as ``stream`` does.
+        """
+        if self.tts is None or not text.strip():
+            return
+        from audiollm.tts.generate import speak_stream
+
+        with self.lock:
+            chunks = speak_stream(self.tts, text)
+            try:
+                for chunk in chunks:
+                    yield self.tts.codec.sample_rate, chunk
+            finally:
+                chunks.close()  # at once, not whenever the garbage collector gets to it: the lock goes next
+
 
 class _Stopped(Exception):
     """Raised inside generate() to end a generation nobody reads any more."""

@@ -80,12 +80,22 @@ class Page:
         return [element.text for element in self._find("#history [data-testid='bot']")]
 
     def status(self) -> str:
-        found = self._find("#status")
+        """The message under the buttons (its text only: not the progress timer shown over it while busy)."""
+        found = self._find("#status [data-testid='markdown']")
         return found[0].text.strip() if found else ""
 
+    def streamed_seconds(self) -> float | None:
+        """The length in seconds of the streamed spoken answer's audio element, once it has some audio; else None
+        (no streamed player: the answer is spoken in one piece, or not yet)."""
+        return self.driver.execute_script(
+            "const a = document.querySelector('#spoken audio');"
+            "return a && a.src && a.duration > 0 && isFinite(a.duration) ? a.duration : null;")
+
     def spoken_src(self) -> str | None:
-        """The URL of the spoken answer (the player's download link), or None while there is no player."""
-        if not self._find("#spoken [data-testid='waveform-controls'] button[aria-label='Play']"):
+        """The URL of the spoken answer (the player's download link: a wav file, or the streamed answer as one AAC
+        file), or None while no player holds audio."""
+        one_piece = self._find("#spoken [data-testid='waveform-controls'] button[aria-label='Play']")
+        if not one_piece and self.streamed_seconds() is None:
             return None
         links = self._find("#spoken a[data-testid='download-link']")
         return links[0].get_attribute("href") if links else None

@@ -25,7 +25,8 @@ import torch
 from audiollm.audio import SAMPLE_RATE
 from audiollm.build import build_tiny
 from audiollm.chat import AUDIO_MARKER, AUDIO_TOKEN, CHAT_TEMPLATE
-from audiollm.serve import WARNING, chat_view, respond
+from audiollm.serve import SPEAKING, WARNING, answer_text, chat_view, ffmpeg_found, pcm16, respond, speak_answer
+from audiollm.serve import voice_streams
 from audiollm.serve_model import Conversation, Responder, read_question
 from audiollm.serve_shot import Page, find_browser, free_port, open_browser
 from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
@@ -35,6 +36,7 @@ from tests.conftest import build_untrained_tts, make_speech_like
 REPO = Path(__file__).resolve().parents[1]
 MAX_SECONDS = 30.0
 ANSWER_TOKENS = 12
+SPOKEN = "one two three four five"  # long enough for the tiny voice to take several chunks
 # file -> words the page's message must contain (besides the file's name)
 BAD_FILES = {
     "corrupt.wav": "cannot decode",
@@ -112,6 +114,76 @@ def test_streamed_multi_turn_answers_equal_greedy_answers(responder, folders):
                       [clip], ANSWER_TOKENS)
     assert status == "" and len(second.messages) == 4 and len(second.audios) == 1
     assert second.messages[-1]["content"] == expected and view == chat_view(second)
+
+
+@pytest.fixture
+def long_speech(responder):
+    """The untrained tiny voice ends after a few frames; with SPEECH_END's logit pushed far down it speaks until
+    the text's frame cap (about 6 s for ``SPOKEN``), so the stream has many chunks."""
+    tts = responder.tts
+    bias = torch.zeros(tts.model.lm_head.weight.shape[0])
+    bias[tts.vocab.speech_end] = -1e4
+    handle = tts.model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    yield
+    handle.remove()
+
+
+def test_the_voice_stream_joins_into_the_one_piece_voice(responder, long_speech):
+    """The chunks are the one-piece waveform cut up, up to float rounding: the streamer decodes windows of frames
+    with all the context each sample depends on, but a shorter convolution input sums in another order. As int16
+    (what the player gets), a rounding step of a sample near a boundary moves it by one unit at most."""
+    chunks = list(responder.voice_stream(SPOKEN))
+    rate, whole = responder.voice(SPOKEN)
+    assert len(chunks) > 10 and {r for r, _ in chunks} == {rate}
+    joined = np.concatenate([chunk for _, chunk in chunks])
+    assert joined.shape == whole.shape
+    np.testing.assert_allclose(joined, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    played = np.concatenate([pcm16((rate, chunk))[1] for _, chunk in chunks]).astype(int)
+    assert np.abs(played - pcm16((rate, whole))[1]).max() <= 1
+
+
+def test_a_voice_stream_closed_early_lets_the_model_go(responder):
+    stream = responder.voice_stream(SPOKEN)
+    next(stream)
+    assert responder.lock.locked()  # held while the voice decodes: no other generation meanwhile
+    stream.close()  # the page went away after the first chunk
+    assert not responder.lock.locked()
+    assert len(list(responder.voice_stream(SPOKEN))) > 1  # and the next answer is spoken whole
+
+
+def test_the_page_streams_the_text_then_the_voice(responder, folders):
+    import gradio as gr
+
+    outputs = list(answer_text(responder, MAX_SECONDS, str(folders["question"]), "", None))
+    view, answered, spoken, status = outputs[-1]
+    assert status == SPEAKING and spoken is None and answered.messages[-1]["role"] == "assistant"
+    voiced = list(speak_answer(responder, answered, status, stream=True))
+    chunks = [chunk for chunk, status in voiced[:-1] if status == SPEAKING]
+    assert len(chunks) == len(voiced) - 1 > 1 and voiced[-1] == (gr.skip(), "")
+    rate, whole = pcm16(responder.voice(answered.messages[-1]["content"]))
+    assert {r for r, _ in chunks} == {rate} and sum(len(c) for _, c in chunks) == len(whole)
+    # Without ffmpeg the same answer comes once, whole; a refused question is not spoken at all.
+    (once, status), = speak_answer(responder, answered, SPEAKING, stream=False)
+    assert status == "" and np.array_equal(once[1], whole)
+    assert list(speak_answer(responder, answered, f"{WARNING}refused", stream=True)) == [(gr.skip(), gr.skip())]
+    closed = speak_answer(responder, answered, SPEAKING, stream=True)
+    next(closed)
+    assert responder.lock.locked()
+    closed.close()  # the page went away while the voice was decoding
+    assert not responder.lock.locked()
+
+
+def test_without_ffmpeg_the_voice_comes_in_one_piece(responder, monkeypatch, caplog):
+    import audiollm.serve as serve
+
+    assert voice_streams(responder) == ffmpeg_found()
+    monkeypatch.setattr(serve.shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING", logger="audiollm.serve"):
+        assert not voice_streams(responder)
+    assert "No ffmpeg on PATH" in caplog.text
+    players = [block for block in serve.build_app(responder).blocks.values()
+               if getattr(block, "elem_id", None) == "spoken"]
+    assert len(players) == 1 and not players[0].streaming
 
 
 def test_a_stream_closed_early_stops_its_generation(folders, monkeypatch):
@@ -217,9 +289,13 @@ def test_page_in_a_browser(server, folders, artifacts):
         text, status = page.ask(folders["question"], "What is this?", voiced=True)
         page.screenshot(artifacts / "serve_answered.png")
         assert text and status == "" and page.answers() == [text]
-        with urllib.request.urlopen(page.spoken_src(), timeout=10) as response:  # what the player plays
-            wav, rate = sf.read(io.BytesIO(response.read()))
-        assert rate == 24000 and len(wav) > 0
+        if ffmpeg_found():  # the server streams the voice: a browser <audio> player fed the chunks as they come
+            assert page.streamed_seconds() > 0 and page.spoken_src().endswith("/playlist-file")
+        else:  # the one-piece fallback: the waveform player of a wav file
+            assert page.streamed_seconds() is None
+            with urllib.request.urlopen(page.spoken_src(), timeout=10) as response:  # what the player plays
+                wav, rate = sf.read(io.BytesIO(response.read()))
+            assert rate == 24000 and len(wav) > 0
 
         text, status = page.ask(folders["corrupt.wav"])
         page.screenshot(artifacts / "serve_corrupt.png")
@@ -242,7 +318,10 @@ def test_gradio_client_api(server, folders):
     assert isinstance(transcript, str) and status == ""
     chat, spoken, status = client.predict(handle_file(str(folders["question"])), "", api_name="/answer")
     assert status == "" and [m["role"] for m in chat] == ["user", "assistant"] and spoken["path"].endswith(".wav")
+    assert not spoken.get("is_stream") and sf.info(spoken["path"]).frames > 0  # one wav file, even when streaming
     chat, spoken, status = client.predict(None, "And then?", api_name="/answer")  # the client's session: turn 2
     assert status == "" and len(chat) == 4
     _, _, status = client.predict(handle_file(str(folders["silent.wav"])), "", api_name="/answer")
     assert status.startswith(WARNING) and "silent" in status
+    # The server says at startup when it cannot stream the voice, and only then.
+    assert ("No ffmpeg on PATH" in (folders["root"] / "server.log").read_text()) != ffmpeg_found()
