@@ -94,13 +94,13 @@ def _decode(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
 
     try:
         info = soundfile.info(path)
-    except Exception:  # not a format libsndfile knows (m4a, ...): decode it whole, without a header check
-        return _decode_other(path)
+    except Exception as err:  # not a format libsndfile knows (m4a, ...): decode it whole, without a header check
+        return _decode_other(path, err)
     _check_header(path, info.samplerate, info.frames, max_seconds)
     try:
         raw, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except Exception as err:
-        raise AudioError(f"{path}: cannot decode audio ({type(err).__name__}: {err})", "unreadable") from err
+        raise AudioError(f"{path}: cannot decode audio ({_reason(err)})", "unreadable") from err
     if raw.shape[0] == 0:
         raise AudioError(f"{path}: audio is empty (0 samples)", "empty")
     return raw, rate
@@ -117,17 +117,29 @@ def _check_header(path: str, rate: int, frames: int, max_seconds: float | None) 
                          "(max_audio_seconds)", "too_long")
 
 
-def _decode_other(path: str) -> tuple[np.ndarray, int]:
+def _decode_other(path: str, soundfile_error: Exception) -> tuple[np.ndarray, int]:
+    """As ``_decode``, by librosa (audioread's decoders: ffmpeg...) for a file libsndfile refused."""
     import librosa
 
     try:
         wav, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32)
     except Exception as err:  # librosa/audioread raise several unrelated types for corrupt files
-        raise AudioError(f"{path}: cannot decode audio ({type(err).__name__}: {err})", "unreadable") from err
+        raise AudioError(f"{path}: cannot decode audio ({_reason(err, soundfile_error)})", "unreadable") from err
     raw = wav[:, None] if wav.ndim == 1 else wav.T
     if raw.shape[0] == 0:
         raise AudioError(f"{path}: audio is empty (0 samples)", "empty")
     return raw, int(rate)
+
+
+def _reason(*errors: Exception) -> str:
+    """Why a file could not be decoded: the words of the first of ``errors`` that gives any (the exception chain
+    keeps the rest). audioread's NoBackendError (every decoder refused the file) has none; libsndfile's message is
+    "Error opening '<path>': " with the reason in ``error_string``."""
+    for err in errors:
+        words = str(getattr(err, "error_string", None) or err).strip().rstrip(".")
+        if words:
+            return words
+    return "no decoder can read it"
 
 
 def _sample_findings(raw: np.ndarray, path: str) -> list[Finding]:

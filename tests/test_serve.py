@@ -39,7 +39,7 @@ ANSWER_TOKENS = 12
 SPOKEN = "one two three four five"  # long enough for the tiny voice to take several chunks
 # file -> words the page's message must contain (besides the file's name)
 BAD_FILES = {
-    "corrupt.wav": "cannot decode",
+    "corrupt.wav": "cannot decode audio (Error in WAV/W64/RF64 file. Malformed 'fmt ' chunk)",  # libsndfile's words
     "silent.wav": "all silent",
     "empty.wav": "empty",
     "long.wav": f"longer than the maximum of {MAX_SECONDS:g} s",
