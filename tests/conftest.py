@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from audiollm.audio import SAMPLE_RATE
-from audiollm.chat import AUDIO_TOKEN
+from audiollm.chat import AUDIO_TOKEN, CHAT_TEMPLATE
 from audiollm.model.config import AudioLLMConfig
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
@@ -97,3 +97,18 @@ def build_untrained_tts(root, codec: str = "snac", layout: str = "snac7"):
 def untrained_tts_dir(tmp_path_factory):
     """A tiny random SNAC tts folder (see ``build_untrained_tts``), built once per session."""
     return build_untrained_tts(tmp_path_factory.mktemp("untrained_tts"))
+
+
+def write_stock_qwen2_audio(folder):
+    """A tiny random folder in stock transformers' Qwen2-Audio format (model, processor, chat template)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+    from transformers import WhisperFeatureExtractor
+
+    tokenizer = tiny_tokenizer()
+    config = Qwen2AudioConfig(audio_config=tiny_audio_config(), text_config=tiny_text_config(len(tokenizer)),
+                              audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+    torch.manual_seed(0)
+    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer,
+                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder

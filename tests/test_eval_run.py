@@ -12,13 +12,14 @@ import torch
 
 from audiollm.audio import SAMPLE_RATE
 from audiollm.build import build_tiny
-from audiollm.chat import AUDIO_TOKEN, CHAT_TEMPLATE, IM_END
-from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
+from audiollm.chat import CHAT_TEMPLATE, IM_END
+from audiollm.tiny import tiny_text_config, tiny_tokenizer
 from eval import metrics
 from eval.cli import add_eval_parser
 from eval.generate import GenerationSettings, generate_answers, load_model, preference_logps
 from eval.pipeline import evaluate, load_tasks
 from eval.speech import intelligibility, load_transcriber, transcript_wer
+from tests.conftest import write_stock_qwen2_audio
 
 MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"  # shared/ sits beside the checkout
 
@@ -303,17 +304,7 @@ def test_batched_generation_and_preferences_match_one_by_one(bench, tiny_folder)
 
 
 def test_stock_qwen2_audio_folder(bench, tmp_path):
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-    from transformers import WhisperFeatureExtractor
-
-    tokenizer = tiny_tokenizer()
-    config = Qwen2AudioConfig(audio_config=tiny_audio_config(), text_config=tiny_text_config(len(tokenizer)),
-                              audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
-    folder = tmp_path / "Qwen2-Audio-tiny"
-    torch.manual_seed(0)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder)
-    Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer,
-                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    folder = write_stock_qwen2_audio(tmp_path / "Qwen2-Audio-tiny")
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_audio"
     tasks = {"mmau": bench["tasks"]["mmau"], "pre": bench["tasks"]["pre"]}
     audio_root = {"mmau": str(bench["root"] / "mmau_audio")}

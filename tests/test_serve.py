@@ -24,14 +24,13 @@ import torch
 
 from audiollm.audio import SAMPLE_RATE
 from audiollm.build import build_tiny
-from audiollm.chat import AUDIO_MARKER, AUDIO_TOKEN, CHAT_TEMPLATE
+from audiollm.chat import AUDIO_MARKER
 from audiollm.serve import SPEAKING, WARNING, answer_text, chat_view, ffmpeg_found, pcm16, respond, speak_answer
 from audiollm.serve import voice_streams
 from audiollm.serve_model import Conversation, Responder, read_question
 from audiollm.serve_shot import Page, find_browser, free_port, open_browser
-from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
 from audiollm.tts.chat import answer
-from tests.conftest import build_untrained_tts, make_speech_like
+from tests.conftest import build_untrained_tts, make_speech_like, write_stock_qwen2_audio
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SECONDS = 30.0
@@ -211,17 +210,7 @@ def test_a_stream_closed_early_stops_its_generation(folders, monkeypatch):
 
 
 def test_stock_qwen2_audio_folder_answers(tmp_path, folders):
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-    from transformers import WhisperFeatureExtractor
-
-    tokenizer = tiny_tokenizer()
-    config = Qwen2AudioConfig(audio_config=tiny_audio_config(), text_config=tiny_text_config(len(tokenizer)),
-                              audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
-    folder = tmp_path / "Qwen2-Audio-tiny"
-    torch.manual_seed(0)
-    Qwen2AudioForConditionalGeneration(config).save_pretrained(folder)
-    Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer,
-                        chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    folder = write_stock_qwen2_audio(tmp_path / "Qwen2-Audio-tiny")
     stock = Responder(str(folder), max_new_tokens=6)
     asked = Conversation().ask("What is this?", read_question(str(folders["question"]), MAX_SECONDS))
     streamed = list(stock.stream(asked))
