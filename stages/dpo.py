@@ -170,6 +170,8 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
         raise ValueError("max_length: give the tokens per sequence (audio included); over-long pairs are dropped")
     model_args = ModelArguments(**dataclasses.asdict(model_fields), trust_remote_code=args.trust_remote_code)
     data_args = DataArguments(**dataclasses.asdict(data_fields), max_length=args.max_length)
+    if data_args.augmentation is not None:  # the shared DataArguments has it; the preference collator does not
+        raise ValueError("augmentation applies to pretraining and SFT rows only; remove it from the DPO recipe")
     check_training_args(args)
     return model_args, data_args, args
 

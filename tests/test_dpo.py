@@ -286,3 +286,7 @@ def test_shipped_recipe_parses(folder, tmp_path):
     assert model_args.train_llm != (model_args.llm_lora_r > 0)  # full LLM or LoRA, one of the two
     assert data_args.max_length == args.max_length and model_args.trust_remote_code is False
     assert data_args.train_files == [folder["prefs"]]
+    with pytest.raises(ValueError, match="augmentation applies to pretraining and SFT rows only"):
+        parse_recipe(["--config", str(REPO / "stages" / "configs" / "dpo.yaml"), "--bf16", "false",
+                      "--model_name_or_path", folder["model"], "--train_files", folder["prefs"],
+                      "--output_dir", str(tmp_path), "--augmentation", '{"gain": {"p": 1.0, "db": [0, 1]}}'])

@@ -16,10 +16,10 @@ from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
 from audiollm.synth.corpus import (
-    ACCENTS, ANALYSIS_QUESTIONS, VARIANTS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth,
-    taught_answers, text_split,
+    ANALYSIS_QUESTIONS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, taught_answers, text_split,
 )
 from audiollm.synth.espeak import Espeak, EspeakError
+from audiollm.synth.voices import ACCENTS, VARIANTS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
 SENTENCE = "what is three plus four"
@@ -295,7 +295,8 @@ def test_check_heldout_refuses_shared_words_or_voices():
     with pytest.raises(CorpusError, match="heldout voice variants"):
         check_heldout([clip("train", "one two", "en-029+f4"), validation, clip("heldout", "three", "fr+f4")])
     with pytest.raises(CorpusError, match="validation voice variants"):
-        check_heldout([clip("train", "one two", "en-GB-scotland+steph"), validation, clip("heldout", "three", "en-029+f4")])
+        check_heldout([clip("train", "one two", "en-GB-scotland+steph"), validation,
+                       clip("heldout", "three", "en-029+f4")])
     with pytest.raises(CorpusError, match="heldout English accents"):
         check_heldout([clip("train", "one two", "en-029+f1"), validation, clip("heldout", "three", "en-029+f4")])
     with pytest.raises(CorpusError, match="validation and heldout"):

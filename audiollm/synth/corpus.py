@@ -43,6 +43,9 @@ from audiollm.synth.questions import (
     NUMBER_WORDS, all_facts, fact_answer, fact_sentences, off_by_one, spoken_question,
 )
 from audiollm.synth.render import render
+from audiollm.synth.voices import (
+    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS,
+)
 
 SPLITS = ("train", "validation", "heldout")
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -67,36 +70,6 @@ SIZES = {
     "full": {m: {k: 10 * n for k, n in kinds.items()} for m, kinds in SMALL.items()},
 }
 
-# Who speaks in each split: an espeak-ng voice variant (a formant and pitch set, usable with every language) per sex,
-# and for English an accent (espeak's English voices). The held-out and validation variants and accents never speak
-# in training, nor in each other's split, so their figures measure voices and accents the listener never heard.
-# Training draws from 23 variants, the Klatt synthesiser's among them (klatt, klatt3, klatt5: the other synthesis
-# method), and five of the eight English accents espeak-ng ships (en-Shaw is an alphabet, not an accent). Left out
-# everywhere: variants with effects (whisper, croak, robot and demonic sets) and the few whose median pitch is far
-# from their stated sex; left out of training: near copies of another split's variant (steph2 has steph's formant
-# frequencies, belinda linda's pitch and first formants). The held-out klatt6 and edward share the Klatt
-# synthesiser with training's klatt variants, with a voice source (klatt6) or formants (edward) of their own. Sex
-# follows the variant's median F0 measured on "what is three plus four" (en, rate 175, pitch 50): female variants
-# 173-262 Hz, male ones 81-111 Hz.
-VARIANTS = {
-    "train": {"female": ("f1", "f2", "f3", "f5", "Alicia", "Andrea", "anika", "aunty", "grandma", "shelby"),
-              "male": ("m1", "m2", "m3", "m4", "m5", "m8", "Andy", "Denis", "antonio", "iven", "klatt", "klatt3",
-                       "klatt5")},
-    "validation": {"female": ("steph", "Annie"), "male": ("m6", "michel", "klatt4")},
-    "heldout": {"female": ("f4", "linda"), "male": ("m7", "edward", "klatt6")},
-}
-ACCENTS = {  # espeak-ng English voices; "en" is southern British, gbclan Lancashire, gbcwmd West Midlands
-    "train": ("en", "en-US", "en-GB-x-rp", "en-GB-x-gbclan", "en-GB-x-gbcwmd"),
-    "validation": ("en-GB-scotland",),
-    "heldout": ("en-029", "en-US-nyc"),  # Caribbean, New York City
-}
-# Ranges drawn from per clip (inclusive). Rate in words per minute (espeak's default is 175); pitch on espeak's
-# 0-100 scale, 50 being the voice's own. Low/high pitch is relative to the voice: a high male voice (~150 Hz)
-# is still lower than a low female one (~160 Hz), as listeners also judge pitch against the speaker's sex. The
-# normal ranges are wide for variety yet stay clear of the slow/fast and low/high ranges the classification
-# tasks ask about.
-RATE_NORMAL, RATE_SLOW, RATE_FAST = (135, 220), (100, 120), (250, 280)
-PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
 WORDS_PER_CLIP = (2, 4)  # pretraining utterances
 WORDS_PER_ANALYSIS = (2, 5)  # clips asked about ("how many words")
 
