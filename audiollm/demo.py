@@ -5,7 +5,8 @@
     ->  pretrain -> SFT -> DPO   (stages/*.py with stages/configs/*_demo.yaml, the `audiollm train` path)
     ->  eval on the held-out split (the eval/ harness)  ->  export (stock Qwen2-Audio folder)
     ->  the voice (audiollm/tts/demo.py): a codec (stages/codec.py), then a codec-token TTS decoder (stages/tts.py)
-        on the corpus's English clips, measured by the listener just trained (it never trains on their audio)
+        on the corpus's training texts spoken in two voices, trained in a second process beside the listening
+        stages, then measured by the listener just trained (it never trains on their audio)
     ->  results.json, report.md, loss.png
 
 The stages are the same modules and recipe format a GPU user runs; only the recipe sizes are small. Every figure
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +46,80 @@ PER_VOICE_TASKS = {"voice_chat_accuracy": "{split}_voice_chat", "analysis_accura
 PARTS = ("all", "listening", "voice")  # --part: the whole demo, or one half (voice: on a finished listening run)
 
 
+class Beside:
+    """``fn(*args)`` in a second process, started now: the demo trains the voice (one thread) while the listening
+    stages train here. Spawned, so it shares no state with this process; its output goes to ``log``.
+    ``result()`` waits and returns fn's value or raises its error; ``stop()`` ends it."""
+
+    def __init__(self, fn, log: Path, *args):
+        context = multiprocessing.get_context("spawn")
+        self.receive, send = context.Pipe(duplex=False)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.process = context.Process(target=_run_logged, args=(send, str(log), fn, args), daemon=True)
+        self.process.start()
+        send.close()
+        self.log, self.seconds = log, None
+
+    def result(self):
+        try:
+            status, value, self.seconds = self.receive.recv()
+        except EOFError:  # the process died without a word (killed, out of memory)
+            status, value = "error", f"it exited with status {self.process.exitcode} without a result"
+        self.process.join()
+        if status == "error":
+            raise RuntimeError(f"the process beside the listening stages failed (log: {self.log}):\n{value}")
+        return value
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join()
+
+
+def _run_logged(send, log: str, fn, args) -> None:
+    """The second process: stdout and stderr (C level too) into ``log``, then fn(*args) through the pipe."""
+    import os
+    import sys
+    import traceback
+
+    with open(log, "a", encoding="utf-8") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    sys.stdout = sys.stderr = open(log, "a", encoding="utf-8", buffering=1)
+    start = time.perf_counter()
+    try:
+        value = fn(*args)
+        send.send(("ok", value, round(time.perf_counter() - start, 1)))
+    except BaseException:
+        send.send(("error", traceback.format_exc(), round(time.perf_counter() - start, 1)))
+        raise
+
+
+@contextmanager
+def stop_on_error(beside: Beside | None):
+    """Ends the process beside if the block fails, so that a failed demo does not leave it training."""
+    try:
+        yield
+    except BaseException:
+        if beside is not None:
+            beside.stop()
+        raise
+
+
+@contextmanager
+def one_thread_while(busy: bool):
+    """One intra-op thread here while a second process trains on the other core: on 2 cores, two processes at two
+    threads each oversubscribe them, and OpenMP's waits then cost more than the second thread gains."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if busy:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Clock:
     """Wall seconds per step of the demo, in the order they ran."""
 
@@ -66,19 +142,22 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
     """Run the pipeline into ``out`` (new or empty); returns the results written to ``out/results.json``.
 
     ``max_steps`` caps every stage (tests run a shortened demo); None keeps the recipes' schedules. ``part``
-    "listening" stops before the voice; "voice" trains and measures the voice in the folder of a listening run.
+    "listening" stops before the voice; "voice" trains and measures the voice in the folder of a listening run;
+    "all" trains the voice in a second process beside the listening stages (it needs only the corpus).
     """
+    from audiollm.tts.demo import measure_demo_voice, train_voice
+
     out, clock = Path(out), Clock()
     if part == "voice":
         results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        with clock.step("train the voice: codec, tts"):
+            voice = train_voice(out / "data", out / "voice", seed, max_steps)
     else:
-        results = run_listening(out, clock, seed, max_steps, corpus_size)
+        results, voice = run_listening(out, clock, seed, max_steps, corpus_size, voice_beside=part == "all")
     if part != "listening":
-        from audiollm.tts.demo import run_voice_demo
-
-        with clock.step("train and measure the voice: codec, tts"):
-            results["voice"] = run_voice_demo(out / "data", out / "voice", out / "export", seed, max_steps,
-                                              texts=VOICE_TEXTS if max_steps is None else 2)
+        with clock.step("measure the voice"):
+            results["voice"] = measure_demo_voice(voice, out / "export", seed,
+                                                  texts=VOICE_TEXTS if max_steps is None else 2)
     before = results.get("wall_seconds", 0.0) if part == "voice" else 0.0  # the listening run's own time
     results.update(wall_seconds=round(before + clock.total(), 1), seed=seed, max_steps=max_steps,
                    step_seconds={**results.get("step_seconds", {}), **clock.steps})
@@ -86,28 +165,42 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
     return results
 
 
-def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, corpus_size: str) -> dict:
-    """Synthesise, init, train text -> pretrain -> SFT -> DPO, evaluate, export: the listening half's figures."""
+def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, corpus_size: str,
+                  voice_beside: bool = False) -> tuple[dict, dict | None]:
+    """Synthesise, init, train text -> pretrain -> SFT -> DPO, evaluate, export: the listening half's figures.
+    With ``voice_beside`` the voice trains in a second process from the moment the corpus exists; returns its
+    folders too (else None)."""
     from audiollm.build import build_tiny
     from audiollm.synth.corpus import synth
+    from audiollm.tts.demo import train_voice
 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; the demo writes a new folder")
     data = out / "data"
     with clock.step("synthesise a spoken corpus"):
         corpus = synth(data, seed=seed, size=corpus_size)
-    with clock.step("init a tiny model"):
-        build_tiny(out / "init", size="demo", seed=seed)
-    previous = out / "init"
-    for stage in STAGES:
-        with clock.step(f"train: {stage}"):
-            run_stage(stage, previous, out / stage, data, seed, max_steps)
-        previous = out / stage
-    with clock.step("evaluate on the held-out split"):
-        figures = evaluate_heldout(out, data)
-    with clock.step("export"):
-        export_folder(out / "dpo", out / "export", out / "eval" / "results.json")
-    return {**figures, "per_voice": per_voice(out / "eval" / "predictions.jsonl", data), "corpus": corpus["splits"]}
+    beside = Beside(train_voice, out / "voice" / "train.log", data, out / "voice", seed, max_steps) \
+        if voice_beside else None
+    with one_thread_while(beside is not None), stop_on_error(beside):
+        with clock.step("init a tiny model"):
+            build_tiny(out / "init", size="demo", seed=seed)
+        previous = out / "init"
+        for stage in STAGES:
+            with clock.step(f"train: {stage}"):
+                run_stage(stage, previous, out / stage, data, seed, max_steps)
+            previous = out / stage
+        with clock.step("evaluate on the held-out split"):
+            figures = evaluate_heldout(out, data)
+        with clock.step("export"):
+            export_folder(out / "dpo", out / "export", out / "eval" / "results.json")
+    results = {**figures, "per_voice": per_voice(out / "eval" / "predictions.jsonl", data),
+               "corpus": corpus["splits"]}
+    if beside is None:
+        return results, None
+    with clock.step("train the voice: the rest after the listening stages"):
+        voice = beside.result()
+    results["voice_training_seconds"] = beside.seconds  # its own wall time, beside the listening stages
+    return results, voice
 
 
 def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None) -> None:

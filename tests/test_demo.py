@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, run_demo
+from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,12 @@ def test_export_loads_in_stock_transformers(demo):
     ids = processor.tokenizer("hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_beside_returns_the_value_or_the_error_of_its_process(tmp_path):
+    done = Beside(math.factorial, tmp_path / "done.log", 5)
+    assert done.result() == 120 and done.seconds >= 0.0
+    failed = Beside(math.factorial, tmp_path / "failed.log", -1)
+    with pytest.raises(RuntimeError, match="ValueError: factorial"):
+        failed.result()
+    assert "ValueError" in (tmp_path / "failed.log").read_text()  # the process's own output went to its log

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from audiollm.build import build_tiny
-from audiollm.tts.demo import train_voice, voice_manifests
+from audiollm.tts.demo import TTS_VOICES, train_voice, tts_corpus, voice_manifests
 from audiollm.tts.voice_eval import agreement, measure_voice
 from tests.conftest import build_untrained_tts
 
@@ -45,6 +45,28 @@ def test_manifests_keep_english_clips_of_each_split(corpus, tmp_path):
         assert rows[0]["words"] == [{"word": "red", "start": 0.0}, {"word": "green", "start": 0.35}]
 
 
+def test_tts_voices_are_training_voices():
+    """The TTS speaks in voices the listener trained on; none of them speaks in the splits it is measured on."""
+    from audiollm.synth.voices import ACCENTS, VARIANTS
+
+    for sex, voice in TTS_VOICES.items():
+        accent, variant = voice.split("+")
+        assert accent in ACCENTS["train"] and variant in VARIANTS["train"][sex]
+        assert all(accent not in ACCENTS[s] and variant not in VARIANTS[s][sex] for s in ("validation", "heldout"))
+
+
+def test_tts_corpus_speaks_the_training_texts_in_each_tts_voice(corpus, tmp_path):
+    rows = [json.loads(line) for line in tts_corpus(corpus, tmp_path, seed=0).read_text().splitlines()]
+    assert sorted(r["text"] for r in rows) == sorted(WORDS * len(TTS_VOICES))  # training texts only, no German
+    assert {(r["voice"], r["sex"]) for r in rows} == {(v, s) for s, v in TTS_VOICES.items()}
+    for row in rows:
+        wav, rate = sf.read(row["audio"])
+        assert rate == 16000 and len(wav) > 0.3 * rate
+        assert [w["word"] for w in row["words"]] == row["text"].split() and row["words"][0]["start"] >= 0.0
+    again = [json.loads(line) for line in tts_corpus(corpus, tmp_path / "again", seed=0).read_text().splitlines()]
+    assert [r["words"] for r in again] == [r["words"] for r in rows]  # the same plan: rate and pitch per seed
+
+
 def test_agreement_compares_normalised_answers():
     assert agreement(["Female.", "male", "high"], ["female", "female", "High"]) == pytest.approx(2 / 3)
 
@@ -78,5 +100,8 @@ def test_every_voice_figure_is_measured(corpus, tmp_path):
     assert figures["reply_text_accuracy"] == 1.0 and figures["replies"] == 2  # the written answers were right
     assert figures["texts"] == figures["clips"] == 2 and figures["prompt_voices"] == VOICES["heldout"]
     assert (tmp_path / "out" / "sample_answer.wav").is_file() and (tmp_path / "out" / "sample_question.wav").is_file()
-    quick = measure_voice(tts, tmp_path / "listener", manifests["validation"], tmp_path / "val", texts=2, full=False)
+    quick = measure_voice(tts, tmp_path / "listener", manifests["validation"], tmp_path / "val", texts=2, full=False,
+                          tts_voices=list(TTS_VOICES.values()))
     assert "tts_wer_best_of_4" not in quick and "cloning_sex_agreement" not in quick
+    assert quick["tts_voice_original_wer"] >= 0.0 and quick["tts_voice_codec_wer"] >= 0.0
+    assert len(list((tmp_path / "val" / "espeak_texts").glob("*.wav"))) == 2  # the texts, spoken in the TTS voices

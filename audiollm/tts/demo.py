@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -34,6 +35,13 @@ EVAL_ROWS = 200
 # and 0.92 at the rvq default T 0.9 / top-k 50, a 128-wide LM, 3000 steps).
 TTS_CODEBOOKS = 1
 SAMPLING = {"temperature": 0.5, "top_k": 20}
+# The TTS's own voices: the training split's English texts, each spoken by espeak in both (a two-speaker TTS corpus,
+# as LJSpeech-style corpora are one or a few speakers). Training every voice of the listener's corpus (115 accent x
+# variant pairs, ~90 clips each) left the TTS at validation WER 0.68 and its spoken replies at 0.27: the tiny LM
+# averaged over voices, and the listener hears each voice differently. Chosen on the validation split: the
+# listener's WER on 60 validation texts spoken by espeak (rate 175, pitch 50) was lowest in these two training
+# voices (en+m1 0.233, en+f1 0.240; en-US+m3 0.279, en-GB-x-rp+f2 0.287, en-US+f3 0.380, en-US+Andy 0.357).
+TTS_VOICES = {"female": "en+f1", "male": "en+m1"}
 
 
 def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
@@ -51,6 +59,26 @@ def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
         manifests[split] = out / f"voice_{split}.jsonl"
         manifests[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return manifests
+
+
+def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
+    """The training split's English texts spoken by espeak in each of TTS_VOICES, rate and pitch drawn per clip
+    from the corpus's normal ranges (so that cloning has pitch to follow): a manifest of rows like voice_manifests'.
+    Only training texts: the held-out and validation texts stay unheard by the TTS."""
+    from audiollm.synth.render import render
+    from audiollm.synth.voices import PITCH_NORMAL, RATE_NORMAL
+
+    clips = [json.loads(line) for line in (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    texts = list(dict.fromkeys(c["text"] for c in clips if c["split"] == "train" and c["language"] == LANGUAGE))
+    rng = random.Random(f"{seed}:tts voices")
+    plan = [(f"tts/{i:05d}.wav", text, voice, sex, rng.randint(*RATE_NORMAL), rng.randint(*PITCH_NORMAL))
+            for i, (text, (sex, voice)) in enumerate((t, v) for t in texts for v in TTS_VOICES.items())]
+    _, _, starts = render([(audio, text, voice, rate, pitch) for audio, text, voice, _, rate, pitch in plan], out)
+    rows = [{"audio": str((out / audio).resolve()), "text": text, "voice": voice, "sex": sex,
+             **word_times(text, word_starts)} for (audio, text, voice, sex, *_), word_starts in zip(plan, starts)]
+    manifest = out / "voice_tts_train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return manifest
 
 
 def word_times(text: str, starts: list[float]) -> dict:
@@ -76,18 +104,19 @@ def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_
 
     corpus, out = Path(corpus_dir), Path(out_dir)
     manifests = voice_manifests(corpus, out / "data")
+    manifests["tts_train"] = tts_corpus(corpus, out / "data", seed)
     threads = torch.get_num_threads()
     # One intra-op thread: models this small gain nothing from more, and on a busy 2-core machine OpenMP's
     # thread sync made a TTS training step 25x slower (1.16 s vs 0.045 s measured).
     torch.set_num_threads(1)
     try:
-        run_recipe("codec", "codec_demo.yaml", ["--train_files", str(manifests["train"]), "--eval_files",
+        run_recipe("codec", "codec_demo.yaml", ["--train_files", str(manifests["tts_train"]), "--eval_files",
                                                str(manifests["validation"]), "--output_dir", str(out / "codec"),
                                                "--seed", str(seed)], max_steps)
         lm = tiny_lm(out / "init" / "lm", "demo", seed)
         run_recipe("tts", "tts_demo.yaml", ["--model_name_or_path", str(lm), "--codec_name_or_path",
                                            str(out / "codec"), "--codec_codebooks", str(TTS_CODEBOOKS),
-                                           "--train_files", str(manifests["train"]),
+                                           "--train_files", str(manifests["tts_train"]),
                                            "--eval_files", str(manifests["validation"]), "--output_dir",
                                            str(out / "tts"), "--cache_dir", str(out / "cache"), "--seed", str(seed)],
                   max_steps)
@@ -96,17 +125,15 @@ def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_
     return {"codec": out / "codec", "tts": out / "tts", **manifests}
 
 
-def run_voice_demo(corpus_dir: str | Path, out_dir: str | Path, listener: str | Path, seed: int = 0,
-                   max_steps: int | None = None, texts: int = 60) -> dict:
-    """Train the voice, then measure it with ``listener`` on the held-out split (every figure) and the validation
-    split (codec and one-sample TTS WER, where settings are compared); writes voice_results.json."""
+def measure_demo_voice(folders: dict[str, Path], listener: str | Path, seed: int = 0, texts: int = 60) -> dict:
+    """Measure a trained voice (``train_voice``'s folders) with ``listener`` on the held-out split (every figure) and
+    the validation split (codec and one-sample TTS WER, where settings are compared); writes voice_results.json."""
     from audiollm.tts.voice_eval import measure_voice
 
-    out = Path(out_dir)
-    folders = train_voice(corpus_dir, out, seed, max_steps)
+    out = Path(folders["tts"]).parent
     predictions = Path(listener).parent / "eval" / "predictions.jsonl"
     measure = functools.partial(measure_voice, folders["tts"], Path(listener), texts=texts, seed=seed,
-                                sampling=SAMPLING)
+                                sampling=SAMPLING, tts_voices=list(TTS_VOICES.values()))
     results = {"heldout": measure(folders["heldout"], out / "heldout", predictions=predictions if
                                   predictions.is_file() else None, reply_task="heldout_voice_chat"),
                "validation": measure(folders["validation"], out / "validation", full=False)}

@@ -6,8 +6,10 @@
                             split, against its answers on that clip; the same without a prompt
     spoken_reply_accuracy   spoken questions -> the listener's answers (the demo's eval predictions) -> the TTS
                             speaks them -> the listener transcribes -> scored like voice chat;
-                            spoken_reply_ceiling: the same answers spoken by espeak in the split's voices (what
-                            the listener's transcription allows at best)
+                            spoken_reply_ceiling: the same answers spoken by espeak in the voices the TTS learnt
+                            (what the listener's transcription allows at best)
+    tts_voice_original_wer  the split's texts spoken by espeak in the voices the TTS learnt (what it imitates);
+    tts_voice_codec_wer     the same through the codec: the ceiling of tts_wer
 
 The listener is trained on the synthesised source speech only; nothing here trains it.
 """
@@ -70,7 +72,7 @@ def cloning(tts, listener, rows: list[dict], texts: list[str], sampling) -> dict
     return results
 
 
-def espeak_replies(texts: list[str], voices: list[str], out: Path) -> list[np.ndarray]:
+def spoken_by_espeak(texts: list[str], voices: list[str], out: Path) -> list[np.ndarray]:
     """``texts`` spoken by espeak, voices taken in turn, at the corpus's middle rate and pitch: 16 kHz waveforms."""
     import soundfile
 
@@ -99,7 +101,7 @@ def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, samp
     heard, heard_best = (listener.transcribe(to_listener_rate(w, rate), "en") for w in (wavs, best))
     right = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard, records)]
     right_best = [metrics.exact_match(h, r["reference"]) for h, r in zip(heard_best, records)]
-    spoken = listener.transcribe(espeak_replies([r["prediction"] for r in records], voices, out / "espeak"), "en")
+    spoken = listener.transcribe(spoken_by_espeak([r["prediction"] for r in records], voices, out / "espeak"), "en")
     right_espeak = [metrics.exact_match(h, r["reference"]) for h, r in zip(spoken, records)]
     shutil.copy(records[0]["audios"][0], out / "sample_question.wav")
     write_wav(str(out / "sample_answer.wav"), wavs[0], rate)
@@ -140,10 +142,11 @@ def spectrogram_figure(tts, row: dict, sampling, path: Path) -> None:
 
 def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
                   predictions: Path | None = None, reply_task: str | None = None, full: bool = True,
-                  sampling: dict | None = None) -> dict:
+                  sampling: dict | None = None, tts_voices: list[str] | None = None) -> dict:
     """The voice figures on one split (``manifest``: its {"audio", "text", "voice", "sex"} rows). ``full`` adds
     best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures.
-    ``sampling``: changes to the layout's default sampling settings (temperature, top_k...)."""
+    ``sampling``: changes to the layout's default sampling settings (temperature, top_k...). ``tts_voices``: the
+    espeak voices the TTS learnt ("en+f1"), for the reference figures spoken in them."""
     from audiollm.tts.generate import load_tts
     from audiollm.tts.sampling import default_sampling
     from eval.speech import load_transcriber
@@ -175,10 +178,16 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
         by_voice = {v: [r for r in rows if r["voice"] == v] for v in sorted({r["voice"] for r in rows})}
         prompts = [r for group in by_voice.values() for r in group[: CLONING_PROMPTS // len(by_voice)]]
         figures |= cloning(tts, listener, prompts, unique[-len(prompts):], sampling)
+    if tts_voices:
+        reference = codec_resynthesis_wer(tts.codec, spoken_by_espeak(unique, tts_voices, out / "espeak_texts"), unique,
+                                          listener, originals=True, seed=seed)
+        figures |= {"tts_voice_original_wer": reference["original_wer"]["value"],
+                    "tts_voice_codec_wer": reference["resynthesis_wer"]["value"]}
+        items["tts_voice_codec"] = reference["items"]
     if full:
         spectrogram_figure(tts, clips[0], sampling, out / "spectrograms.png")
     if full and predictions is not None:
-        voices = sorted({r["voice"] for r in rows})
+        voices = list(tts_voices or sorted({r["voice"] for r in rows}))
         figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out, voices)
     (out / "voice_items.json").write_text(json.dumps(items, indent=1))
     return figures
