@@ -94,8 +94,8 @@ def _decode(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
 
     try:
         info = soundfile.info(path)
-    except Exception as err:  # not a format libsndfile knows (m4a, ...): decode it whole, without a header check
-        return _decode_other(path, err)
+    except Exception as err:  # not a format libsndfile knows (m4a, ...): decode it without a header to check first
+        return _decode_other(path, err, max_seconds)
     _check_header(path, info.samplerate, info.frames, max_seconds)
     try:
         raw, rate = soundfile.read(path, dtype="float32", always_2d=True)
@@ -117,17 +117,19 @@ def _check_header(path: str, rate: int, frames: int, max_seconds: float | None) 
                          "(max_audio_seconds)", "too_long")
 
 
-def _decode_other(path: str, soundfile_error: Exception) -> tuple[np.ndarray, int]:
-    """As ``_decode``, by librosa (audioread's decoders: ffmpeg...) for a file libsndfile refused."""
+def _decode_other(path: str, soundfile_error: Exception, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """As ``_decode``, by librosa (audioread's decoders: ffmpeg...) for a file libsndfile refused. With no header to
+    read first, decoding stops one second past ``max_seconds``: a file that long is refused as too long without
+    decoding an hour of it."""
     import librosa
 
+    limit = None if max_seconds is None else max_seconds + 1.0
     try:
-        wav, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32)
+        wav, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32, duration=limit)
     except Exception as err:  # librosa/audioread raise several unrelated types for corrupt files
         raise AudioError(f"{path}: cannot decode audio ({_reason(err, soundfile_error)})", "unreadable") from err
     raw = wav[:, None] if wav.ndim == 1 else wav.T
-    if raw.shape[0] == 0:
-        raise AudioError(f"{path}: audio is empty (0 samples)", "empty")
+    _check_header(path, int(rate), raw.shape[0], max_seconds)  # the decoded rate and length, checked the same way
     return raw, int(rate)
 
 

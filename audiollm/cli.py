@@ -153,8 +153,9 @@ def add_demo_parser(subparsers) -> None:
         help="the whole pipeline on a laptop CPU: synth -> init -> text -> pretrain -> SFT -> DPO -> eval -> export "
         "-> the voice (codec, TTS)",
         description="Synthesises a spoken corpus offline, trains a tiny listening model through the three stages, "
-        "scores it on a held-out split and exports it; then trains a codec and a TTS decoder on the corpus and "
-        "measures them with that listener. About 20 minutes on 2 CPU cores.",
+        "scores it on a held-out split and exports it; beside the listening stages, in a second process, trains a "
+        "codec and a TTS decoder on the corpus's training texts spoken in two voices; then measures the voice with "
+        "the listener. About 30 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="new or empty folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,7 @@
 """Audio loading, Whisper features (checked against openai-whisper and transformers), chunking, token counts."""
 
+import shutil
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -134,3 +136,34 @@ def test_load_errors_name_the_file(tmp_path):
     sf.write(empty, np.zeros(0, np.float32), SAMPLE_RATE)
     with pytest.raises(AudioError, match="empty.wav"):
         load_audio(empty)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="m4a needs ffmpeg (CI installs it)")
+def test_an_m4a_over_the_limit_is_refused_without_decoding_all_of_it(tmp_path, monkeypatch):
+    """libsndfile cannot read m4a, so there is no header length to check first: decoding stops a second past the
+    limit and the clip is refused as too long."""
+    import subprocess
+
+    import librosa
+
+    from audiollm.audio_checks import read_checked
+
+    clips = {}
+    for seconds in (2.0, 40.0):
+        wav = tmp_path / f"{seconds:.0f}s.wav"
+        sf.write(wav, tone(seconds), SAMPLE_RATE)
+        clips[seconds] = tmp_path / f"{seconds:.0f}s.m4a"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(wav), str(clips[seconds])], check=True)
+    decoded, load = [], librosa.load
+
+    def counting_load(*args, **kwargs):
+        wav, rate = load(*args, **kwargs)
+        decoded.append(wav.shape[-1])
+        return wav, rate
+
+    monkeypatch.setattr(librosa, "load", counting_load)
+    with pytest.raises(AudioError, match="40s.m4a.*longer than the maximum of 30 s") as err:
+        read_checked(clips[40.0], max_seconds=30)
+    assert err.value.kind == "too_long" and decoded[-1] <= 31.5 * SAMPLE_RATE  # not the whole 40 s
+    wav, _ = read_checked(clips[2.0], max_seconds=30)
+    assert abs(wav.size - 2.0 * SAMPLE_RATE) <= 0.1 * SAMPLE_RATE
