@@ -39,12 +39,12 @@ def load_audio_source(source, name: str = "audio", max_seconds: float | None = N
 
 
 def _load_source(source, name: str, max_seconds: float | None) -> np.ndarray:
-    import librosa
-
     if isinstance(source, (str, os.PathLike)):
         return load_audio(source, max_seconds)
     if isinstance(source, dict):
         if source.get("array") is not None:
+            import librosa  # heavy import (about a second): only for a waveform that needs resampling
+
             wav = np.asarray(source["array"], dtype=np.float32)
             wav = wav.mean(axis=0) if wav.ndim == 2 else wav
             return librosa.resample(wav, orig_sr=source["sampling_rate"], target_sr=SAMPLE_RATE)
