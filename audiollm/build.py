@@ -232,7 +232,8 @@ def load_llm(path: str | os.PathLike, dtype: torch.dtype, trust_remote_code: boo
     if not (folder / "config.json").is_file():
         raise BuildError(f"{folder}: no config.json; pass a local Hugging Face causal-LM folder (e.g. Qwen2.5-7B)")
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               use_kernels=False)  # no Hub kernels (downloaded code)
     log.info("LLM: %s (%s, %s)", folder, type(llm).__name__, dtype)
     return llm, tokenizer
 

@@ -76,8 +76,8 @@ class Judge:
 
         place = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(dtype, place), trust_remote_code=trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(  # no Hub kernels: see AudioLLMForConditionalGeneration
+            path, dtype=pick_dtype(dtype, place), trust_remote_code=trust_remote_code, use_kernels=False
         ).to(place).eval()
         complete = HFCompleter(model, tokenizer, batch_size, max_new_tokens)
         return cls(complete, Path(path).resolve().name)

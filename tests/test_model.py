@@ -342,3 +342,21 @@ def test_a_new_encoder_has_whisper_sinusoid_positions_frozen(tiny_model):
 
     table = tiny_model("linear", "qwen2").audio_tower.embed_positions.weight
     assert torch.equal(table, sinusoids(*table.shape)) and not table.requires_grad
+
+
+def test_loaded_models_take_no_hub_kernels_unless_asked(tmp_path):
+    """transformers (>= 5.25) kernelizes loaded models by default; on a GPU that fetches kernels from the Hub at the
+    first train()/eval(). A folder loads with them off; a caller can still ask for them."""
+    from transformers import AutoModelForCausalLM
+
+    from audiollm.build import build_tiny, load_llm
+    from audiollm.model.modeling import AudioLLMForConditionalGeneration
+    from audiollm.tiny import tiny_tokenizer
+
+    build_tiny(tmp_path / "model")
+    assert not AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model").use_kernels
+    AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model").language_model.save_pretrained(tmp_path / "llm")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "llm").use_kernels  # the library's own default
+    tiny_tokenizer().save_pretrained(tmp_path / "llm")
+    assert not load_llm(tmp_path / "llm", torch.float32)[0].use_kernels
+    assert AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model", use_kernels=True).use_kernels

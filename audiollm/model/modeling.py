@@ -54,6 +54,11 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         ``zero.Init``, leaves it unwrapped. Stock ``AutoModelForCausalLM.from_pretrained`` imports before it
         enters ``zero.Init`` too; composite models like this one (and stock Qwen2-Audio) do not.
         """
+        # transformers >= 5.25 kernelizes every loaded model unless told not to (use_kernels defaults to True), and
+        # on a GPU the first model.train() / .eval() then fetches kernels from the Hub ("kernels-community/rotary"):
+        # offline, or from a publisher it cannot verify, that raises, and the SFT stage stopped at its first step
+        # on an H200 (transformers 5.25.0, kernels 0.19.1). Hub kernels are downloaded code: off unless asked for.
+        kwargs.setdefault("use_kernels", False)
         config = kwargs.get("config")
         if not isinstance(config, AudioLLMConfig):
             config = AudioLLMConfig.from_pretrained(pretrained_model_name_or_path,
