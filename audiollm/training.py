@@ -226,15 +226,23 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         return_row_ids=True,
         augment=augment,
     )
+    max_tokens = packing_tokens(data_args, model)
+    return collator if max_tokens is None else PackingCollator(collator, max_tokens)
+
+
+def packing_tokens(data_args: DataArguments, model) -> int | None:
+    """Tokens per packed sequence for the recipe's ``packing`` (0: the whole batch in one), None when off;
+    refuses what the model's attention cannot keep apart."""
     if not data_args.packing:
-        return collator
-    if data_args.packing_max_tokens and unwrap(model).config._attn_implementation == "flash_attention_2":
+        return None
+    attention = unwrap(model).config._attn_implementation
+    if data_args.packing_max_tokens and attention == "flash_attention_2":
         raise ValueError("packing_max_tokens > 0 makes several packed sequences per batch, which flash-attention "
                          "cannot keep apart; set packing_max_tokens: 0 (one sequence per batch) or use sdpa")
-    if unwrap(model).config._attn_implementation in ("sdpa", "eager"):
+    if attention in ("sdpa", "eager"):
         log.warning("packing on %s attends through one block-diagonal mask, (sum of lengths)^2 per sequence; "
-                    "attn_implementation: sdpa_packed attends per row", unwrap(model).config._attn_implementation)
-    return PackingCollator(collator, data_args.packing_max_tokens)
+                    "attn_implementation: sdpa_packed attends per row", attention)
+    return data_args.packing_max_tokens
 
 
 def augmentation(data_args: DataArguments, seed: int) -> Augmentation | None:

@@ -71,6 +71,8 @@ def test_dpo_quick(results):
     data = load(results / "dpo.json")["sizes"]["tiny"]["results"]
     assert data["live"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert data["precompute"]["loss"] == pytest.approx(data["live"]["loss"], abs=1e-6)
+    assert data["packed"]["loss"] == pytest.approx(data["live"]["loss"], abs=1e-6)
+    assert data["packed"]["weights_mb"] == data["live"]["weights_mb"] and data["live"]["positions_per_real"] > 1
     assert data["live"]["weights_mb"] == pytest.approx(2 * data["precompute"]["weights_mb"])
 
 
