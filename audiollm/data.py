@@ -161,7 +161,8 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
 
 
 def add_lengths(dataset, num_proc: int | None = None):
-    """Add a ``length`` column (estimated tokens) for length-grouped batching; reads audio headers only.
+    """Add ``length`` (estimated tokens) and ``seconds`` (of audio) columns for length-grouped or token-budget
+    batching; reads audio headers only.
 
     Text counts about 4 characters a token; audio 25 tokens a second. Grouping needs an order, not exact counts.
     """
@@ -171,7 +172,8 @@ def add_lengths(dataset, num_proc: int | None = None):
 def _estimate_length(row: dict) -> dict:
     texts = [m["content"] for m in row.get("messages") or []] + [str(row.get("text") or "")]
     sources = row.get("audios") or ([row["audio"]] if row.get("audio") else [])
-    return {"length": estimated_tokens(texts, sum(audio_seconds(source) for source in sources))}
+    seconds = sum(audio_seconds(source) for source in sources)
+    return {"length": estimated_tokens(texts, seconds), "seconds": seconds}
 
 
 def estimated_tokens(texts: list, seconds: float) -> int:

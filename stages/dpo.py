@@ -175,6 +175,9 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     data_args = DataArguments(**dataclasses.asdict(data_fields), max_length=args.max_length)
     if data_args.augmentation is not None:  # the shared DataArguments has it; the preference collator does not
         raise ValueError("augmentation applies to pretraining and SFT rows only; remove it from the DPO recipe")
+    if data_args.batch_tokens or data_args.batch_audio_seconds:
+        raise ValueError("batch_tokens / batch_audio_seconds apply to pretraining and SFT; DPO batches "
+                         "per_device_train_batch_size pairs (packing: true takes their padding out)")
     check_training_args(args)
     return model_args, data_args, args
 

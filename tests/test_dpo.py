@@ -339,3 +339,7 @@ def test_shipped_recipe_parses(folder, tmp_path):
         parse_recipe(["--config", str(REPO / "stages" / "configs" / "dpo.yaml"), "--bf16", "false",
                       "--model_name_or_path", folder["model"], "--train_files", folder["prefs"],
                       "--output_dir", str(tmp_path), "--augmentation", '{"gain": {"p": 1.0, "db": [0, 1]}}'])
+    with pytest.raises(ValueError, match="batch_tokens / batch_audio_seconds apply to pretraining and SFT"):
+        parse_recipe(["--config", str(REPO / "stages" / "configs" / "dpo.yaml"), "--bf16", "false",
+                      "--model_name_or_path", folder["model"], "--train_files", folder["prefs"],
+                      "--output_dir", str(tmp_path), "--batch_tokens", "4096"])
