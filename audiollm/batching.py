@@ -2,10 +2,10 @@
 
 A fixed ``per_device_train_batch_size`` on mixed-length audio (LibriSpeech: 2-25 s, 50-625 audio tokens) either
 runs out of memory on the batch of long clips or leaves the GPU idle on the batch of short ones. Here rows are
-sorted into ``buckets`` of similar estimated length (quantiles, so every bucket holds about as many rows), and a
-bucket whose longest row has L tokens takes floor(budget / L) rows per batch: every batch costs at most ``budget``
-padded positions (rows x longest, what a padded batch holds in memory; a packed one holds fewer), whatever its
-bucket, and pads little because its rows are alike.
+sorted into ``buckets`` of similar estimated length (quantiles, so every bucket holds about as many rows), each
+row costing its bucket's upper length L, and batches are filled in length order while rows x the largest L stays
+within ``budget``: every batch costs at most ``budget`` padded positions (rows x longest, what a padded batch
+holds in memory; a packed one holds fewer), whatever its lengths, and pads little because its rows are alike.
 
 Each epoch the rows of every bucket are shuffled and cut into batches, and then all batches are shuffled across
 buckets, from (seed, epoch) only: every rank builds the same list and takes every world_size-th batch, so ranks
@@ -32,6 +32,20 @@ def bucket_bounds(lengths: np.ndarray, buckets: int) -> np.ndarray:
     return np.unique(quantiles)
 
 
+def batch_sizes(bounds: np.ndarray, budget: float) -> list[int]:
+    """Rows per batch when rows costing ``bounds`` (ascending: their buckets' upper lengths) fill batches in order
+    while rows x the batch's largest bound <= ``budget`` (a row over the budget alone). Depends on the bucket sizes
+    only, so every epoch's shuffle cuts the same number of batches; a bucket's last rows share a batch with the
+    next bucket's first instead of leaving a small batch behind."""
+    sizes, count, largest = [], 0, 0.0
+    for bound in bounds:
+        if count and (count + 1) * max(largest, bound) > budget:
+            sizes.append(count)
+            count, largest = 0, 0.0
+        count, largest = count + 1, max(largest, bound)
+    return sizes + [count] if count else sizes
+
+
 class TokenBudgetBatchSampler:
     """Batches of row indices, each costing at most ``budget`` (rows x longest estimated length), for one rank.
 
@@ -48,7 +62,7 @@ class TokenBudgetBatchSampler:
         bounds = bucket_bounds(self.lengths, buckets)
         which = np.searchsorted(bounds, self.lengths)  # bucket of each row: the first bound >= its length
         self.buckets = [np.flatnonzero(which == b) for b in range(len(bounds))]
-        self.rows_per_batch = [max(1, int(budget // bound)) for bound in bounds]
+        self.sizes = batch_sizes(np.repeat(bounds, [len(rows) for rows in self.buckets]), budget)
         self.over_budget = int((self.lengths > budget).sum())
         self.seen = {"batches": 0, "tokens": 0.0, "positions": 0.0}  # what this rank has yielded since the last log
 
@@ -59,10 +73,9 @@ class TokenBudgetBatchSampler:
     def batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches of ``epoch`` in order, padded to a multiple of world_size (same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch])
-        out = []
-        for rows, size in zip(self.buckets, self.rows_per_batch):
-            shuffled = rng.permutation(rows)
-            out += [shuffled[i : i + size].tolist() for i in range(0, len(shuffled), size)]
+        rows = np.concatenate([rng.permutation(bucket) for bucket in self.buckets]).tolist()
+        ends = np.cumsum(self.sizes).tolist()
+        out = [rows[end - size : end] for size, end in zip(self.sizes, ends)]
         out = [out[i] for i in rng.permutation(len(out))]
         short = -len(out) % self.world_size
         return out + out[:short]
@@ -75,8 +88,7 @@ class TokenBudgetBatchSampler:
             yield batch
 
     def __len__(self) -> int:
-        total = sum(math.ceil(len(rows) / size) for rows, size in zip(self.buckets, self.rows_per_batch))
-        return math.ceil(total / self.world_size)
+        return math.ceil(len(self.sizes) / self.world_size)
 
     def describe(self) -> dict:
         """The plan of one epoch: batches per rank, mean estimated tokens per batch and padding fraction."""

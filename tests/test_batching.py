@@ -13,7 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from audiollm.audio import SAMPLE_RATE
-from audiollm.batching import TokenBudgetBatchSampler, TokenBudgetTrainer, bucket_bounds
+from audiollm.batching import TokenBudgetBatchSampler, TokenBudgetTrainer, batch_sizes, bucket_bounds
 from audiollm.build import save_model_folder
 from audiollm.packing import PACKED_SDPA
 from audiollm.training import DataArguments, make_batch_sampler, make_collator
@@ -61,6 +61,10 @@ def test_ranks_get_disjoint_batches_and_the_same_number_of_steps():
 
 def test_buckets_and_over_budget_rows():
     assert bucket_bounds(np.array([1, 1, 1, 5, 9]), 4).tolist() == [1, 5, 9]
+    # rows x largest bound <= 60: three 10s, then two 20s (a third would cost 3 x 50), then the 50 alone
+    assert batch_sizes(np.array([10, 10, 10, 20, 20, 50]), 60) == [3, 2, 1]
+    # a bucket's rest joins the next bucket's rows: 4 batches where cutting each bucket alone makes 3 + 2
+    assert batch_sizes(np.array([10] * 7 + [12] * 5), 36) == [3, 3, 3, 3]
     sampler = TokenBudgetBatchSampler([10, 10, 500, 10], budget=100, buckets=2)
     assert sampler.over_budget == 1 and sorted(map(len, sampler)) == [1, 3]  # the long row alone
     stats = sampler.describe()
