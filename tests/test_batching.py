@@ -56,7 +56,8 @@ def test_ranks_get_disjoint_batches_and_the_same_number_of_steps():
     assert len(everything) % 3 != 0  # so the padding is exercised: the first batches repeat at the end
     assert [b for r in range(3) for b in per_rank[r]] != everything
     interleaved = [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(3)]
-    assert interleaved[: len(everything)] == everything and interleaved[len(everything) :] == everything[: -len(everything) % 3]
+    padding = -len(everything) % 3
+    assert interleaved[: len(everything)] == everything and interleaved[len(everything) :] == everything[:padding]
 
 
 def test_buckets_and_over_budget_rows():
