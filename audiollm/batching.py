@@ -21,6 +21,7 @@ import math
 from functools import partial
 
 import numpy as np
+
 from audiollm.crash_safety import CrashSafeTrainer
 
 log = logging.getLogger(__name__)
