@@ -7,8 +7,8 @@ row costing its bucket's upper length L, and batches are filled in length order 
 within ``budget``: every batch costs at most ``budget`` padded positions (rows x longest, what a padded batch
 holds in memory; a packed one holds fewer), whatever its lengths, and pads little because its rows are alike.
 
-Each epoch the rows of every bucket are shuffled and cut into batches, and then all batches are shuffled across
-buckets, from (seed, epoch) only: every rank builds the same list and takes every world_size-th batch, so ranks
+Each epoch the rows of every bucket are ordered by length with random jitter and cut into batches, and then all
+batches are shuffled across buckets, from (seed, epoch) only: every rank builds the same list and takes every world_size-th batch, so ranks
 get disjoint batches. The list is padded by repeating its first batches to a multiple of world_size, so every rank
 runs the same number of steps. The number of batches depends on the bucket sizes only, never on the shuffle, so
 the Trainer's step arithmetic (epochs, resume at step N mid-epoch by skipping the first batches) stays exact.
@@ -25,6 +25,7 @@ import numpy as np
 from audiollm.crash_safety import CrashSafeTrainer
 
 log = logging.getLogger(__name__)
+JITTER = 0.1  # relative noise on lengths when ordering a bucket's rows each epoch
 
 
 def bucket_bounds(lengths: np.ndarray, buckets: int) -> np.ndarray:
@@ -74,12 +75,19 @@ class TokenBudgetBatchSampler:
     def batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches of ``epoch`` in order, padded to a multiple of world_size (same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch])
-        rows = np.concatenate([rng.permutation(bucket) for bucket in self.buckets]).tolist()
+        rows = np.concatenate([self.jittered(bucket, rng) for bucket in self.buckets]).tolist()
         ends = np.cumsum(self.sizes).tolist()
         out = [rows[end - size : end] for size, end in zip(self.sizes, ends)]
         out = [out[i] for i in rng.permutation(len(out))]
         short = -len(out) % self.world_size
         return out + out[:short]
+
+    def jittered(self, bucket: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A bucket's rows by length with each length scaled by a random factor in 1 +- JITTER: rows within ~20%
+        of each other trade places from epoch to epoch (new batch partners), while a batch still holds rows of
+        nearly one length (a plain shuffle of a wide bucket would pad up to the bucket's whole width)."""
+        noisy = self.lengths[bucket] * rng.uniform(1 - JITTER, 1 + JITTER, len(bucket))
+        return bucket[np.argsort(noisy, kind="stable")]
 
     def __iter__(self):
         for batch in self.batches(self.epoch)[self.rank :: self.world_size]:
