@@ -170,15 +170,22 @@ def add_lengths(dataset, num_proc: int | None = None):
 
 
 def _estimate_length(row: dict) -> dict:
-    texts = [m["content"] for m in row.get("messages") or []] + [str(row.get("text") or "")]
+    texts = [m["content"] for m in row.get("messages") or []] or ["", str(row.get("text") or "")]  # pretrain: 2 turns
     sources = row.get("audios") or ([row["audio"]] if row.get("audio") else [])
     seconds = sum(audio_seconds(source) for source in sources)
-    return {"length": estimated_tokens(texts, seconds), "seconds": seconds}
+    return {"length": estimated_tokens(texts, seconds, len(sources)), "seconds": seconds}
 
 
-def estimated_tokens(texts: list, seconds: float) -> int:
-    """About 4 characters a text token, 25 audio tokens a second (40 ms each)."""
-    return sum(len(str(t)) for t in texts) // 4 + int(seconds * 25)
+# Chat-template tokens around the contents (Qwen tokenizer): a default system turn (~11), each turn's
+# <|im_start|>role\n ... <|im_end|>\n (~5), each clip's "Audio k: <|audio_bos|> ... <|audio_eos|>\n" (~6). A 2 s
+# clip's row holds ~30 of them: left out, a budget of short rows would overrun by a quarter.
+SYSTEM_TOKENS, TURN_TOKENS, CLIP_TOKENS = 11, 5, 6
+
+
+def estimated_tokens(texts: list, seconds: float, clips: int = 0) -> int:
+    """About 4 characters a text token, 25 audio tokens a second (40 ms each), plus the template's tokens."""
+    template = SYSTEM_TOKENS + TURN_TOKENS * len(texts) + CLIP_TOKENS * clips
+    return sum(len(str(t)) for t in texts) // 4 + int(seconds * 25) + template
 
 
 def audio_seconds(source) -> float:

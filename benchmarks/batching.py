@@ -62,7 +62,7 @@ def build_model(size: str, encoder_layers: int, tokenizer) -> AudioLLMForConditi
 
 def row_lengths(rows: list[dict]) -> list[int]:
     """What ``audiollm.data.add_lengths`` estimates for a row: text / 4 + 25 audio tokens a second."""
-    return [estimated_tokens([m["content"] for m in row["messages"]], len(row["audios"][0]) / SAMPLE_RATE)
+    return [estimated_tokens([m["content"] for m in row["messages"]], len(row["audios"][0]) / SAMPLE_RATE, 1)
             for row in rows]
 
 

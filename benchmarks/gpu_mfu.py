@@ -90,7 +90,7 @@ def make_batch(tokenizer, rows: int, seed: int = 0) -> dict:
 
 def row_tokens(row: dict) -> int:
     """A row's length as ``audiollm.data.add_lengths`` estimates it (text / 4 + 25 audio tokens a second)."""
-    return estimated_tokens([m["content"] for m in row["messages"]], len(row["audios"][0]) / SAMPLE_RATE)
+    return estimated_tokens([m["content"] for m in row["messages"]], len(row["audios"][0]) / SAMPLE_RATE, 1)
 
 
 def budget_batches(tokenizer, examples: list[dict], budget: int) -> tuple[list[dict], TokenBudgetBatchSampler]:

@@ -87,7 +87,7 @@ def _chunks(items: list, size: int):
 def item_length(item: Item) -> int:
     """Estimated prompt tokens of an item (audio from file headers, text by characters): a sort key only."""
     texts = [m["content"] for m in build_messages(item)]
-    return estimated_tokens(texts, sum(audio_seconds(source) for source in item.audios))
+    return estimated_tokens(texts, sum(audio_seconds(source) for source in item.audios), len(item.audios))
 
 
 def batch_order(items: list[Item], size: int, by_length: bool = True) -> list[list[int]]:

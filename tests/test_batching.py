@@ -149,7 +149,7 @@ def test_sft_with_a_token_budget_resumes_mid_epoch_exactly(tokenizer, tiny_model
 
     def run(out, *extra):
         sft.main(["--model_name_or_path", str(tmp_path / "model"), "--train_files", manifest,
-                  "--output_dir", str(out), "--max_steps", "7", "--batch_tokens", "160", "--length_buckets", "3",
+                  "--output_dir", str(out), "--max_steps", "7", "--batch_tokens", "250", "--length_buckets", "3",
                   "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--logging_steps", "1",
                   "--report_to", "none", "--use_cpu", "true", "--train_llm", "true", "--disable_tqdm", "true",
                   "--seed", "0", "--dataloader_num_workers", "0", "--packing", "true", "--packed_encoder", "true",

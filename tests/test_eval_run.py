@@ -307,7 +307,8 @@ def test_batches_by_length_longest_first_ties_in_file_order(bench):
     items = load_tasks({"pre": bench["tasks"]["pre"], "chat": bench["tasks"]["chat"]})
     prompts = items["pre/asr"] + items["chat"]  # clips 0.4 s, 0.6 s; then 0.4 s, 0.6 + 0.8 s with two turns
     lengths = [item_length(item) for item in prompts]
-    assert lengths[1] == 15 + len(build_messages(prompts[1])[0]["content"]) // 4  # 0.6 s: 15 audio tokens
+    text = len(build_messages(prompts[1])[0]["content"]) // 4
+    assert lengths[1] == 15 + text + 11 + 5 + 6  # 0.6 s: 15 audio tokens; system, one turn and one clip around
     assert lengths[3] > lengths[1] > lengths[0] > lengths[2]  # 0 and 2: same clip, the ASR prompt is longer
     assert batch_order(prompts, 3) == [[3, 1, 0], [2]]
     assert batch_order(prompts, 3, by_length=False) == [[0, 1, 2], [3]]
