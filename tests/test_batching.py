@@ -170,3 +170,21 @@ def test_sft_with_a_token_budget_resumes_mid_epoch_exactly(tokenizer, tiny_model
     assert straight.keys() == again.keys()
     for name, tensor in straight.items():
         assert torch.equal(tensor, again[name]), name
+
+
+@pytest.mark.parametrize("recipe", ["pretrain.yaml", "sft.yaml"])
+def test_the_recipes_commented_budget_is_a_valid_setting(recipe, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    lines = (Path(__file__).parents[1] / "stages" / "configs" / recipe).read_text().splitlines()
+    keys = ("# batch_tokens:", "# batch_audio_seconds:", "# length_buckets:")
+    shown = yaml.safe_load("\n".join(line[2:] for line in lines if line.startswith(keys)))
+    assert set(shown) == {"batch_tokens", "batch_audio_seconds", "length_buckets"}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    rows = {"length": LENGTHS.tolist(), "seconds": (LENGTHS / 25).tolist()}
+    for budget in ("batch_tokens", "batch_audio_seconds"):
+        data_args = DataArguments(train_files=["x"], length_buckets=shown["length_buckets"], **{budget: shown[budget]})
+        sampler = make_batch_sampler(rows, data_args, args)
+        assert sampler.over_budget == 0 and len(sampler) < len(LENGTHS) / 4  # more rows a batch than 4
