@@ -132,12 +132,22 @@ def log_mel(wavs: list[torch.Tensor], n_mels: int = N_MELS) -> tuple[torch.Tenso
     batch = torch.stack([_stock_framing(w.float(), frames) for w in wavs])  # (B, (frames - 1) * 160 + 400)
     window = torch.hann_window(N_FFT, device=device)
     stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
-    mel = _mel_filters(n_mels, device) @ (stft.abs() ** 2)  # (B, 201, T) -> (B, n_mels, T)
+    mel = _mel_filters(n_mels, device) @ _power(stft)  # (B, 201, T) -> (B, n_mels, T)
     logmel = torch.clamp(mel, min=1e-10).log10()
     loudest = logmel.amax(dim=(1, 2), keepdim=True)  # frames of pure padding are -10: never the loudest
     logmel = (torch.maximum(logmel, loudest - LOG_RANGE) + 4.0) / 4.0
     mask = torch.arange(frames, device=device)[None, :] < lengths[:, None]  # (B, T)
     return logmel, mask.long()
+
+
+def _power(stft: torch.Tensor) -> torch.Tensor:
+    """|X|^2 of a complex STFT as re^2 + im^2, shape kept (B, 201, T).
+
+    ``stft.abs() ** 2`` (what openai-whisper writes) takes a square root (hypot) only to square it again: measured
+    at 3x the cost of the 400-point FFT itself on 8 x 25 s clips, one thread. The sum of squares differs from it by
+    float32 rounding only (a relative 1e-7 in power, under 1e-6 after the log; tests/test_audio.py).
+    """
+    return stft.real.square() + stft.imag.square()
 
 
 def _stock_framing(wav: torch.Tensor, frames: int) -> torch.Tensor:

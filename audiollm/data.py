@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 
+from audiollm.audio import SAMPLE_RATE
 from audiollm.prompts import pick_prompt
 from audiollm.row_checks import parse_line
 
@@ -160,7 +161,8 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
 
 
 def add_lengths(dataset, num_proc: int | None = None):
-    """Add a ``length`` column (estimated tokens) for length-grouped batching; reads audio headers only.
+    """Add ``length`` (estimated tokens) and ``seconds`` (of audio) columns for length-grouped or token-budget
+    batching; reads audio headers only.
 
     Text counts about 4 characters a token; audio 25 tokens a second. Grouping needs an order, not exact counts.
     """
@@ -168,12 +170,40 @@ def add_lengths(dataset, num_proc: int | None = None):
 
 
 def _estimate_length(row: dict) -> dict:
+    texts = [m["content"] for m in row.get("messages") or []] or ["", str(row.get("text") or "")]  # pretrain: 2 turns
+    sources = row.get("audios") or ([row["audio"]] if row.get("audio") else [])
+    seconds = sum(audio_seconds(source) for source in sources)
+    return {"length": estimated_tokens(texts, seconds, len(sources)), "seconds": seconds}
+
+
+# Chat-template tokens around the contents (Qwen tokenizer): a default system turn (~11), each turn's
+# <|im_start|>role\n ... <|im_end|>\n (~5), each clip's "Audio k: <|audio_bos|> ... <|audio_eos|>\n" (~6). A 2 s
+# clip's row holds ~30 of them: left out, a budget of short rows would overrun by a quarter.
+SYSTEM_TOKENS, TURN_TOKENS, CLIP_TOKENS = 11, 5, 6
+
+
+def estimated_tokens(texts: list, seconds: float, clips: int = 0) -> int:
+    """About 4 characters a text token, 25 audio tokens a second (40 ms each), plus the template's tokens."""
+    template = SYSTEM_TOKENS + TURN_TOKENS * len(texts) + CLIP_TOKENS * clips
+    return sum(len(str(t)) for t in texts) // 4 + int(seconds * 25) + template
+
+
+def audio_seconds(source) -> float:
+    """Duration of an audio entry from its header only (path, undecoded Hub value, decoded Hub array, or a 16 kHz
+    waveform); 0 when it cannot be read: the decoder names a bad file later, where the row is used."""
+    import io
+
     import soundfile
 
-    texts = [m["content"] for m in row.get("messages") or []] + [str(row.get("text") or "")]
-    seconds = 0.0
-    for source in row.get("audios") or ([row["audio"]] if row.get("audio") else []):
-        path = source if isinstance(source, str) else (source or {}).get("path")
-        if path and os.path.isfile(path):
-            seconds += soundfile.info(path).duration
-    return {"length": sum(len(t) for t in texts) // 4 + int(seconds * 25)}
+    if isinstance(source, dict) and source.get("array") is not None:
+        return len(source["array"]) / source["sampling_rate"]
+    if not isinstance(source, (str, os.PathLike, dict)):
+        return len(source) / SAMPLE_RATE if hasattr(source, "__len__") else 0.0
+    data = source.get("bytes") if isinstance(source, dict) else None
+    path = source if isinstance(source, (str, os.PathLike)) else (source or {}).get("path")
+    try:
+        if data:
+            return soundfile.info(io.BytesIO(data)).duration
+        return soundfile.info(path).duration if path and os.path.isfile(path) else 0.0
+    except Exception:  # a format libsndfile cannot read: the order is only an estimate
+        return 0.0

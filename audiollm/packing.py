@@ -162,3 +162,72 @@ class PackingCollator:
     def skipped(self):
         """The wrapped collator's counts of dropped / trimmed rows."""
         return self.collator.skipped
+
+
+@dataclass
+class RowPlan:
+    """Where the real tokens of a right-padded (R, S) batch go in its packed form (P, W).
+
+    ``real`` (R, S) marks real tokens; ``seq`` and ``offset`` (R,) give each row's packed sequence and start;
+    ``used`` (P,) the tokens of each packed sequence (the rest of its W is a padding tail).
+    """
+
+    real: torch.Tensor
+    seq: torch.Tensor
+    offset: torch.Tensor
+    used: torch.Tensor
+    shape: tuple[int, int]
+
+    def places(self, shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask, sequence, position) of the real tokens in row-major order; ``shifted``: of the next-token
+        predictions instead, (R, S - 1): position j of a row predicts its token j + 1."""
+        real = self.real[:, 1:] if shifted else self.real
+        t = torch.arange(real.shape[1], device=real.device)
+        return real, self.seq[:, None].expand_as(real)[real], (self.offset[:, None] + t)[real]
+
+
+def plan_rows(attention_mask: torch.Tensor, max_tokens: int = 0) -> RowPlan:
+    """The packing of ``pack_batch`` (rows in order, next-fit into sequences of ``max_tokens``; 0: one sequence)
+    for a right-padded (R, S) mask."""
+    real = attention_mask.bool()
+    lengths = real.sum(-1).tolist()
+    if not all(real[i, :n].all() for i, n in enumerate(lengths)):
+        raise ValueError("packing needs right-padded rows (a training batch, not generation's left padding)")
+    seq, offset, totals = [0] * len(lengths), [0] * len(lengths), []
+    for k, group in enumerate(bins_in_order(lengths, max_tokens)):
+        at = 0
+        for i in group:
+            seq[i], offset[i], at = k, at, at + lengths[i]
+        totals.append(at)
+    device = real.device
+    return RowPlan(real, torch.tensor(seq, device=device), torch.tensor(offset, device=device),
+                   torch.tensor(totals, device=device), (len(totals), max(totals)))
+
+
+def pack_rows(embeds: torch.Tensor, labels: torch.Tensor, plan: RowPlan):
+    """Right-padded (R, S, H) embeddings and (R, S) labels -> packed (P, W, H), ``position_ids`` and labels (P, W).
+
+    The same layout as ``pack_batch`` (each row's first label dropped, positions restarting at 0 per row, a
+    padding tail in a block of its own), built from embeddings so that a model whose batch arrives padded (TRL's
+    DPO) can run its LLM packed. Differentiable in ``embeds``.
+    """
+    real, seq, pos = plan.places()
+    width = plan.shape[1]
+    packed = embeds.new_zeros(*plan.shape, embeds.shape[-1]).index_put((seq, pos), embeds[real])
+    t = torch.arange(real.shape[1], device=real.device)[None, :].expand_as(real)
+    tails = torch.arange(width, device=real.device)[None, :] - plan.used[:, None]  # a tail counts from 0
+    positions = tails.clamp(min=0).index_put((seq, pos), t[real])
+    first = t[real] == 0  # a row's first token is predicted from the previous row's last one: no label
+    packed_labels = labels.new_full(plan.shape, IGNORE_INDEX).index_put((seq, pos), labels[real].masked_fill(
+        first, IGNORE_INDEX))
+    return packed, positions, packed_labels
+
+
+def unpack_rows(values: torch.Tensor, plan: RowPlan, shifted: bool = True) -> torch.Tensor:
+    """Packed per-token values (P, W - 1, ...) (``shifted``: per next-token prediction, e.g. log-probs) or
+    (P, W, ...) -> the padded batch's layout (R, S - 1, ...) / (R, S, ...), zeros where the padded batch has no
+    token. A row's values are the ones it would get alone: its positions restart at 0 and attend only to it."""
+    real, seq, pos = plan.places(shifted)
+    picked = values[seq, pos]  # (real tokens, ...)
+    out = values.new_zeros(*real.shape, *values.shape[2:])
+    return out.index_put(torch.nonzero(real, as_tuple=True), picked)

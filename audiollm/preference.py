@@ -69,6 +69,9 @@ class PreferenceCollator(ChatCollator):
     # Labels go on the answer only: earlier assistant turns in ``messages`` are part of the prompt.
     train_on: str = field(default="last", init=False)
     generation: bool = field(default=False, init=False)
+    # Packed DPO: the batch stays padded (TRL's loss reads it row by row) and carries ``pack_rows``, the tokens per
+    # packed sequence (0: one), so the model runs its LLM on the rows packed (AudioLLM.forward). None: padded.
+    pack_rows: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pairs = [self.guarded(lambda: self.fit_pair(self.encode_pair(row, i)), row_id_of(row, i))
@@ -87,6 +90,8 @@ class PreferenceCollator(ChatCollator):
                 batch[key] = torch.tensor([float(row[key]) for row, p in zip(rows, pairs) if p is not None])
         if self.return_row_ids:
             batch["row_ids"] = [c.row_id for c in chosen]
+        if self.pack_rows is not None:
+            batch["pack_rows"] = self.pack_rows
         return batch
 
     def empty_pair_batch(self, rows: int) -> dict:
@@ -96,6 +101,8 @@ class PreferenceCollator(ChatCollator):
         for key in ("input_ids", "attention_mask", "labels"):
             batch[key] = batch[key].repeat(2, 1)
         batch["kept"] = torch.zeros(rows, dtype=torch.bool)
+        if self.pack_rows is not None:
+            batch["pack_rows"] = self.pack_rows
         return batch
 
     def encode_pair(self, row: dict, index: int) -> tuple[Encoded, Encoded]:

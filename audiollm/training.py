@@ -23,6 +23,7 @@ from audiollm.augment import Augmentation, AugmentationError
 from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
+from audiollm.batching import TokenBudgetBatchSampler
 from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.encoder import VARLEN_ATTENTION
@@ -106,6 +107,13 @@ class DataArguments:
     packing_max_tokens: int = field(default=0, metadata={"help": "With packing: tokens per packed sequence "
                                     "(rows kept whole); 0 = the whole batch in one sequence (needed by "
                                     "flash-attention)."})
+    batch_tokens: int = field(default=0, metadata={"help": "Batches by a budget instead of "
+                              "per_device_train_batch_size: rows of similar length, as many as fit rows x longest "
+                              "<= this many estimated tokens (audio 25/s + text); 0 = off (audiollm/batching.py)."})
+    batch_audio_seconds: float = field(default=0.0, metadata={"help": "The budget in seconds of audio instead "
+                                       "(rows x longest clip); 0 = off. Give batch_tokens or this, not both."})
+    length_buckets: int = field(default=16, metadata={"help": "With a batch budget: length buckets (quantiles); "
+                                "more buckets pad less but mix fewer rows of different lengths."})
     augmentation: dict | str | None = field(default=None, metadata={"help": "Training clips transformed per "
                                             "clip: {name: {p: probability, range: [low, high]}} for speed, reverb, "
                                             "telephone, lowpass, resample, mp3, noise, gain (audiollm/augment.py; "
@@ -203,9 +211,31 @@ def load_datasets(data_args: DataArguments, args):
     train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed,
                          data_args.prompt_seed, bad_row_log(data_args, args.output_dir))  # unparseable lines
     evals = load_mixture(data_args.eval_files, prompt_seed=data_args.prompt_seed) if data_args.eval_files else None
-    if args.train_sampling_strategy == "group_by_length" and not data_args.streaming:
+    budget = data_args.batch_tokens or data_args.batch_audio_seconds
+    if (args.train_sampling_strategy == "group_by_length" or budget) and not data_args.streaming:
         train = add_lengths(train)
     return train, evals
+
+
+def make_batch_sampler(train, data_args: DataArguments, args) -> TokenBudgetBatchSampler | None:
+    """The recipe's token (or audio-seconds) budget batches for this rank, or None for fixed-size batches."""
+    if not (data_args.batch_tokens or data_args.batch_audio_seconds):
+        return None
+    if data_args.batch_tokens and data_args.batch_audio_seconds:
+        raise ValueError("give batch_tokens or batch_audio_seconds, not both")
+    if data_args.streaming or args.train_sampling_strategy == "group_by_length":
+        raise ValueError("batch_tokens / batch_audio_seconds group rows by length themselves: they need a "
+                         "non-streamed dataset and no train_sampling_strategy: group_by_length")
+    column, budget = ("length", data_args.batch_tokens) if data_args.batch_tokens else \
+        ("seconds", data_args.batch_audio_seconds)
+    sampler = TokenBudgetBatchSampler(train[column], budget, data_args.length_buckets,
+                                      args.data_seed if args.data_seed is not None else args.seed,
+                                      args.process_index, args.world_size)
+    log.info("batches by %s <= %g: %s", column, budget, sampler.describe())
+    if sampler.over_budget:
+        log.warning("%d rows are longer than the budget of %g %s; each gets a batch of its own",
+                    sampler.over_budget, budget, column)
+    return sampler
 
 
 def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None,
@@ -226,15 +256,23 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         return_row_ids=True,
         augment=augment,
     )
+    max_tokens = packing_tokens(data_args, model)
+    return collator if max_tokens is None else PackingCollator(collator, max_tokens)
+
+
+def packing_tokens(data_args: DataArguments, model) -> int | None:
+    """Tokens per packed sequence for the recipe's ``packing`` (0: the whole batch in one), None when off;
+    refuses what the model's attention cannot keep apart."""
     if not data_args.packing:
-        return collator
-    if data_args.packing_max_tokens and unwrap(model).config._attn_implementation == "flash_attention_2":
+        return None
+    attention = unwrap(model).config._attn_implementation
+    if data_args.packing_max_tokens and attention == "flash_attention_2":
         raise ValueError("packing_max_tokens > 0 makes several packed sequences per batch, which flash-attention "
                          "cannot keep apart; set packing_max_tokens: 0 (one sequence per batch) or use sdpa")
-    if unwrap(model).config._attn_implementation in ("sdpa", "eager"):
+    if attention in ("sdpa", "eager"):
         log.warning("packing on %s attends through one block-diagonal mask, (sum of lengths)^2 per sequence; "
-                    "attn_implementation: sdpa_packed attends per row", unwrap(model).config._attn_implementation)
-    return PackingCollator(collator, data_args.packing_max_tokens)
+                    "attn_implementation: sdpa_packed attends per row", attention)
+    return data_args.packing_max_tokens
 
 
 def augmentation(data_args: DataArguments, seed: int) -> Augmentation | None:

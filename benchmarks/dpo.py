@@ -1,12 +1,14 @@
-"""DPO step time and memory: a live reference model vs precomputed reference log-probs.
+"""DPO step time and memory: a live reference model vs precomputed reference log-probs, padded vs packed batches.
 
     python -m benchmarks.dpo                 # tiny + mid-size model, ~3 min on 2 CPU cores
     python -m benchmarks.dpo --quick         # smoke run: tiny model, 1 round
 
 Both trainers are built exactly as ``stages/dpo.py`` builds them (full-LLM DPO, frozen encoder and projector) from
-one model folder and one preference manifest; they differ only in ``precompute_ref_log_probs``:
+one model folder and one preference manifest; they differ only in ``precompute_ref_log_probs`` and ``packing``:
   live        a frozen copy of the starting model scores every batch (one more forward per step, one more copy
-              of the weights in memory)
+              of the weights in memory); the 2B chosen and rejected sequences padded to the longest
+  packed      live, with ``packing: true`` and ``attn_implementation: sdpa_packed``: policy and reference run
+              their LLM on the 2B sequences packed into one, TRL's loss reads the padded layout back
   precompute  TRL scores the whole dataset once with the starting model before training (timed here as the
               precompute pass) and the steps read the stored log-probs
 Reported: the median seconds of one training step (policy forward + backward, plus the reference forward for
@@ -39,7 +41,7 @@ from benchmarks.common import MB, interleaved_medians, peak_memory_bytes, pick_c
 from benchmarks.train_step import model_config
 from stages.dpo import AudioDPOTrainer, load_reference, make_preference_collator, parse_recipe
 
-VARIANTS = ("live", "precompute")
+VARIANTS = ("live", "packed", "precompute")
 MAX_LENGTH = 512  # tokens per sequence; the rows here take ~60-120
 
 
@@ -58,13 +60,15 @@ def write_data(folder: Path, pairs: int, seed: int = 0) -> Path:
     return manifest
 
 
-def build_trainer(model_dir: Path, manifest: Path, out: Path, batch_size: int, precompute: bool):
+def build_trainer(model_dir: Path, manifest: Path, out: Path, batch_size: int, variant: str):
     """(trainer, seconds to build it): as stages.dpo.main builds it; the precompute pass runs inside."""
     recipe = dict(model_name_or_path=model_dir, train_files=manifest, output_dir=out, bf16="false", use_cpu="true",
                   report_to="none", max_length=MAX_LENGTH, per_device_train_batch_size=batch_size,
                   precompute_ref_batch_size=batch_size, train_llm="true", train_projector="false",
                   disable_tqdm="true", activation_checkpointing="false", save_strategy="no", seed=0,
-                  precompute_ref_log_probs=str(precompute).lower())
+                  precompute_ref_log_probs=str(variant == "precompute").lower())
+    if variant == "packed":
+        recipe |= dict(packing="true", attn_implementation="sdpa_packed")
     start = time.perf_counter()
     model_args, data_args, args = parse_recipe([t for k, v in recipe.items() for t in (f"--{k}", str(v))])
     from audiollm.training import load_datasets, load_model
@@ -92,7 +96,7 @@ def bench_size(args, size: str, work: Path) -> dict:
     trainers, build_s = {}, {}
     for variant in VARIANTS:
         trainers[variant], build_s[variant] = build_trainer(work / size, manifest, work / f"out-{variant}",
-                                                            args.batch_size, variant == "precompute")
+                                                            args.batch_size, variant)
     batches = {v: [t._prepare_inputs(t.data_collator([t.train_dataset[i] for i in range(s, s + args.batch_size)]))
                    for s in range(0, args.pairs, args.batch_size)] for v, t in trainers.items()}
     losses = {}
@@ -115,7 +119,10 @@ def bench_size(args, size: str, work: Path) -> dict:
                    "weights_mb": weights_mb(trainers[v]), "build_s": build_s[v], "loss": losses[v]}
                for v in VARIANTS}
     results["precompute"]["extra_build_s"] = build_s["precompute"] - build_s["live"]
-    results["precompute"]["speedup_vs_live"] = results["live"]["step_s"] / results["precompute"]["step_s"]
+    for variant in ("packed", "precompute"):
+        results[variant]["speedup_vs_live"] = results["live"]["step_s"] / results[variant]["step_s"]
+    padded = [b["attention_mask"] for b in batches["live"]]  # (2B, S) each: positions run vs real tokens
+    results["live"]["positions_per_real"] = sum(m.numel() for m in padded) / sum(int(m.sum()) for m in padded)
     return {"clock": clock_name, "pairs": args.pairs, "batch_pairs": args.batch_size,
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6, "results": results}
 
@@ -150,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(
                 f"DPO {size}: {result['parameters_m']:.1f} M parameters, {args.pairs} pairs, {args.batch_size} "
                 f"pairs per step, median of {args.repeats} ({result['clock']} time)",
-                ["reference", "step s", "peak MB", "weights MB", "extra build s", "loss at start"],
-                [[v, r["step_s"], r["peak_mb"], r["weights_mb"], r.get("extra_build_s", "-"), f"{r['loss']:.6f}"]
-                 for v, r in result["results"].items()])
+                ["variant", "step s", "vs live", "peak MB", "weights MB", "extra build s", "loss at start"],
+                [[v, r["step_s"], r.get("speedup_vs_live", 1.0), r["peak_mb"], r["weights_mb"],
+                  r.get("extra_build_s", "-"), f"{r['loss']:.6f}"] for v, r in result["results"].items()])
     write_result("dpo", report, argv, Path(args.json) if args.json else None)
     return report
 

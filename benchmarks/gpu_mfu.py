@@ -5,8 +5,11 @@
 
 One SFT step = the frozen encoder's forward (packed: only the clips' real frames, ``packed_encoder: true``), then
 forward + backward + AdamW of the projector and the LLM, on a batch of ``--batch`` rows with LibriSpeech-like clips
-(mean 12 s) and short answers, collated by ``ChatCollator``, packed into one sequence (``packing: true``) and scored with the lean cross-entropy (``lean_loss_chunk_tokens``),
-as the recipe runs it. Reported: tokens/s (LLM tokens, audio included), model FLOPs per step (counted analytically
+(mean 12 s) and short answers, collated by ``ChatCollator``, packed into one sequence (``packing: true``) and
+scored with the lean cross-entropy (``lean_loss_chunk_tokens``),
+as the recipe runs it; then an epoch of ``--epoch-rows`` such rows in ``batch_tokens`` batches (audiollm/batching.py,
+budget ``--batch-tokens``, by default the fixed batch's padded cost), each packed: what a recipe with a token
+budget runs. Reported for both: tokens/s (LLM tokens, audio included), model FLOPs per step (counted analytically
 below, the standard MFU convention: matmuls and attention, no recomputation), MFU against the GPU's dense bf16 peak,
 peak memory, and the kernels in use (attention implementation, sdpa backends, the loss path).
 
@@ -26,8 +29,10 @@ import numpy as np
 import torch
 
 from audiollm.audio import SAMPLE_RATE
+from audiollm.batching import TokenBudgetBatchSampler
 from audiollm.chat import AUDIO_TOKEN
 from audiollm.collator import ChatCollator
+from audiollm.data import estimated_tokens
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.config import AudioLLMConfig
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
@@ -70,13 +75,31 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     return model.train(), tokenizer
 
 
-def make_batch(tokenizer, rows: int, seed: int = 0) -> dict:
+def make_rows(rows: int, seed: int = 0) -> list[dict]:
+    """Chat rows with LibriSpeech-like noise clips (mean 12 s) and 30-word answers."""
     rng = np.random.default_rng(seed)
-    examples = [{"audios": [(0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32)],
-                 "messages": [{"role": "user", "content": "<audio>What does the speaker say?"},
-                              {"role": "assistant", "content": " ".join(rng.choice(CORPUS_WORDS, size=30))}]}
-                for s in clip_durations("librispeech", rows, seed)]
-    return pack_batch(ChatCollator(tokenizer)(examples), tokenizer.pad_token_id)
+    return [{"audios": [(0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32)],
+             "messages": [{"role": "user", "content": "<audio>What does the speaker say?"},
+                          {"role": "assistant", "content": " ".join(rng.choice(CORPUS_WORDS, size=30))}]}
+            for s in clip_durations("librispeech", rows, seed)]
+
+
+def make_batch(tokenizer, rows: int, seed: int = 0) -> dict:
+    return pack_batch(ChatCollator(tokenizer)(make_rows(rows, seed)), tokenizer.pad_token_id)
+
+
+def row_tokens(row: dict) -> int:
+    """A row's length as ``audiollm.data.add_lengths`` estimates it (text / 4 + 25 audio tokens a second)."""
+    return estimated_tokens([m["content"] for m in row["messages"]], len(row["audios"][0]) / SAMPLE_RATE, 1)
+
+
+def budget_batches(tokenizer, examples: list[dict], budget: int) -> tuple[list[dict], TokenBudgetBatchSampler]:
+    """An epoch of ``examples`` as ``batch_tokens: budget`` batches them (estimated lengths, as add_lengths), each
+    collated and packed as the recipe runs it."""
+    sampler = TokenBudgetBatchSampler([row_tokens(row) for row in examples], budget)
+    collator = ChatCollator(tokenizer)
+    batches = [pack_batch(collator([examples[i] for i in index]), tokenizer.pad_token_id) for index in sampler]
+    return batches, sampler
 
 
 def step_flops(model, batch: dict) -> float:
@@ -110,6 +133,42 @@ def kernels(model, device: torch.device) -> dict:
     return info
 
 
+def timed(step, device: torch.device) -> float:
+    """Seconds of one ``step()``, the GPU synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def budget_result(args, model, tokenizer, step, device: torch.device, peak: float | None) -> dict:
+    """The same model stepping through an epoch of ``--epoch-rows`` rows in ``batch_tokens`` batches (what a
+    recipe with ``batch_tokens`` runs): tokens/s and MFU over the epoch, the largest batch's peak memory."""
+    examples = make_rows(args.epoch_rows, seed=1)
+    budget = args.batch_tokens or args.batch * max(map(row_tokens, make_rows(args.batch)))  # the fixed batch's
+    batches, sampler = budget_batches(tokenizer, examples, budget)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    step(batches[0])  # warm-up on a batch of this epoch
+    seconds = sum(timed(lambda b=b: step(b), device) for b in batches)
+    flops = sum(step_flops(model, b) for b in batches)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    plan = sampler.describe()
+    largest = sorted(batches, key=lambda b: -b["input_ids"].numel())[:3]  # peak memory: the 3 longest batches
+    result = {"batch_tokens": budget, "rows": len(examples), "batches": len(batches),
+              "rows_per_batch": len(examples) / len(batches), "tokens_per_s": tokens / seconds,
+              "achieved_tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak if peak else None,
+              "padding_fraction_unpacked": plan["padding_fraction"],
+              "peak_memory_mb": max(peak_memory_bytes(lambda b=b: step(b), device) for b in largest) / MB}
+    print_table(f"the same, an epoch of {len(examples)} rows in batch_tokens: {budget} batches ({len(batches)} "
+                "batches, packed)", ["tokens/s", "rows/batch", "TFLOP/s", "MFU", "peak MB"],
+                [[result["tokens_per_s"], result["rows_per_batch"], result["achieved_tflops"],
+                  result["mfu"] if result["mfu"] is not None else "n/a", result["peak_memory_mb"]]])
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     import sys
 
@@ -119,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16, help="rows per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=0, help="token budget of the batch_tokens run "
+                        "(default: --batch rows x the longest of them, the fixed batch's padded cost)")
+    parser.add_argument("--epoch-rows", type=int, default=64, help="rows of the batch_tokens run's epoch")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--json", help="output file (default benchmarks/results/gpu_mfu.json)")
     args = parser.parse_args(argv)
@@ -127,28 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("no GPU: the full-size run needs one; --tiny runs the same path on tiny shapes on CPU")
     if args.tiny:
         args.batch, args.steps, args.warmup = min(args.batch, 4), min(args.steps, 2), min(args.warmup, 1)
+        args.epoch_rows = min(args.epoch_rows, 8)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = build(args.tiny, device, dtype)
     batch = {k: v.to(device) for k, v in make_batch(tokenizer, args.batch).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-    def step():
-        model(**batch).loss.backward()
+    def step(inputs=batch):
+        model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_s = float(np.median(times))
+    step_s = float(np.median([timed(step, device) for _ in range(args.steps)]))
     flops = step_flops(model, batch)
     name = machine().get("gpu", "cpu")
     peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
@@ -165,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                 [[result["tokens_per_s"], step_s, result["model_tflops_per_step"], result["achieved_tflops"],
                   result["mfu"] if result["mfu"] is not None else "n/a", result["peak_memory_mb"]]])
     print("kernels:", result["kernels"])
-    report = {"results": result}
+    budget = budget_result(args, model, tokenizer, step, device, peak)
+    report = {"results": result, "token_budget": budget}
     default = Path(__file__).resolve().parent / "results" / ("gpu_mfu_tiny.json" if args.tiny else "gpu_mfu.json")
     write_result("gpu_mfu", report, argv, Path(args.json) if args.json else default)
     return report

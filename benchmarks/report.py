@@ -112,15 +112,38 @@ def render_train_step(data: dict) -> str:
 def render_dpo(data: dict) -> str:
     parts = []
     for size, result in data["sizes"].items():
-        rows = [[v, r["step_s"], r["peak_mb"], r["weights_mb"], r.get("extra_build_s", ""), f"{r['loss']:.6f}"]
-                for v, r in result["results"].items()]
-        speedup = result["results"]["precompute"]["speedup_vs_live"]
+        rows = [[v, r["step_s"], f"{r.get('speedup_vs_live', 1.0):.2f}x", r["peak_mb"], r["weights_mb"],
+                 r.get("extra_build_s", ""), f"{r['loss']:.6f}"] for v, r in result["results"].items()]
+        padding = result["results"]["live"].get("positions_per_real")
         parts.append(f"**{size}** ({result['parameters_m']:.1f} M parameters), {result['pairs']} pairs, "
-                     f"{result['batch_pairs']} per step ({result['clock']} time); precomputed is {speedup:.2f}x "
-                     "faster per step:\n\n"
-                     + table(["reference", "step s", "peak MB (activations)", "weights MB", "extra build s",
-                              "loss at start"], rows))
+                     f"{result['batch_pairs']} per step ({result['clock']} time)"
+                     + (f"; padded batches run {padding:.2f} LLM positions per real token" if padding else "")
+                     + ":\n\n"
+                     + table(["variant", "step s", "vs live", "peak MB (activations)", "weights MB",
+                              "extra build s", "loss at start"], rows))
     return "\n\n".join(parts)
+
+
+def render_batching(data: dict) -> str:
+    rows = [[v, r["tokens_per_s"], f"{r['speedup']:.2f}x", r["steps"], r["rows_per_step"], r["positions_per_real"],
+             r["peak_mb"], f"{r['memory_ratio']:.2f}x", f"{r['loss']:.6f}"] for v, r in data["results"].items()]
+    return (f"{data['encoder']} encoder + LLM ({data['parameters_m']:.0f} M parameters), {data['rows']} "
+            f"{data['clips']} rows ({data['mean_seconds']:.1f} s mean); fixed batches of {data['batch_size']} rows vs "
+            f"a budget of {data['budget_tokens']} tokens (the fixed batch of the longest rows), forward + backward, "
+            f"median of {data['setup']['repeats']} epochs ({data['clock']} time):\n\n"
+            + table(["variant", "tokens/s", "vs fixed", "steps", "rows/step", "LLM positions / real", "peak MB",
+                     "peak vs fixed", "loss at start (per token)"], rows))
+
+
+def render_eval_order(data: dict) -> str:
+    setup = data["setup"]
+    rows = [[v, r["items_per_s"], f"{r['speedup']:.2f}x", r["positions_per_real"], r["frames_per_real"]]
+            for v, r in data["results"].items()]
+    return (f"{setup['size']} model ({setup['parameters_m']:.0f} M parameters), {setup['items']} {setup['clips']} "
+            f"clips (mean {setup['mean_s']:.1f} s), batches of {setup['batch_size']}, {setup['max_new_tokens']} new "
+            f"tokens, median of {setup['repeats']} ({setup['clock']} time); both orders give the same answers: "
+            f"{data['same_answers']}:\n\n"
+            + table(["batches", "items/s", "vs file order", "prompt positions / real", "mel frames / real"], rows))
 
 
 def render_gpu_mfu(data: dict) -> str:
@@ -128,15 +151,25 @@ def render_gpu_mfu(data: dict) -> str:
     rows = [[r["shape"], r["device"], r["dtype"], r["tokens"], r["tokens_per_s"], r["step_s"], r["achieved_tflops"],
              r["mfu"], r["peak_memory_mb"]]]
     kernels = ", ".join(f"{k}: {v}" for k, v in r["kernels"].items())
-    return table(["shape", "device", "dtype", "tokens/step", "tokens/s", "step s", "TFLOP/s", "MFU", "peak MB"],
+    text = table(["shape", "device", "dtype", "tokens/step", "tokens/s", "step s", "TFLOP/s", "MFU", "peak MB"],
                  rows) + f"\n\nKernels: {kernels}."
+    budget = data.get("token_budget")
+    if budget:
+        text += (f"\n\nAn epoch of {budget['rows']} rows in `batch_tokens: {budget['batch_tokens']}` batches "
+                 f"({budget['batches']} batches, {budget['rows_per_batch']:.1f} rows each, packed):\n\n"
+                 + table(["tokens/s", "TFLOP/s", "MFU", "peak MB (3 longest batches)"],
+                         [[budget["tokens_per_s"], budget["achieved_tflops"], budget["mfu"],
+                           budget["peak_memory_mb"]]]))
+    return text
 
 
 SECTIONS = [
     ("Encoder: stock 30 s padding vs unpadded", "encoder", "encoder*.json", render_encoder),
     ("Log-mel features", "features", "features.json", render_features),
     ("SFT training step", "train_step", "train_step.json", render_train_step),
-    ("DPO: live vs precomputed reference", "dpo", "dpo.json", render_dpo),
+    ("SFT batches: token budget vs fixed size", "batching", "batching.json", render_batching),
+    ("DPO: live vs precomputed reference, padded vs packed", "dpo", "dpo.json", render_dpo),
+    ("Evaluation: batches by length vs file order", "eval_order", "eval_order.json", render_eval_order),
     ("GPU throughput and MFU", "gpu_mfu", "gpu_mfu*.json", render_gpu_mfu),
 ]
 GPU_MISSING = ("The full-size run (`python -m benchmarks.gpu_mfu`: Whisper-large-v3 encoder + Qwen2.5-1.5B-shaped LLM, "

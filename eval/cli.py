@@ -32,6 +32,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder that benchmark audio paths are relative to, for all tasks or task NAME "
                    "(default: the benchmark file's folder)")
     p.add_argument("--batch-size", type=int, default=8, help="items per generation batch (default 8)")
+    p.add_argument("--file-order", action="store_true", help="batch items in file order instead of by prompt "
+                   "length (predictions.jsonl is in file order either way)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap in tokens (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
@@ -83,8 +85,9 @@ def _summary(results: dict) -> str:
             lines.append(f"  {name:<24} {entry['metric']:<14} unscored ({entry['reason']})")
         else:
             low, high = entry["ci95"]
+            speed = f"  {entry['items_per_s']:.3g} items/s" if entry.get("items_per_s") else ""
             lines.append(f"  {name:<24} {entry['metric']:<14} {entry['value']:.4g}  "
-                         f"[{low:.4g}, {high:.4g}]  n={entry['n']}")
+                         f"[{low:.4g}, {high:.4g}]  n={entry['n']}{speed}")
     return "\n".join(lines)
 
 
@@ -110,7 +113,7 @@ def run_eval(args) -> int:
             results = evaluate(
                 args.model, tasks, args.out, args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
                 args.seed, args.judge, args.trust_remote_code, _audio_roots(args.audio_root, parser), args.limit,
-                args.bootstrap, args.device, args.dtype,
+                args.bootstrap, args.device, args.dtype, not args.file_order,
             )
     except (EvalError, FileNotFoundError, AudioError, RowError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")

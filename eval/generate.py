@@ -14,6 +14,7 @@ import torch
 
 from audiollm.chat import ENDOFTEXT, IM_END
 from audiollm.collator import IGNORE_INDEX, ChatCollator
+from audiollm.data import audio_seconds, estimated_tokens
 from eval.items import EvalError, Item
 from eval.tasks import build_messages
 
@@ -83,6 +84,23 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
+def item_length(item: Item) -> int:
+    """Estimated prompt tokens of an item (audio from file headers, text by characters): a sort key only."""
+    texts = [m["content"] for m in build_messages(item)]
+    return estimated_tokens(texts, sum(audio_seconds(source) for source in item.audios), len(item.audios))
+
+
+def batch_order(items: list[Item], size: int, by_length: bool = True) -> list[list[int]]:
+    """Item indices in batches of ``size``: longest first when ``by_length`` (a batch pads to its longest prompt
+    and decodes until its longest answer, so similar prompts together waste fewer positions; the longest batch
+    first shows an out-of-memory at once), else in file order. Ties keep file order."""
+    order = list(range(len(items)))
+    if by_length:
+        lengths = [item_length(item) for item in items]
+        order.sort(key=lambda i: -lengths[i])
+    return [order[start : start + size] for start in range(0, len(order), size)]
+
+
 def _on_device(batch: dict, model) -> dict:
     """Move a collated batch to the model; audio features take the model's dtype (bf16 weights need bf16 input)."""
     moved = {key: value.to(model.device) for key, value in batch.items()}
@@ -99,22 +117,25 @@ def _collate(collator: ChatCollator, rows: list[dict]) -> dict:
 
 
 def generate_answers(model, tokenizer, items: list[Item], settings: GenerationSettings, batch_size: int = 8,
-                     desc: str = "generate") -> list[str]:
-    """One decoded answer per item (special tokens dropped, whitespace stripped), in item order."""
+                     desc: str = "generate", by_length: bool = True) -> list[str]:
+    """One decoded answer per item (special tokens dropped, whitespace stripped), in item order whatever the
+    batch order (``batch_order``)."""
     from tqdm.auto import tqdm
 
     collator = ChatCollator(tokenizer, max_length=NO_LENGTH_LIMIT, stack=model.config.projector_stack,
                             generation=True)
     torch.manual_seed(settings.seed)  # sampling is reproducible run to run
-    answers = []
+    answers: list[str | None] = [None] * len(items)
     with tqdm(total=len(items), desc=desc, unit="item") as bar:
-        for chunk in _chunks(items, batch_size):
+        for indices in batch_order(items, batch_size, by_length):
+            chunk = [items[i] for i in indices]
             rows = [{"id": item.id, "messages": build_messages(item), "audios": item.audios} for item in chunk]
             batch = _on_device(_collate(collator, rows), model)
             ids = model.generate(**batch, **settings.kwargs(), eos_token_id=stop_ids(tokenizer),
                                  pad_token_id=tokenizer.pad_token_id)
             new_ids = ids[:, batch["input_ids"].shape[1] :]  # generate returns prompt + new ids
-            answers += [text.strip() for text in tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+            for i, text in zip(indices, tokenizer.batch_decode(new_ids, skip_special_tokens=True)):
+                answers[i] = text.strip()
             bar.update(len(chunk))
     return answers
 
@@ -131,8 +152,8 @@ def answer_logps(model, batch: dict) -> torch.Tensor:
 
 
 def preference_logps(model, tokenizer, items: list[Item], batch_size: int = 8,
-                     desc: str = "preference") -> list[tuple[float, float]]:
-    """(chosen, rejected) summed answer log-probabilities per preference item.
+                     desc: str = "preference", by_length: bool = True) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probabilities per preference item, in item order.
 
     Each answer is appended to the prompt as the last assistant turn; ``train_on="last"`` puts labels on exactly
     that answer (and its ``<|im_end|>``), as DPO scores it.
@@ -141,9 +162,10 @@ def preference_logps(model, tokenizer, items: list[Item], batch_size: int = 8,
 
     collator = ChatCollator(tokenizer, max_length=NO_LENGTH_LIMIT, stack=model.config.projector_stack,
                             train_on="last")
-    pairs = []
+    pairs: list[tuple[float, float] | None] = [None] * len(items)
     with tqdm(total=len(items), desc=desc, unit="item") as bar:
-        for chunk in _chunks(items, batch_size):
+        for indices in batch_order(items, batch_size, by_length):
+            chunk = [items[i] for i in indices]
             rows = [
                 {"id": item.id, "audios": item.audios,
                  "messages": build_messages(item) + [{"role": "assistant", "content": getattr(item, side)}]}
@@ -151,6 +173,7 @@ def preference_logps(model, tokenizer, items: list[Item], batch_size: int = 8,
                 for item in chunk
             ]  # every chosen row first, then every rejected row
             logps = answer_logps(model, _on_device(_collate(collator, rows), model)).tolist()
-            pairs += list(zip(logps[: len(chunk)], logps[len(chunk) :]))
+            for i, chosen, rejected in zip(indices, logps[: len(chunk)], logps[len(chunk) :]):
+                pairs[i] = (chosen, rejected)
             bar.update(len(chunk))
     return pairs

@@ -266,7 +266,8 @@ def load_airbench_foundation(path: str, audio_root: str | None = None) -> list[I
             raise EvalError(f"{where}: {err}") from err
         items.append(Item(
             str(row.get(AIRBENCH_ID_FIELD, index)), "mcq_letter", [_airbench_audio(row, root)],
-            question=row["question"], reference=letter, choices=choices, group=row["task_name"],
+            question=row["question"], reference=letter, choices=choices,
+            group=f"{row['task_name']}_{row['dataset_name']}",  # the official script scores task and dataset apart
         ))
     return items
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from eval.generate import GenerationSettings, generate_answers, load_model, preference_logps
@@ -37,29 +38,47 @@ def load_tasks(tasks: dict[str, str], audio_root: str | dict | None = None,
 
 
 def predict(task: str, items: list[Item], model, tokenizer, settings: GenerationSettings, batch_size: int,
-            model_name: str) -> list[dict]:
-    """Records of one task with the model's predictions filled in (scores still empty)."""
+            model_name: str, by_length: bool = True) -> list[dict]:
+    """Records of one task with the model's predictions filled in (scores still empty), in the task's item order.
+
+    Each record carries ``generate_seconds``, the task's generation time shared equally among its items, so the
+    items/s of results.json is recomputed from predictions.jsonl alone when it is rescored.
+    """
     records = [to_record(item, task, prompt_text(build_messages(item)), model_name, settings.as_dict())
                for item in items]
+    start = time.perf_counter()
+    _fill_predictions(records, items, model, tokenizer, settings, batch_size, task, by_length)
+    share = (time.perf_counter() - start) / len(items)
+    for record in records:
+        record["generate_seconds"] = share
+    log.info("%s: %d items, %.2f items/s", task, len(items), 1 / share)
+    return records
+
+
+def _fill_predictions(records: list[dict], items: list[Item], model, tokenizer, settings: GenerationSettings,
+                      batch_size: int, task: str, by_length: bool) -> None:
     if KINDS[items[0].kind].generates:
-        for record, answer in zip(records, generate_answers(model, tokenizer, items, settings, batch_size, task)):
+        answers = generate_answers(model, tokenizer, items, settings, batch_size, task, by_length)
+        for record, answer in zip(records, answers):
             record["prediction"] = answer
-        return records
-    for record, (chosen, rejected) in zip(records, preference_logps(model, tokenizer, items, batch_size, task)):
+        return
+    for record, (chosen, rejected) in zip(records, preference_logps(model, tokenizer, items, batch_size, task,
+                                                                    by_length)):
         record |= {"chosen_logp": chosen, "rejected_logp": rejected,
                    "prediction": record["chosen"] if chosen > rejected else record["rejected"]}
-    return records
 
 
 def evaluate(model_dir: str | os.PathLike, tasks: dict[str, str], out_dir: str | os.PathLike, batch_size: int = 8,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              judge: str | Judge | None = None, judge_trust_remote_code: bool = False,
              audio_root: str | dict | None = None, limit: int | None = None, n_resamples: int = 1000,
-             device: str | None = None, dtype: str | None = None) -> dict:
+             device: str | None = None, dtype: str | None = None, by_length: bool = True) -> dict:
     """Generate answers for every task, then score them; returns the results dict written to results.json.
 
     tasks: {name: SOURCE} with SOURCE as in ``eval.loaders`` (``[KIND[@LANG]:][FORMAT:]PATH``).
     judge: a local causal-LM folder (or a ready ``Judge``) for open-ended tasks; without one they are unscored.
+    by_length: batches of similar prompt length, longest first (predictions.jsonl keeps the task's order either
+        way); False batches in file order.
     """
     items = load_tasks(tasks, audio_root, limit)  # every benchmark file is checked before the model loads
     model, tokenizer = load_model(str(model_dir), device, dtype)
@@ -67,7 +86,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: dict[str, str], out_dir: str |
     model_name = Path(model_dir).resolve().name
     records = []
     for task, task_items in items.items():
-        records += predict(task, task_items, model, tokenizer, settings, batch_size, model_name)
+        records += predict(task, task_items, model, tokenizer, settings, batch_size, model_name, by_length)
     del model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

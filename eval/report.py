@@ -24,7 +24,8 @@ def summarize_task(records: list[dict], judge: str | None, n_resamples: int = 10
     kind = records[0]["kind"]
     entry = {"kind": kind, "metric": metric_name(kind, records), "higher_is_better": KINDS[kind].higher_is_better,
              "value": None, "n": 0, "ci95": None, "model": records[0].get("model"),
-             "judge": judge if kind == "open" else None, "unscored": False, "items": len(records)}
+             "judge": judge if kind == "open" else None, "unscored": False, "items": len(records),
+             "items_per_s": _items_per_s(records)}
     scored = [r for r in records if r.get("stats") is not None]
     if kind == "open" and judge is None:
         return entry | {"unscored": True, "reason": NO_JUDGE_REASON}
@@ -41,7 +42,14 @@ def summarize_task(records: list[dict], judge: str | None, n_resamples: int = 10
         for group in groups:
             part = np.asarray([r["stats"] for r in scored if r.get("group") == group], dtype=np.float64)
             entry["groups"][group] = {"value": aggregate(part.sum(axis=0), len(part)), "n": len(part)}
+            entry["groups"][group] |= details(kind, [r for r in scored if r.get("group") == group], part)
     return entry
+
+
+def _items_per_s(records: list[dict]) -> float | None:
+    """Generation speed of a task, from each record's share of its generation time (None for older files)."""
+    seconds = [r.get("generate_seconds") for r in records]
+    return None if None in seconds else len(records) / sum(seconds)
 
 
 def summarize(records: list[dict], judge: str | None, n_resamples: int = 1000, seed: int = 0) -> dict:
@@ -95,14 +103,17 @@ def render_report(results: dict, records: list[dict]) -> str:
         "# Evaluation report", "",
         f"Model: `{results['model']}` · judge: `{results['judge'] or 'none'}` · 95% CI: percentile bootstrap, "
         f"{results['bootstrap']['resamples']} resamples, seed {results['bootstrap']['seed']}", "",
-        "| task | kind | metric | value | 95% CI | n |", "|---|---|---|---|---|---|",
+        "| task | kind | metric | value | 95% CI | n | items/s |", "|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["tasks"].items():
         value = f"unscored: {entry['reason']}" if entry["unscored"] else _number(entry["value"])
+        if entry.get("accuracy_unparsed_wrong") is not None:  # AIR-Bench: the official right / parsed, then ours
+            value += f" ({_number(entry['accuracy_unparsed_wrong'])} with {entry['unparsed']} unparsed as wrong)"
         ci = "–" if entry["ci95"] is None else f"{_number(entry['ci95'][0])} – {_number(entry['ci95'][1])}"
         direction = "↑" if entry["higher_is_better"] else "↓"
+        speed = _number(entry.get("items_per_s"))
         lines.append(f"| {name} | {entry['kind']} | {entry['metric']} {direction} | {_cell(value)} | {ci} | "
-                     f"{entry['n']} |")
+                     f"{entry['n']} | {speed} |")
     for name in results["tasks"]:
         rows = worst_errors([r for r in records if r["task"] == name])
         if not rows:

@@ -3,7 +3,9 @@
 Kinds (``KINDS``):
     asr          WER after Whisper's normalisers (CER for zh/ja); value = total errors / total reference units
     mcq          MMAU's rule: every token of the right choice in the prediction, no token of another choice
-    mcq_letter   AIR-Bench foundation's rule: the response's letter (A-D) equals the right choice's letter
+    mcq_letter   AIR-Bench foundation's rule: the response's letter (A-D) equals the right choice's letter; value =
+                 right / parsed, as the official score_foundation.py (an unparsed response is left out of the
+                 denominator); right / items, the unparsed counted wrong, is reported beside it
     short        normalised exact match (case, punctuation, articles, digits vs number words)
     translation  corpus BLEU (sacrebleu; tokenizer chosen by the target language)
     open         a judge LM scores the answer 1-10 against the reference, twice with the answers swapped
@@ -143,7 +145,15 @@ def aggregator(kind: str, records: list[dict]):
     if kind == "translation":
         tokenize = bleu_tokenizer_of(records)
         return lambda sums, n: metrics.bleu_from_stats(sums, tokenize)
+    if kind == "mcq_letter":
+        return lambda sums, n: airbench_accuracy(sums[0], n - sums[1])
     return lambda sums, n: float(sums[0] / n)
+
+
+def airbench_accuracy(right: float, parsed: float) -> float:
+    """AIR-Bench foundation's official accuracy, right / parsed; 0 when no response parsed (the official script
+    would divide by zero; a bootstrap resample of only unparsed items can hit this)."""
+    return float(right / parsed) if parsed else 0.0
 
 
 def bleu_tokenizer_of(records: list[dict]) -> str:
@@ -175,7 +185,7 @@ def details(kind: str, records: list[dict], stats: np.ndarray) -> dict:
     if kind == "translation":
         return {"signature": metrics.bleu_signature(bleu_tokenizer_of(records))}
     if kind == "mcq_letter":
-        return {"unparsed": int(stats[:, 1].sum())}
+        return {"unparsed": int(stats[:, 1].sum()), "accuracy_unparsed_wrong": float(stats[:, 0].mean())}
     if kind == "open":
         ref_scores = [r["judge"]["reference_score"] for r in records
                       if r.get("judge") and r["judge"].get("reference_score") is not None]

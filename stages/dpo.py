@@ -32,6 +32,7 @@ from audiollm.training import (
     latest_checkpoint,
     load_datasets,
     load_model,
+    packing_tokens,
     preflight,
     save_final,
     skip_cpu_shm_allreduce_op,
@@ -132,7 +133,8 @@ def load_reference(model_args: ModelArguments, args: DPOConfig, policy):
 
 def make_preference_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None
                              ) -> PreferenceCollator:
-    """The preference collator with the model's projector stacking, the recipe's length policy and bad-row log."""
+    """The preference collator with the model's projector stacking, the recipe's length policy and bad-row log;
+    with ``packing`` its batches tell the model to run the LLM packed (TRL's loss still reads them padded)."""
     return PreferenceCollator(
         tokenizer,
         max_length=data_args.max_length,
@@ -143,6 +145,7 @@ def make_preference_collator(tokenizer, model, data_args: DataArguments, output_
         max_audio_seconds=data_args.max_audio_seconds,
         bad_rows=bad_row_log(data_args, output_dir),
         return_row_ids=True,
+        pack_rows=packing_tokens(data_args, model),
     )
 
 
@@ -172,6 +175,9 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     data_args = DataArguments(**dataclasses.asdict(data_fields), max_length=args.max_length)
     if data_args.augmentation is not None:  # the shared DataArguments has it; the preference collator does not
         raise ValueError("augmentation applies to pretraining and SFT rows only; remove it from the DPO recipe")
+    if data_args.batch_tokens or data_args.batch_audio_seconds:
+        raise ValueError("batch_tokens / batch_audio_seconds apply to pretraining and SFT; DPO batches "
+                         "per_device_train_batch_size pairs (packing: true takes their padding out)")
     check_training_args(args)
     return model_args, data_args, args
 

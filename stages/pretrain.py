@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from trl import TrlParser
 
 from audiollm.augment import CollatorEpochs
-from audiollm.crash_safety import CrashSafeTrainer
+from audiollm.batching import TokenBudgetTrainer
 from audiollm.training import (
     DataArguments,
     ModelArguments,
@@ -20,6 +20,7 @@ from audiollm.training import (
     latest_checkpoint,
     load_datasets,
     load_model,
+    make_batch_sampler,
     make_collator,
     preflight,
     save_final,
@@ -41,9 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
     eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is
 
-    trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
-                               eval_data_collator=eval_collator,
-                               callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
+    batches = make_batch_sampler(train, data_args, args)  # None: per_device_train_batch_size rows a batch
+    trainer = TokenBudgetTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                                 data_collator=collator, eval_data_collator=eval_collator, train_batch_sampler=batches,
+                                 callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "pretrain", model_args, data_args, tokenizer)

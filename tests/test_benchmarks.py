@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import dpo, encoder, features, gpu_mfu, report, train_step
+from benchmarks import batching, dpo, encoder, eval_order, features, gpu_mfu, report, train_step
 from benchmarks.common import interleaved_medians, peak_memory_bytes
 
 
@@ -44,6 +44,8 @@ def results(tmp_path_factory):
     train_step.main(["--quick", "--json", str(folder / "train_step.json")])
     features.main(["--quick", "--json", str(folder / "features.json")])
     dpo.main(["--quick", "--json", str(folder / "dpo.json")])
+    batching.main(["--quick", "--json", str(folder / "batching.json")])
+    eval_order.main(["--quick", "--json", str(folder / "eval_order.json")])
     gpu_mfu.main(["--tiny", "--json", str(folder / "gpu_mfu_tiny.json")])
     encoder.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--clips", "short", "--batches", "1",
                   "--json", str(folder / "encoder_short.json")])
@@ -71,13 +73,34 @@ def test_dpo_quick(results):
     data = load(results / "dpo.json")["sizes"]["tiny"]["results"]
     assert data["live"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert data["precompute"]["loss"] == pytest.approx(data["live"]["loss"], abs=1e-6)
+    assert data["packed"]["loss"] == pytest.approx(data["live"]["loss"], abs=1e-6)
+    assert data["packed"]["weights_mb"] == data["live"]["weights_mb"] and data["live"]["positions_per_real"] > 1
     assert data["live"]["weights_mb"] == pytest.approx(2 * data["precompute"]["weights_mb"])
+
+
+def test_batching_quick(results):
+    data = load(results / "batching.json")
+    rows = data["results"]
+    assert list(rows) == list(batching.VARIANTS)
+    assert rows["token-budget"]["loss"] == pytest.approx(rows["fixed+grouped"]["loss"], abs=1e-5)  # same rows
+    assert sum(r["steps"] * r["rows_per_step"] for r in rows.values()) == 2 * data["rows"]
+    assert rows["fixed+grouped"]["rows_per_step"] == data["batch_size"]
+
+
+def test_eval_order_quick(results):
+    data = load(results / "eval_order.json")
+    assert data["same_answers"] is True  # greedy answers do not depend on the batch order
+    rows = data["results"]
+    assert rows["by-length"]["positions_per_real"] <= rows["file-order"]["positions_per_real"]
+    assert all(r["items_per_s"] > 0 for r in rows.values())
 
 
 def test_gpu_mfu_tiny(results, tmp_path):
     result = load(results / "gpu_mfu_tiny.json")["results"]
     assert result["shape"] == "tiny" and result["tokens_per_s"] > 0 and result["model_tflops_per_step"] > 0
     assert result["kernels"]["llm_attention"] in ("sdpa_packed", "flash_attention_2")
+    budget = load(results / "gpu_mfu_tiny.json")["token_budget"]
+    assert budget["rows"] == 8 and budget["batches"] * budget["rows_per_batch"] == 8 and budget["tokens_per_s"] > 0
     if not torch.cuda.is_available():
         assert result["mfu"] is None  # no peak for a CPU
         with pytest.raises(SystemExit):

@@ -249,6 +249,55 @@ def test_precomputed_reference_gives_the_live_reference_loss(folder, tmp_path):
     assert pre_loss == pytest.approx(live_loss, abs=1e-5)
 
 
+@pytest.mark.parametrize("attention, max_tokens", [("sdpa_packed", 0), ("sdpa", 100)])
+def test_packed_dpo_gives_the_padded_loss_metrics_and_gradients(folder, tmp_path, attention, max_tokens):
+    """The same rows padded and packed (one sequence; or sequences of <= 100 tokens, the sdpa mask path)."""
+    padded = build_trainer(recipe_argv(folder, tmp_path / "padded", attn_implementation=attention))
+    packed = build_trainer(recipe_argv(folder, tmp_path / "packed", attn_implementation=attention, packing="true",
+                                       packing_max_tokens=max_tokens))
+    torch.manual_seed(1)
+    with torch.no_grad():  # off the reference, so the loss is not log 2 whatever the log-probs
+        for p in padded.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    packed.model.load_state_dict(padded.model.state_dict())
+    rows = [padded.train_dataset[i] for i in range(4)]
+    batch = packed.data_collator(rows)
+    assert batch["pack_rows"] == max_tokens and "pack_rows" not in padded.data_collator(rows)
+    results = {}
+    for name, trainer in (("padded", padded), ("packed", packed)):
+        trainer.model.zero_grad()
+        inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        mode = "train" if trainer.model.training else "eval"
+        results[name] = float(loss.detach()), {k: v[-1] for k, v in trainer._metrics[mode].items()}, grads
+    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = results["padded"], results["packed"]
+    assert abs(loss - math.log(2)) > 1e-3 and packed_loss == pytest.approx(loss, abs=1e-5)
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"):
+        assert packed_metrics[key] == pytest.approx(metrics[key], abs=1e-4), key
+    assert grads.keys() == packed_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_forward_returns_the_padded_layout(folder):
+    """Plain logits (no fused head) of a packed forward equal the padded forward's on every real position."""
+    model = AudioLLMForConditionalGeneration.from_pretrained(folder["model"], attn_implementation="sdpa_packed")
+    tok = tiny_tokenizer()
+    rows = [json.loads(line) for line in Path(folder["prefs"]).read_text().splitlines()]
+    for row in rows:
+        row["audios"] = [str(Path(folder["prefs"]).parent / a) for a in row["audios"]]
+    batch = PreferenceCollator(tok)(rows)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+    with torch.no_grad():
+        padded = model(**inputs).logits  # (2B, S, V)
+        packed = model(**inputs, pack_rows=0).logits
+    real = batch["attention_mask"].bool()
+    assert packed.shape == padded.shape and bool((packed[~real] == 0).all())
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------- stage
 
 
@@ -290,3 +339,7 @@ def test_shipped_recipe_parses(folder, tmp_path):
         parse_recipe(["--config", str(REPO / "stages" / "configs" / "dpo.yaml"), "--bf16", "false",
                       "--model_name_or_path", folder["model"], "--train_files", folder["prefs"],
                       "--output_dir", str(tmp_path), "--augmentation", '{"gain": {"p": 1.0, "db": [0, 1]}}'])
+    with pytest.raises(ValueError, match="batch_tokens / batch_audio_seconds apply to pretraining and SFT"):
+        parse_recipe(["--config", str(REPO / "stages" / "configs" / "dpo.yaml"), "--bf16", "false",
+                      "--model_name_or_path", folder["model"], "--train_files", folder["prefs"],
+                      "--output_dir", str(tmp_path), "--batch_tokens", "4096"])

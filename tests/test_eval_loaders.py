@@ -171,7 +171,7 @@ def test_airbench_foundation(airbench):
     path = airbench / "Foundation_meta.json"
     assert detect_format(str(path)) == "airbench_foundation"
     animal, gender, grounding = load_source(parse_task(f"air={path}"))
-    assert (animal.kind, animal.id, animal.reference, animal.group) == ("mcq_letter", "11", "B", "Sound_AQA")
+    assert (animal.kind, animal.id, animal.reference, animal.group) == ("mcq_letter", "11", "B", "Sound_AQA_clotho")
     assert animal.audios == [str(airbench / "Sound_AQA_clotho" / "x1.wav")]
     assert (gender.reference, gender.choices) == ("B", ["male", "female"])  # two choices only
     assert grounding.reference == "C"

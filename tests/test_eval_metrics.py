@@ -149,6 +149,14 @@ def test_airbench_score_counts_unparsed():
     records = [{"kind": "mcq_letter", "prediction": p, "reference": "B", "choices": ["x", "y"]}
                for p in ("B", "A.", "no idea")]
     assert [score_record(r) for r in records] == [(1.0, [1.0, 0.0]), (0.0, [0.0, 0.0]), (0.0, [0.0, 1.0])]
+    for record, group in zip(records, ("Sound_AQA_clotho", "Sound_AQA_clotho", "Speaker_cv")):
+        record["group"] = group
+    result = _score(records)  # official: right / parsed = 1 / 2; unparsed counted wrong: 1 / 3
+    assert (result["value"], result["n"], result["unparsed"]) == (0.5, 3, 1)
+    assert result["accuracy_unparsed_wrong"] == pytest.approx(1 / 3)
+    assert result["groups"]["Sound_AQA_clotho"] == {"value": 0.5, "n": 2, "unparsed": 0,
+                                                    "accuracy_unparsed_wrong": 0.5}
+    assert result["groups"]["Speaker_cv"]["value"] == 0.0  # nothing parsed: 0, not a division by zero
     assert metrics.choice_letter("y", ["x", "y", "z"]) == "B"
     with pytest.raises(ValueError, match="none of the choices"):
         metrics.choice_letter("w", ["x", "y"])

@@ -13,11 +13,20 @@ import torch
 from audiollm.audio import SAMPLE_RATE
 from audiollm.build import build_tiny
 from audiollm.chat import CHAT_TEMPLATE, IM_END
+from audiollm.data import audio_seconds
 from audiollm.tiny import tiny_text_config, tiny_tokenizer
 from eval import metrics
 from eval.cli import add_eval_parser
-from eval.generate import GenerationSettings, generate_answers, load_model, preference_logps
+from eval.generate import (
+    GenerationSettings,
+    batch_order,
+    generate_answers,
+    item_length,
+    load_model,
+    preference_logps,
+)
 from eval.pipeline import evaluate, load_tasks
+from eval.tasks import build_messages
 from eval.speech import intelligibility, load_transcriber, transcript_wer
 from tests.conftest import write_stock_qwen2_audio
 
@@ -182,6 +191,14 @@ def test_predictions_rows(run):
 
 def test_values_recomputed_from_the_predictions(run):
     out, results, records = run
+    for name, entry in results["tasks"].items():  # speed from each record's share of its task's generation time
+        seconds = sum(r["generate_seconds"] for r in records if r["task"] == name)
+        assert entry["items_per_s"] == pytest.approx(entry["items"] / seconds) and seconds > 0, name
+    air = [r for r in records if r["task"] == "air"]
+    parsed = [r for r in air if metrics.airbench_letter(r["prediction"]) is not None]
+    right = sum(metrics.airbench_letter(r["prediction"]) == r["reference"] for r in air)
+    assert results["tasks"]["air"]["value"] == (right / len(parsed) if parsed else 0.0)
+    assert results["tasks"]["air"]["accuracy_unparsed_wrong"] == right / len(air)
     asr = [r for r in records if r["task"] == "pre/asr"]
     counts = np.sum([metrics.asr_counts(r["reference"], r["prediction"]) for r in asr], axis=0)
     assert results["tasks"]["pre/asr"]["value"] == pytest.approx(counts[0] / counts[1])
@@ -197,7 +214,9 @@ def test_values_recomputed_from_the_predictions(run):
 def test_report(run):
     out, results, records = run
     report = (out / "report.md").read_text()
-    assert "| task | kind | metric | value | 95% CI | n |" in report
+    assert "| task | kind | metric | value | 95% CI | n | items/s |" in report
+    air = results["tasks"]["air"]
+    assert f"with {air['unparsed']} unparsed as wrong)" in report  # the official value first, ours beside it
     for name in EXPECTED:
         assert f"| {name} |" in report
     assert "unscored: open-ended answers need a judge model" in report
@@ -284,20 +303,47 @@ def test_judge_scores_open_tasks_on_rescoring(run, tmp_path):
 # ------------------------------------------------------------------------------------------------------ batching
 
 
+def test_batches_by_length_longest_first_ties_in_file_order(bench):
+    items = load_tasks({"pre": bench["tasks"]["pre"], "chat": bench["tasks"]["chat"]})
+    prompts = items["pre/asr"] + items["chat"]  # clips 0.4 s, 0.6 s; then 0.4 s, 0.6 + 0.8 s with two turns
+    lengths = [item_length(item) for item in prompts]
+    text = len(build_messages(prompts[1])[0]["content"]) // 4
+    assert lengths[1] == 15 + text + 11 + 5 + 6  # 0.6 s: 15 audio tokens; system, one turn and one clip around
+    assert lengths[3] > lengths[1] > lengths[0] > lengths[2]  # 0 and 2: same clip, the ASR prompt is longer
+    assert batch_order(prompts, 3) == [[3, 1, 0], [2]]
+    assert batch_order(prompts, 3, by_length=False) == [[0, 1, 2], [3]]
+    same = [prompts[0]] * 3
+    assert batch_order(same, 2) == [[0, 1], [2]]
+
+
+def test_audio_seconds_of_every_entry_form(bench, tmp_path):
+    path = bench["root"] / "c1.wav"  # 0.6 s
+    embedded = {"bytes": path.read_bytes(), "path": None}
+    entries = [str(path), {"path": str(path)}, embedded, {"array": np.zeros(14_400), "sampling_rate": 24_000},
+               clip(0.6, 0)]
+    assert [audio_seconds(e) for e in entries] == pytest.approx([0.6] * 5)
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    assert audio_seconds(str(tmp_path / "bad.wav")) == audio_seconds(str(tmp_path / "missing.wav")) == 0.0
+
+
 def test_batched_generation_and_preferences_match_one_by_one(bench, tiny_folder):
     model, tokenizer = load_model(str(tiny_folder))
     items = load_tasks({"chat": bench["tasks"]["chat"], "pre": bench["tasks"]["pre"]})
-    prompts = items["chat"] + items["pre/asr"][:1]  # three prompts of different lengths: left padding matters
+    prompts = items["pre/asr"][:1] + items["chat"]  # three prompts of different lengths: left padding matters
     settings = GenerationSettings(max_new_tokens=4)
-    together = generate_answers(model, tokenizer, prompts, settings, batch_size=3)
-    assert together == generate_answers(model, tokenizer, prompts, settings, batch_size=1)
+    together = generate_answers(model, tokenizer, prompts, settings, batch_size=2)  # batches [2, 1], [0]
+    assert together == generate_answers(model, tokenizer, prompts, settings, batch_size=1)  # back in item order
+    assert together == generate_answers(model, tokenizer, prompts, settings, 2, by_length=False)  # [0, 1], [2]
+    assert len(set(together)) > 1  # distinct answers, so a misplaced one would show
     sampled = GenerationSettings(max_new_tokens=4, temperature=1.5, top_p=0.9, seed=3)
     assert generate_answers(model, tokenizer, prompts, sampled, 3) == generate_answers(model, tokenizer, prompts,
                                                                                         sampled, 3)  # seeded
     prefs = load_tasks({"p": bench["tasks"]["prefs"]})["p"]
-    together = np.array(preference_logps(model, tokenizer, prefs, 3))
+    together = np.array(preference_logps(model, tokenizer, prefs, 2))
     alone = np.array(preference_logps(model, tokenizer, prefs, 1))
     np.testing.assert_allclose(together, alone, rtol=1e-4)
+    np.testing.assert_allclose(np.array(preference_logps(model, tokenizer, prefs, 2, by_length=False)), alone,
+                               rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- stock Qwen2-Audio

@@ -13,7 +13,16 @@ from transformers.masking_utils import find_packed_sequence_indices
 
 from audiollm.audio import SAMPLE_RATE
 from audiollm.collator import IGNORE_INDEX, ChatCollator
-from audiollm.packing import PACKED_SDPA, PackingCollator, bins_in_order, pack_batch, packed_row_starts
+from audiollm.packing import (
+    PACKED_SDPA,
+    PackingCollator,
+    bins_in_order,
+    pack_batch,
+    pack_rows,
+    packed_row_starts,
+    plan_rows,
+    unpack_rows,
+)
 from audiollm.training import DataArguments, make_collator
 
 ANSWERS = ["one two three", "a red cat and a blue dog said hello", "yes", "the moon"]
@@ -46,6 +55,26 @@ def test_bins_keep_row_order_and_respect_the_budget():
     assert bins_in_order([5, 3, 4, 9, 1], 0) == [[0, 1, 2, 3, 4]]
     assert bins_in_order([5, 3, 4, 9, 1], 9) == [[0, 1], [2], [3], [4]]
     assert bins_in_order([12, 2], 10) == [[0], [1]]  # an over-budget row gets a sequence of its own
+
+
+@pytest.mark.parametrize("max_tokens", [0, 4, 6])
+def test_pack_rows_lays_out_embeddings_as_pack_batch_and_unpacks_back(max_tokens):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    ids = torch.arange(1, 13).view(3, 4) * mask
+    labels = torch.where(mask.bool(), ids + 100, IGNORE_INDEX)
+    plan = plan_rows(mask, max_tokens)
+    embeds, positions, packed_labels = pack_rows(ids[..., None].float().expand(3, 4, 2), labels, plan)
+    reference = pack_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, pad_id=0,
+                           max_tokens=max_tokens)
+    assert plan.shape == tuple(reference["input_ids"].shape) == {0: (1, 9), 4: (3, 4), 6: (2, 5)}[max_tokens]
+    assert torch.equal(embeds[..., 1].long(), reference["input_ids"])  # padding tails: zero embeddings
+    assert torch.equal(positions, reference["position_ids"]) and torch.equal(packed_labels, reference["labels"])
+    # a per-prediction value at packed (k, p) is about token p + 1: unpacked, it lines up with the padded labels
+    unpacked = unpack_rows(packed_labels[:, 1:], plan)
+    assert torch.equal(unpacked, torch.where(mask[:, 1:].bool(), labels[:, 1:], 0))
+    assert torch.equal(unpack_rows(embeds, plan, shifted=False)[..., 0].long(), ids)
+    with pytest.raises(ValueError, match="right-padded"):
+        plan_rows(torch.tensor([[0, 1, 1]]))
 
 
 def test_packed_row_starts_only_for_packed_positions():

@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from audiollm.collator import IGNORE_INDEX
 from audiollm.loss import chunked_causal_lm_loss
 from audiollm.model.config import AudioLLMConfig
 from audiollm.model.encoder import AudioEncoder
 from audiollm.model.projector import build_projector
+from audiollm.packing import pack_rows, plan_rows, unpack_rows
 
 
 class AudioLLMForConditionalGeneration(PreTrainedModel):
@@ -149,9 +151,14 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         Packed batches (audiollm/packing.py) come with ``position_ids`` restarting at 0 per row and no
         ``attention_mask``; both go on to the LLM, whose mask builder then isolates the rows. With
         ``loss_chunk_tokens`` set, the loss is the memory-lean one and no logits are returned.
+        ``pack_rows=N`` (a right-padded batch, as TRL's DPO hands it over): the LLM runs the rows packed into
+        sequences of at most N tokens (0: one sequence) and its per-token outputs come back in the padded layout.
         """
+        pack_rows = kwargs.pop("pack_rows", None)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, input_features, feature_attention_mask)
+        if pack_rows is not None and attention_mask is not None:
+            return self._packed_rows_forward(inputs_embeds, attention_mask, labels, int(pack_rows), **kwargs)
         if attention_mask is None and kwargs.get("position_ids") is not None:
             # A packed batch: transformers detects the rows only when no cache exists, and a model in its default
             # use_cache=True state would create one (and silently let the rows attend to each other).
@@ -165,6 +172,24 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         if labels is not None and self.loss_chunk_tokens > 0 and not kwargs.get("fused_lm_head"):
             return self._lean_loss_forward(inputs_embeds, attention_mask, labels, **kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _packed_rows_forward(self, inputs_embeds, attention_mask, labels, max_tokens: int, **kwargs):
+        """(R, S) padded rows -> the LLM on (P, W) packed sequences -> outputs in the (R, S) layout.
+
+        Per-token outputs of W - 1 predictions (TRL's fused ``log_probs``, ``entropy``, ...) come back as (R, S - 1),
+        per-position ones (``logits``) as (R, S), zero where the padded batch has padding; a row's values are the
+        ones it gets alone. The loss covers the same labelled tokens (each row's first token is never labelled).
+        """
+        plan = plan_rows(attention_mask, max_tokens)
+        labels = labels if labels is not None else torch.full_like(attention_mask, IGNORE_INDEX, dtype=torch.long)
+        embeds, positions, packed_labels = pack_rows(inputs_embeds, labels, plan)
+        kwargs["use_cache"] = False  # as for any packed batch: a cache would hide the row boundaries
+        out = self.language_model(inputs_embeds=embeds, position_ids=positions, labels=packed_labels, **kwargs)
+        for key, value in list(out.items()):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == plan.shape[0]:
+                if value.shape[1] in (plan.shape[1] - 1, plan.shape[1]):
+                    out[key] = unpack_rows(value, plan, shifted=value.shape[1] == plan.shape[1] - 1)
+        return out
 
     def _lean_loss_forward(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
         """The LLM's backbone, then the chunked loss over labelled positions only: (B, S, V) logits never exist."""
