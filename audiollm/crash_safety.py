@@ -7,6 +7,11 @@ DPO stage mixes it into its TRL trainer):
   optimizer, RNG states, trainer state). Here it writes them into ``.saving/checkpoint-N``; once every rank is
   done, the folder is renamed to ``checkpoint-N`` in one step. A kill during a save leaves only an unfinished
   ``.saving/`` folder, which nothing resumes from; the previous checkpoint is untouched.
+* **Atomic final save.** ``final_save`` has the stage write its finished model folder into ``.saving/final``;
+  once every rank is done, the files move into the output folder one rename each, the folder's marker last (the
+  marker goes first when an older final model is replaced). The output folder also holds the checkpoints, so it
+  cannot be renamed whole; instead a folder whose marker is missing is unfinished (launch/pipeline.sh reruns the
+  stage, which resumes from its last checkpoint and saves again), and no file in it is ever half-written.
 * **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
   flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
   run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
@@ -20,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -29,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".saving"  # inside the output folder; checkpoints are written here, then renamed into place
+FINAL_STAGING = "final"  # .saving/final: the finished model folder before its files move into the output folder
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,12 +102,62 @@ def publish(staged: str, final: str) -> None:
     """Move a finished checkpoint folder into place in one rename; an older folder of that name goes first."""
     if not os.path.isdir(staged):  # a shared disk: another node's process renamed it already
         return
-    if os.path.exists(final):
-        old = f"{staged}.old"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(staged, final)
+    replace(staged, final)
     log.info("checkpoint saved: %s", final)
+
+
+def replace(src: str, dst: str) -> None:
+    """``os.replace`` that also replaces a folder: an existing ``dst`` folder is moved aside first, then removed."""
+    if os.path.isdir(dst):
+        old = f"{src}.old"
+        os.replace(dst, old)
+        shutil.rmtree(old)
+    os.replace(src, dst)
+
+
+@contextmanager
+def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
+    """Stage the final model folder: yields ``.saving/final``, where the stage writes everything it saves. On a
+    clean exit, once every rank's part is written (ZeRO-3 gathers the weights from all of them), the writing
+    process moves the files into the output folder with ``publish_files``; ``last`` ends with the folder's
+    marker. An exception publishes nothing.
+    """
+    run_dir = trainer.args.output_dir
+    staging = os.path.join(run_dir, STAGING_DIR, FINAL_STAGING)
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted final save left
+        os.makedirs(staging)
+    trainer.accelerator.wait_for_everyone()
+    yield staging
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
+        publish_files(staging, run_dir, last)
+    trainer.accelerator.wait_for_everyone()
+
+
+def save_trainer_state(trainer, folder: str) -> None:
+    """``trainer_state.json`` (the loss curve, metrics) into ``folder``: ``Trainer.save_state`` writes only into
+    ``args.output_dir``."""
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+
+
+def publish_files(staged: str, final: str, last: tuple[str, ...]) -> None:
+    """Move every entry of ``staged`` into ``final`` (one ``os.replace`` each), the names in ``last`` last and in
+    that order, then remove ``staged``.
+
+    The names in ``last`` (config.json, then the marker) are removed from ``final`` first, in reverse order, so at
+    every moment of the move: the marker exists only once all files are new, and config.json (what loaders look
+    for) never sits beside an older save's weights. A loader meets a complete folder or no model folder at all.
+    """
+    for name in reversed(last):
+        if os.path.exists(os.path.join(final, name)):
+            os.remove(os.path.join(final, name))
+    rest = sorted(set(os.listdir(staged)) - set(last))
+    for name in rest + [n for n in last if os.path.exists(os.path.join(staged, n))]:
+        replace(os.path.join(staged, name), os.path.join(final, name))  # a folder too: a LoRA run's adapter/
+    os.rmdir(staged)
+    log.info("final model saved: %s", final)
 
 
 class CrashSafeTrainer(CrashSafeTrainerMixin, Trainer):

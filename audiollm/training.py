@@ -23,6 +23,7 @@ from audiollm.augment import Augmentation, AugmentationError
 from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
+from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.encoder import VARLEN_ATTENTION
@@ -303,27 +304,29 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
     ZeRO-3 weights are gathered by the trainer (``stage3_gather_16bit_weights_on_model_save``). A LoRA run saves
     its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base. The folder
     also gets ``training_summary.json``: this stage appended to the previous stages' record, for the model card.
+    Everything is written into ``.saving/final`` first and moved in with ``training_summary.json`` last, the
+    marker of a finished stage (``audiollm.crash_safety.final_save``): a crash while saving leaves no half model.
     """
-    from audiollm.model_card import stage_entry, write_training_summary
+    from audiollm.model_card import SUMMARY_FILE, stage_entry, write_training_summary
 
     out = trainer.args.output_dir
-    trainer.save_state()  # trainer_state.json: the loss curve and metrics, for reports and plots
-    if model_args.uses_lora:
-        trainer.save_model(os.path.join(out, "adapter"))
+    with final_save(trainer, last=("config.json", SUMMARY_FILE)) as staging:
+        save_trainer_state(trainer, staging)  # the loss curve and metrics, for reports and plots
+        if model_args.uses_lora:
+            trainer.save_model(os.path.join(staging, "adapter"))
+            if trainer.is_world_process_zero():
+                merge_adapter(model_args.model_name_or_path, os.path.join(staging, "adapter"), staging)
+        else:
+            trainer.save_model(staging)
         if trainer.is_world_process_zero():
-            merge_adapter(model_args.model_name_or_path, os.path.join(out, "adapter"), out)
-    else:
-        trainer.save_model(out)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        copy_processor_files(model_args.model_name_or_path, out)
-        rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
-        entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
-        entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
-        write_training_summary(out, model_args.model_name_or_path, entry)
-    # Rank 0 writes files after the others are done; wait for it, then close trackers and the process group
-    # together: a gloo rank that exits while the group is still open can abort ("terminate called ...").
-    trainer.accelerator.wait_for_everyone()
+            tokenizer.save_pretrained(staging)
+            copy_processor_files(model_args.model_name_or_path, staging)
+            rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
+            entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
+            entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
+            write_training_summary(staging, model_args.model_name_or_path, entry)
+    # Close trackers and the process group together: a gloo rank that exits while the group is still open can
+    # abort ("terminate called ...").
     trainer.accelerator.end_training()
 
 

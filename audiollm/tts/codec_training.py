@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from audiollm.bad_rows import BadRowLog
+from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.tts.codecs import CodecError, read_audio
 from audiollm.tts.data import read_manifest
 from audiollm.tts.melcodec import MelCodecConfig, MelCodecModel
@@ -125,8 +126,9 @@ def collators(config: MelCodecConfig, data_args: CodecDataArguments, output_dir:
 
 
 def save_codec(trainer) -> None:
-    """Weights (safetensors) and config.json into output_dir: a folder ``load_codec`` reads."""
-    trainer.save_state()  # trainer_state.json: the loss curve
-    trainer.save_model(trainer.args.output_dir)
-    trainer.accelerator.wait_for_everyone()
+    """Weights (safetensors) and config.json into output_dir: a folder ``load_codec`` reads. Written into
+    ``.saving/final`` and moved in with config.json last (``audiollm.crash_safety.final_save``)."""
+    with final_save(trainer, last=("config.json",)) as staging:
+        save_trainer_state(trainer, staging)  # the loss curve
+        trainer.save_model(staging)
     trainer.accelerator.end_training()
