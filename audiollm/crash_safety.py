@@ -20,10 +20,12 @@ DPO stage mixes it into its TRL trainer):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from contextlib import contextmanager
 
@@ -83,7 +85,8 @@ class CrashSafeTrainerMixin:
         self.accelerator.wait_for_everyone()
         self.args.output_dir = staging  # the Trainer writes checkpoint-N under args.output_dir
         try:
-            super()._save_checkpoint(model, trial)
+            with removed_on_error(os.path.join(staging, name), run_dir, name):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
@@ -96,6 +99,55 @@ class CrashSafeTrainerMixin:
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+class DiskFullError(OSError):
+    """The disk filled up (or a quota was reached) while a checkpoint or the final model was written."""
+
+
+# How a full disk shows while a checkpoint is written (measured on a full tmpfs): open()/write() raise OSError 28;
+# safetensors raises SafetensorError "... No space left on device (os error 28)"; torch.save raises RuntimeError
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", which names no cause at all.
+DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+@contextmanager
+def removed_on_error(staged: str, run_dir: str, what: str):
+    """Remove ``staged`` when writing it fails (a full disk, mostly), so its space is freed and nothing half-written
+    stays, and say what to do. A failing rank stops here; the launcher stops its peers (they wait at the barrier
+    before the rename, which this rank never reaches), so no ``checkpoint-N`` appears and the previous stays newest.
+    """
+    try:
+        yield
+    except Exception as err:
+        newest = newest_checkpoint(run_dir)
+        full = disk_full(err, run_dir, newest or staged)
+        shutil.rmtree(staged, ignore_errors=True)
+        if not full:
+            raise
+        free_gb = shutil.disk_usage(run_dir).free / 1e9
+        raise DiskFullError(
+            errno.ENOSPC, f"disk full while writing {what} into {staged} ({type(err).__name__}: {err}); the partial "
+            f"folder is removed ({free_gb:.2f} GB free now). The newest complete checkpoint is "
+            f"{newest or 'none'}: free space on {run_dir} (a lower save_total_limit keeps fewer checkpoints) and rerun "
+            "the same command to resume from it") from err
+
+
+def disk_full(err: BaseException, run_dir: str, sized: str) -> bool:
+    """Whether ``err`` means the disk is full: its errno or message says so, or (torch.save's message says
+    nothing) the disk has less room left than ``sized``, a checkpoint folder, takes."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(words in str(err) for words in DISK_FULL_WORDS):
+        return True
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(sized) for f in files)
+    return isinstance(err, RuntimeError) and shutil.disk_usage(run_dir).free < size
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``run_dir`` (checkpoints appear whole, by rename), or None."""
+    names = [n for n in os.listdir(run_dir) if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", n)]
+    return os.path.join(run_dir, max(names, key=lambda n: int(n.rsplit("-", 1)[1]))) if names else None
 
 
 def publish(staged: str, final: str) -> None:
@@ -128,7 +180,8 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
         shutil.rmtree(staging, ignore_errors=True)  # what an interrupted final save left
         os.makedirs(staging)
     trainer.accelerator.wait_for_everyone()
-    yield staging
+    with removed_on_error(staging, run_dir, "the final model"):
+        yield staging
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
         publish_files(staging, run_dir, last)
