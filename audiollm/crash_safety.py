@@ -125,10 +125,10 @@ def removed_on_error(staged: str, run_dir: str, what: str):
         shutil.rmtree(staged, ignore_errors=True)
         if not full:
             raise
-        free_gb = shutil.disk_usage(run_dir).free / 1e9
+        free_mb = shutil.disk_usage(run_dir).free / 1e6
         raise DiskFullError(
             errno.ENOSPC, f"disk full while writing {what} into {staged} ({type(err).__name__}: {err}); the partial "
-            f"folder is removed ({free_gb:.2f} GB free now). The newest complete checkpoint is "
+            f"folder is removed ({free_mb:,.0f} MB free now). The newest complete checkpoint is "
             f"{newest or 'none'}: free space on {run_dir} (a lower save_total_limit keeps fewer checkpoints) and rerun "
             "the same command to resume from it") from err
 
