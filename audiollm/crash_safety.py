@@ -12,6 +12,9 @@ DPO stage mixes it into its TRL trainer):
   marker goes first when an older final model is replaced). The output folder also holds the checkpoints, so it
   cannot be renamed whole; instead a folder whose marker is missing is unfinished (launch/pipeline.sh reruns the
   stage, which resumes from its last checkpoint and saves again), and no file in it is ever half-written.
+* **One bad-row ceiling.** Each training batch carries what its rows added to the bad-row counts; the ranks sum
+  them with the non-finite flag below (one all-reduce per micro-step), and every rank raises ``TooManyBadRows``
+  at the same step once the run's fraction passes ``max_bad_fraction`` (``RunBadRows``; ``audiollm.bad_rows``).
 * **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
   flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
   run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
@@ -31,8 +34,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from audiollm.bad_rows import BAD_ROWS_FILE, TALLY_KEY, check_ceiling
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +50,68 @@ class NonFiniteLossError(FloatingPointError):
     """A rank computed a NaN or Inf loss; the message names the step and where the batch's row ids are."""
 
 
+class RunBadRows(TrainerCallback, ExportableState):
+    """Rows seen and skipped by the training collators of every rank and dataloader worker since the run began,
+    and the one ceiling on their ratio (``max_fraction``; None: counted only). The counts go into each checkpoint's
+    trainer state, so a resumed run goes on counting from there."""
+
+    def __init__(self, max_fraction: float | None = None, path: str | None = None):
+        self.max_fraction, self.path = max_fraction, path
+        self.seen = self.bad = 0
+
+    def state(self) -> dict:
+        return {"args": {"max_fraction": self.max_fraction, "path": self.path},
+                "attributes": {"seen": self.seen, "bad": self.bad}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(saved, dict):  # resumed: the counts up to the checkpoint
+            self.seen, self.bad = saved["attributes"]["seen"], saved["attributes"]["bad"]
+        state.stateful_callbacks[type(self).__name__] = self.state()  # a checkpoint from before the count had none
+
+    def add(self, seen: int, bad: int) -> None:
+        self.seen, self.bad = self.seen + seen, self.bad + bad
+        if self.max_fraction is not None:
+            check_ceiling(self.seen, self.bad, self.max_fraction, path=self.path, where=" met by all ranks and workers")
+
+
 class CrashSafeTrainerMixin:
-    """Atomic ``checkpoint-N`` folders and a synchronous stop on NaN/Inf loss, for a ``transformers.Trainer``."""
+    """Atomic ``checkpoint-N`` folders, a synchronous stop on NaN/Inf loss and one bad-row ceiling for all ranks
+    and workers (``max_bad_fraction``), for a ``transformers.Trainer``."""
+
+    def __init__(self, *args, max_bad_fraction: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_bad_rows = RunBadRows(max_bad_fraction, os.path.join(self.args.output_dir, BAD_ROWS_FILE))
+        self.add_callback(self.run_bad_rows)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         row_ids = inputs.pop("row_ids", None)
+        tally = inputs.pop(TALLY_KEY, None) or [0, 0]  # [rows seen, rows skipped] while this batch was made
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._stop_if_nonfinite(loss, row_ids)
+        nonfinite_ranks, seen, bad = self._sum_over_ranks(loss, tally)
+        self._stop_if_nonfinite(loss, row_ids, nonfinite_ranks)
+        self.run_bad_rows.add(seen, bad)  # the same sums on every rank: all stop at this step, or none
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         inputs.pop("row_ids", None)
+        inputs.pop(TALLY_KEY, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
-    def _stop_if_nonfinite(self, loss: torch.Tensor, row_ids: list[str] | None) -> None:
+    @staticmethod
+    def _sum_over_ranks(loss: torch.Tensor, tally: list[int]) -> list[int]:
+        """[ranks whose loss is not finite, rows seen, rows skipped] of this micro-step over all ranks, in one
+        all-reduce per micro-step: every rank learns whether any rank's loss went bad, and the run's row counts."""
         bad_here = not math.isfinite(float(loss.detach().float().sum()))
-        flag = torch.tensor([float(bad_here)], device=loss.device)
+        totals = torch.tensor([int(bad_here), *tally], dtype=torch.long, device=loss.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag)  # every rank learns whether any rank's loss went bad, and stops with it
-        if flag.item() == 0:
+            dist.all_reduce(totals)
+        return totals.tolist()
+
+    def _stop_if_nonfinite(self, loss: torch.Tensor, row_ids: list[str] | None, nonfinite_ranks: int) -> None:
+        if nonfinite_ranks == 0:
             return
+        bad_here = not math.isfinite(float(loss.detach().float().sum()))
         step = self.state.global_step + 1  # the optimizer step in progress
         report = os.path.join(self.args.output_dir, f"nonfinite-step-{step}-rank-{self.args.process_index}.json")
         if bad_here:
@@ -72,7 +120,7 @@ class CrashSafeTrainerMixin:
                 json.dump({"step": step, "loss": float(loss.detach().float().sum()), "row_ids": row_ids}, f)
         where = f"this rank's batch rows are in {report}" if bad_here else "another rank's loss is not finite"
         raise NonFiniteLossError(
-            f"step {step}: the loss is not finite on {int(flag.item())} rank(s); {where}. Stopped before the "
+            f"step {step}: the loss is not finite on {nonfinite_ranks} rank(s); {where}. Stopped before the "
             f"update; resume from the last checkpoint in {self.args.output_dir} (lower the learning rate, or "
             "drop the rows)")
 

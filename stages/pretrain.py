@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is
 
     trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
-                               eval_data_collator=eval_collator,
+                               eval_data_collator=eval_collator, max_bad_fraction=data_args.max_bad_fraction,
                                callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
