@@ -15,6 +15,8 @@ DPO stage mixes it into its TRL trainer):
 * **One bad-row ceiling.** Each training batch carries what its rows added to the bad-row counts; the ranks sum
   them with the non-finite flag below (one all-reduce per micro-step), and every rank raises ``TooManyBadRows``
   at the same step once the run's fraction passes ``max_bad_fraction`` (``RunBadRows``; ``audiollm.bad_rows``).
+* **Preemption.** SIGTERM or SIGUSR1: every rank finishes its step, a checkpoint is written and the process exits
+  with 75 (``audiollm.preemption``).
 * **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
   flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
   run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
@@ -39,6 +41,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from audiollm.bad_rows import BAD_ROWS_FILE, TALLY_KEY, check_ceiling
+from audiollm.preemption import PREEMPTED_EXIT, Preempted, Preemption
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +85,38 @@ class CrashSafeTrainerMixin:
     def __init__(self, *args, max_bad_fraction: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_bad_rows = RunBadRows(max_bad_fraction, os.path.join(self.args.output_dir, BAD_ROWS_FILE))
+        self.preemption = Preemption()
         self.add_callback(self.run_bad_rows)
+        self.add_callback(self.preemption)
+
+    def train(self, *args, **kwargs):
+        """The Trainer's train; after a stop signal (``audiollm.preemption``) the checkpoint is written and the
+        process exits with PREEMPTED_EXIT instead of returning to the stage's final save."""
+        try:
+            output = super().train(*args, **kwargs)
+        except BaseException:
+            self.preemption.release()
+            raise
+        if self.preemption.stopped_early(self.state):
+            self.preemption.release()
+            step = self.state.global_step
+            log.warning("stopped by a signal after step %d of %d; %s is saved. Exiting with %d: rerun the same "
+                        "command (launch/slurm.sbatch requeues the job) to resume", step, self.state.max_steps,
+                        os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), PREEMPTED_EXIT)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()  # all ranks close the process group together (no gloo abort)
+            raise Preempted(PREEMPTED_EXIT)
+        return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         row_ids = inputs.pop("row_ids", None)
         tally = inputs.pop(TALLY_KEY, None) or [0, 0]  # [rows seen, rows skipped] while this batch was made
         loss = super().training_step(model, inputs, num_items_in_batch)
-        nonfinite_ranks, seen, bad = self._sum_over_ranks(loss, tally)
+        nonfinite_ranks, seen, bad, signalled = self._sum_over_ranks(
+            loss, [*tally, int(self.preemption.received is not None)])
         self._stop_if_nonfinite(loss, row_ids, nonfinite_ranks)
         self.run_bad_rows.add(seen, bad)  # the same sums on every rank: all stop at this step, or none
+        self.preemption.agree(signalled)  # likewise: all save and stop after this optimizer step
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -99,14 +125,25 @@ class CrashSafeTrainerMixin:
         return super().prediction_step(model, inputs, *args, **kwargs)
 
     @staticmethod
-    def _sum_over_ranks(loss: torch.Tensor, tally: list[int]) -> list[int]:
-        """[ranks whose loss is not finite, rows seen, rows skipped] of this micro-step over all ranks, in one
-        all-reduce per micro-step: every rank learns whether any rank's loss went bad, and the run's row counts."""
+    def _sum_over_ranks(loss: torch.Tensor, counts: list[int]) -> list[int]:
+        """[ranks whose loss is not finite, *counts] of this micro-step summed over all ranks, in one all-reduce per
+        micro-step: every rank learns whether any rank's loss went bad, the run's row counts and who got a signal."""
         bad_here = not math.isfinite(float(loss.detach().float().sum()))
-        totals = torch.tensor([int(bad_here), *tally], dtype=torch.long, device=loss.device)
+        totals = torch.tensor([int(bad_here), *counts], dtype=torch.long, device=loss.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
         return totals.tolist()
+
+    def _stop_if_signalled_during_save(self) -> None:
+        """A signal that came while the checkpoint was written: stop now, on every rank, with that checkpoint."""
+        if self.preemption.agreed:  # the same on every rank, so all of them skip this all-reduce or make it
+            return
+        flag = torch.tensor([int(self.preemption.received is not None)], dtype=torch.long, device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)
+        self.preemption.agree(int(flag.item()))
+        if self.preemption.agreed:
+            self.control.should_training_stop = True
 
     def _stop_if_nonfinite(self, loss: torch.Tensor, row_ids: list[str] | None, nonfinite_ranks: int) -> None:
         if nonfinite_ranks == 0:
@@ -147,6 +184,7 @@ class CrashSafeTrainerMixin:
         if self.args.should_save:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self._stop_if_signalled_during_save()
 
 
 class DiskFullError(OSError):
@@ -234,6 +272,8 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
     if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
         publish_files(staging, run_dir, last)
     trainer.accelerator.wait_for_everyone()
+    if isinstance(trainer, CrashSafeTrainerMixin):
+        trainer.preemption.release()  # kept through the final save, so that a stop signal lets it finish
 
 
 def save_trainer_state(trainer, folder: str) -> None:
