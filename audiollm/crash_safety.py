@@ -5,7 +5,8 @@ DPO stage mixes it into its TRL trainer):
 
 * **Atomic checkpoints.** The Trainer writes ``checkpoint-N`` file by file (weights, DeepSpeed shards of every rank,
   optimizer, RNG states, trainer state). Here it writes them into ``.saving/checkpoint-N``; once every rank is
-  done, the folder is renamed to ``checkpoint-N`` in one step. A kill during a save leaves only an unfinished
+  done, the folder is renamed to ``checkpoint-N`` in one step, by one process (``should_save``: one for a
+  shared disk, one per node with ``save_on_each_node``). A kill during a save leaves only an unfinished
   ``.saving/`` folder, which nothing resumes from; the previous checkpoint is untouched.
 * **Atomic final save.** ``final_save`` has the stage write its finished model folder into ``.saving/final``;
   once every rank is done, the files move into the output folder one rename each, the folder's marker last (the
@@ -17,6 +18,8 @@ DPO stage mixes it into its TRL trainer):
   at the same step once the run's fraction passes ``max_bad_fraction`` (``RunBadRows``; ``audiollm.bad_rows``).
 * **Preemption.** SIGTERM or SIGUSR1: every rank finishes its step, a checkpoint is written and the process exits
   with 75 (``audiollm.preemption``).
+* **No endless wait.** With several ranks, ``StallWatchdog`` ends a rank that makes no progress for ``ddp_timeout``
+  seconds: a peer whose machine died closes no connection, and gloo can wait on it forever (``audiollm.watchdog``).
 * **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
   flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
   run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
@@ -42,6 +45,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from audiollm.bad_rows import BAD_ROWS_FILE, TALLY_KEY, check_ceiling
 from audiollm.preemption import PREEMPTED_EXIT, Preempted, Preemption
+from audiollm.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class CrashSafeTrainerMixin:
         self.preemption = Preemption()
         self.add_callback(self.run_bad_rows)
         self.add_callback(self.preemption)
+        # Several ranks: a peer that vanished silently must not leave this one waiting forever (watchdog.py).
+        self.watchdog = StallWatchdog(self.args.ddp_timeout if self.args.world_size > 1 else 0)
 
     def train(self, *args, **kwargs):
         """The Trainer's train; after a stop signal (``audiollm.preemption``) the checkpoint is written and the
@@ -96,9 +102,11 @@ class CrashSafeTrainerMixin:
             output = super().train(*args, **kwargs)
         except BaseException:
             self.preemption.release()
+            self.watchdog.stop()
             raise
         if self.preemption.stopped_early(self.state):
             self.preemption.release()
+            self.watchdog.stop()
             step = self.state.global_step
             log.warning("stopped by a signal after step %d of %d; %s is saved. Exiting with %d: rerun the same "
                         "command (launch/slurm.sbatch requeues the job) to resume", step, self.state.max_steps,
@@ -109,6 +117,7 @@ class CrashSafeTrainerMixin:
         return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.watchdog.beat()
         row_ids = inputs.pop("row_ids", None)
         tally = inputs.pop(TALLY_KEY, None) or [0, 0]  # [rows seen, rows skipped] while this batch was made
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -117,9 +126,11 @@ class CrashSafeTrainerMixin:
         self._stop_if_nonfinite(loss, row_ids, nonfinite_ranks)
         self.run_bad_rows.add(seen, bad)  # the same sums on every rank: all stop at this step, or none
         self.preemption.agree(signalled)  # likewise: all save and stop after this optimizer step
+        self.watchdog.beat()
         return loss
 
     def prediction_step(self, model, inputs, *args, **kwargs):
+        self.watchdog.beat()
         inputs.pop("row_ids", None)
         inputs.pop(TALLY_KEY, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
@@ -162,10 +173,11 @@ class CrashSafeTrainerMixin:
             "drop the rows)")
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.watchdog.beat()
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, STAGING_DIR)
-        if self.is_local_process_zero():
+        if self.args.should_save:
             shutil.rmtree(os.path.join(staging, name), ignore_errors=True)  # what a killed save left
         self.accelerator.wait_for_everyone()
         self.args.output_dir = staging  # the Trainer writes checkpoint-N under args.output_dir
@@ -175,7 +187,9 @@ class CrashSafeTrainerMixin:
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
-        if self.is_local_process_zero():  # one per node: nodes without a shared disk each rename their own
+        # One process renames: world process zero on a shared disk (two nodes renaming one folder race, and the
+        # loser would delete the winner's checkpoint), or one per node with save_on_each_node (disks not shared).
+        if self.args.should_save:
             publish(os.path.join(staging, name), os.path.join(run_dir, name))
         self.accelerator.wait_for_everyone()
         best = self.state.best_model_checkpoint
@@ -185,6 +199,7 @@ class CrashSafeTrainerMixin:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self._stop_if_signalled_during_save()
+        self.watchdog.beat()
 
 
 class DiskFullError(OSError):
@@ -262,6 +277,9 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
     """
     run_dir = trainer.args.output_dir
     staging = os.path.join(run_dir, STAGING_DIR, FINAL_STAGING)
+    crash_safe = isinstance(trainer, CrashSafeTrainerMixin)
+    if crash_safe:
+        trainer.watchdog.beat()  # a peer lost while the weights are gathered must not hang the save
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)  # what an interrupted final save left
         os.makedirs(staging)
@@ -272,8 +290,9 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
     if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
         publish_files(staging, run_dir, last)
     trainer.accelerator.wait_for_everyone()
-    if isinstance(trainer, CrashSafeTrainerMixin):
+    if crash_safe:
         trainer.preemption.release()  # kept through the final save, so that a stop signal lets it finish
+        trainer.watchdog.stop()
 
 
 def save_trainer_state(trainer, folder: str) -> None:
