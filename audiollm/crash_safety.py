@@ -280,19 +280,21 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
     crash_safe = isinstance(trainer, CrashSafeTrainerMixin)
     if crash_safe:
         trainer.watchdog.beat()  # a peer lost while the weights are gathered must not hang the save
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted final save left
-        os.makedirs(staging)
-    trainer.accelerator.wait_for_everyone()
-    with removed_on_error(staging, run_dir, "the final model"):
-        yield staging
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
-        publish_files(staging, run_dir, last)
-    trainer.accelerator.wait_for_everyone()
-    if crash_safe:
-        trainer.preemption.release()  # kept through the final save, so that a stop signal lets it finish
-        trainer.watchdog.stop()
+    try:
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what an interrupted final save left
+            os.makedirs(staging)
+        trainer.accelerator.wait_for_everyone()
+        with removed_on_error(staging, run_dir, "the final model"):
+            yield staging
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save and os.path.isdir(staging):  # a shared disk: another node may have moved them
+            publish_files(staging, run_dir, last)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        if crash_safe:  # the stop-signal handlers were kept through the final save, so that a signal lets it finish
+            trainer.preemption.release()
+            trainer.watchdog.stop()
 
 
 def save_trainer_state(trainer, folder: str) -> None:
