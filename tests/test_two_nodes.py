@@ -16,22 +16,26 @@ from pathlib import Path
 import pytest
 
 from tests.test_crash_safety import SAVE_EVERY, STEPS, mark_resume_point, resumed, setup, start  # noqa: F401
-from tests.test_distributed import LOSS_ATOL, REPO_ROOT, RUN_TIMEOUT_S, free_port, step_values
+from tests.test_distributed import LOSS_ATOL, REPO_ROOT, RUN_TIMEOUT_S, free_port, run_env, step_values
 
 STOP_BOUND_S = 60  # node 1 killed -> node 0's launcher gone; gloo sees the closed connection at its next collective
 FROZEN_TIMEOUT_S = 20  # ddp_timeout for the frozen-node test: how long a collective waits for a silent peer
 
 
-def node_cmd(recipe: Path, out: Path, node: int, port: int, *extra: str) -> list[str]:
-    """What slurm.sbatch runs on node ``node``: torchrun with the stage, ZeRO-3, one rank per node."""
+def node_cmd(recipe: Path, out: Path, node: int, port: int, *extra: str, script: str = "stages/sft.py") -> list[str]:
+    """What slurm.sbatch runs on node ``node``: torchrun with the stage, ZeRO-3, one rank per node, stop signals
+    forwarded to the rank."""
     return ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr",
-            "127.0.0.1", "--master-port", str(port), "stages/sft.py", "--config", str(recipe), "--output_dir",
-            str(out), "--per_device_train_batch_size", "2", "--deepspeed", "deepspeed_configs/zero3.json", *extra]
+            "127.0.0.1", "--master-port", str(port), "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "--shutdown-timeout", str(STOP_BOUND_S), script, "--config", str(recipe), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--deepspeed", "deepspeed_configs/zero3.json", *extra]
 
 
-def start_nodes(recipe: Path, out: Path, logs: Path, name: str, *extra: str):
+def start_nodes(recipe: Path, out: Path, logs: Path, name: str, *extra: str, script: str = "stages/sft.py",
+                env: dict | None = None):
     port = free_port()
-    return [start(node_cmd(recipe, out, node, port, *extra), logs / f"{name}-node{node}.log") for node in (0, 1)]
+    return [start(node_cmd(recipe, out, node, port, *extra, script=script), logs / f"{name}-node{node}.log", env)
+            for node in (0, 1)]
 
 
 def kill_node(node) -> None:
@@ -59,6 +63,12 @@ def wait_all(nodes, timeout: float = RUN_TIMEOUT_S) -> list[int]:
     finally:
         for node in nodes:
             kill_node(node)
+
+
+def newest(out: Path) -> int:
+    from audiollm.training import latest_checkpoint
+
+    return int(latest_checkpoint(str(out)).rsplit("-", 1)[1])
 
 
 def tail(path: Path) -> str:
@@ -176,3 +186,35 @@ def test_the_watchdog_ends_a_process_only_without_progress(beats):
     took = time.monotonic() - started
     assert proc.returncode == STALLED_EXIT and "no training progress for" in proc.stderr
     assert (beats - 1) * 0.1 + 0.5 <= took < beats * 0.1 + 2.5, took  # the last beat, then the timeout
+
+
+def test_sigusr1_to_both_nodes_saves_one_checkpoint_and_stops_both(setup):
+    """SLURM's early warning as slurm.sbatch delivers it (scancel --signal=USR1 reaches every node's processes):
+    both torchruns forward it, both ranks finish the same step, save it and exit; no step is lost."""
+    from tests.test_preemption import DRIVER
+
+    root, recipe = setup
+    out, logs, driver = root / "two-nodes-signalled", root / "logs", root / "driver.py"
+    driver.write_text(DRIVER)
+    nodes = start_nodes(recipe, out, logs, "signalled", script=str(driver),
+                        env=dict(run_env(), STEP_SLEEP="0.3", SIGNAL_RANK="none"))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (out / f"checkpoint-{SAVE_EVERY}").is_dir() and nodes[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for node in nodes:
+        node.send_signal(signal.SIGUSR1)
+    sent = time.monotonic()
+    try:
+        for node in nodes:
+            node.wait(timeout=STOP_BOUND_S)
+    finally:
+        for node in nodes:
+            kill_node(node)
+    print(f"both nodes stopped {time.monotonic() - sent:.1f} s after SIGUSR1")
+    stops = [line for node in (0, 1) for line in (logs / f"signalled-node{node}.log").read_text().splitlines()
+             if "stopped by a signal after step" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], tail(logs / "signalled-node0.log")
+    step = newest(out)
+    logged = (logs / "signalled-node0.log").read_text(errors="replace").count("{'loss': ")
+    assert f"after step {step} of {STEPS}" in stops[0] and step == logged < STEPS  # nothing trained after it
+    print(f"steps lost: {logged - step}")
