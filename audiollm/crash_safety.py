@@ -1,4 +1,5 @@
-"""A crash costs minutes, not days: atomic checkpoints and a stop on the first non-finite loss.
+"""A crash costs minutes, not days: atomic checkpoints and final save, a clean stop on a full disk, a stop signal,
+a lost peer, too many bad rows or the first non-finite loss, with every rank stopping at the same step.
 
 ``CrashSafeTrainerMixin`` goes in front of any transformers Trainer (the stages use ``CrashSafeTrainer`` and the
 DPO stage mixes it into its TRL trainer):
@@ -13,6 +14,8 @@ DPO stage mixes it into its TRL trainer):
   marker goes first when an older final model is replaced). The output folder also holds the checkpoints, so it
   cannot be renamed whole; instead a folder whose marker is missing is unfinished (launch/pipeline.sh reruns the
   stage, which resumes from its last checkpoint and saves again), and no file in it is ever half-written.
+* **Full disk.** A save that fails removes its partial folder; a full disk stops the run with ``DiskFullError``,
+  which names the newest complete checkpoint (still the newest) and says to free space and rerun.
 * **One bad-row ceiling.** Each training batch carries what its rows added to the bad-row counts; the ranks sum
   them with the non-finite flag below (one all-reduce per micro-step), and every rank raises ``TooManyBadRows``
   at the same step once the run's fraction passes ``max_bad_fraction`` (``RunBadRows``; ``audiollm.bad_rows``).
@@ -20,8 +23,8 @@ DPO stage mixes it into its TRL trainer):
   with 75 (``audiollm.preemption``).
 * **No endless wait.** With several ranks, ``StallWatchdog`` ends a rank that makes no progress for ``ddp_timeout``
   seconds: a peer whose machine died closes no connection, and gloo can wait on it forever (``audiollm.watchdog``).
-* **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (an all-reduce of one
-  flag), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
+* **Non-finite loss.** After each micro-step every rank's loss is checked, and the ranks agree (in the same
+  all-reduce), so all stop together at the same step. The batch's row ids go to ``nonfinite-step-N-rank-R.json``. The
   run stops before the optimizer applies the step and before any later save, so the last checkpoint is healthy
   and checkpoint rotation cannot remove it.
 """
