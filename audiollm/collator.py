@@ -29,7 +29,7 @@ import torch
 from audiollm.audio import AudioError, clip_token_count, featurize
 from audiollm.audio_sources import load_audio_source
 from audiollm.augment import Augmentation
-from audiollm.bad_rows import BadRowLog
+from audiollm.bad_rows import TALLY_KEY, BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
 from audiollm.row_checks import RowError, check_chat_row
 
@@ -81,7 +81,7 @@ class ChatCollator:
         if not encoded:
             if self.bad_rows is None:
                 raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
-            return self.empty_batch()
+            return self.tallied(self.empty_batch())
         batch = self.pad(encoded)
         clips = [clip for e in encoded for clip in e.clips]
         if clips:
@@ -91,6 +91,13 @@ class ChatCollator:
             batch["feature_attention_mask"] = audio.feature_attention_mask
         if self.return_row_ids:
             batch["row_ids"] = [e.row_id for e in encoded]
+        return self.tallied(batch)
+
+    def tallied(self, batch: dict) -> dict:
+        """``batch`` with what its rows added to the bad-row counts (``TALLY_KEY``), when the run-wide ceiling is
+        the trainer's (a log with ``check=False``): the counts of a worker process reach the trainer this way."""
+        if self.bad_rows is not None and not self.bad_rows.check:
+            batch[TALLY_KEY] = self.bad_rows.take_tally()
         return batch
 
     def usable(self, row: dict, index: int) -> Encoded | None:

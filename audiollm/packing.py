@@ -32,10 +32,12 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from audiollm.bad_rows import TALLY_KEY
 from audiollm.collator import IGNORE_INDEX
 
-# Audio keys (already in row order) and the row ids the crash-safe trainer reports on a non-finite loss.
-PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids")
+# Audio keys (already in row order), the row ids the crash-safe trainer reports on a non-finite loss and the
+# batch's bad-row tally.
+PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids", TALLY_KEY)
 PACKED_SDPA = "sdpa_packed"  # the attn_implementation name of packed_sdpa_attention
 
 

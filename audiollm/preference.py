@@ -80,7 +80,7 @@ class PreferenceCollator(ChatCollator):
         if not kept:
             if self.bad_rows is None:
                 raise RowError(f"every pair of this batch was dropped as longer than max_length={self.max_length}")
-            return self.empty_pair_batch(len(rows))
+            return self.tallied(self.empty_pair_batch(len(rows)))
         chosen, rejected = [c for c, _ in kept], [r for _, r in kept]
         batch = self.pad(chosen + rejected)  # (2B, S), both halves padded to one width
         batch.update(self.features(chosen))
@@ -92,7 +92,7 @@ class PreferenceCollator(ChatCollator):
             batch["row_ids"] = [c.row_id for c in chosen]
         if self.pack_rows is not None:
             batch["pack_rows"] = self.pack_rows
-        return batch
+        return self.tallied(batch)
 
     def empty_pair_batch(self, rows: int) -> dict:
         """Every pair was bad: one chosen and one rejected pad token without labels, so the step trains nothing

@@ -8,6 +8,7 @@ through ``TrainingArguments.deepspeed`` and the launcher.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 
 from audiollm.augment import Augmentation, AugmentationError
-from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, read_bad_rows
+from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, check_ceiling, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
 from audiollm.batching import TokenBudgetBatchSampler
+from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.data import add_lengths, load_mixture
 from audiollm.model.attention import pick_attn_implementation
 from audiollm.model.encoder import VARLEN_ATTENTION
@@ -96,9 +98,11 @@ class DataArguments:
                                   "this folder; rows pointing elsewhere are bad rows."})
     max_bad_fraction: float = field(default=0.01, metadata={"help": "Bad rows (skipped, counted in "
                                     "bad_rows.jsonl) above this fraction stop the run, first on a sample "
-                                    "before training, then as rows are met."})
-    preflight_rows: int = field(default=256, metadata={"help": "Rows checked (decoded) before training starts, "
-                                "to stop at once on a mostly broken manifest; 0 = no preflight."})
+                                    "before training, then as rows are met (counted over all ranks and "
+                                    "dataloader workers)."})
+    preflight_rows: int = field(default=256, metadata={"help": "Rows checked (decoded) before training starts "
+                                "(a random sample; streamed: the first rows), to stop at once on a mostly broken "
+                                "manifest; 0 = no preflight."})
     system_prompt: str | None = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System turn added "
                                       "when a conversation has none; empty string: no system turn."})
     prompt_seed: int = field(default=0, metadata={"help": "Seed of the pretraining instruction draw."})
@@ -252,7 +256,7 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         system_prompt=data_args.system_prompt or None,
         data_root=data_args.data_root,
         max_audio_seconds=data_args.max_audio_seconds,
-        bad_rows=bad_row_log(data_args, output_dir),
+        bad_rows=bad_row_log(data_args, output_dir, run_ceiling=train),
         return_row_ids=True,
         augment=augment,
     )
@@ -288,29 +292,37 @@ def augmentation(data_args: DataArguments, seed: int) -> Augmentation | None:
     return Augmentation(spec, seed)
 
 
-def bad_row_log(data_args: DataArguments, output_dir: str | None) -> BadRowLog:
-    """Where the collator records skipped rows: ``output_dir/bad_rows.jsonl``, shared by all ranks and workers."""
+def bad_row_log(data_args: DataArguments, output_dir: str | None, run_ceiling: bool = False) -> BadRowLog:
+    """Where the collator records skipped rows: ``output_dir/bad_rows.jsonl``, shared by all ranks and workers.
+    ``run_ceiling``: a training collator's log, whose counts the trainer sums over all ranks and workers against
+    one ceiling (the trainer's ``max_bad_fraction``); otherwise the log checks its own counts."""
     path = None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, BAD_ROWS_FILE)
-    return BadRowLog(path, data_args.max_bad_fraction)
+    return BadRowLog(path, data_args.max_bad_fraction, check=not run_ceiling)
 
 
 def preflight(dataset, collator, data_args: DataArguments, seed: int = 0) -> None:
-    """Encode a random sample of ``preflight_rows`` rows (audio decoded) before training: a manifest with more
-    than ``max_bad_fraction`` bad rows stops here, in seconds, instead of after hours. Every rank draws the same
-    sample, so all stop together. Streamed data is not sampled (its length is unknown)."""
-    if data_args.preflight_rows <= 0 or not hasattr(dataset, "__len__") or len(dataset) == 0:
+    """Encode ``preflight_rows`` rows (audio decoded) before training: a manifest with more than
+    ``max_bad_fraction`` bad rows stops here, in seconds, instead of after hours. A manifest on disk gives a random
+    sample; streamed data (no length, no random access) its first rows. Every rank checks the same rows, so all
+    stop together."""
+    if data_args.preflight_rows <= 0:
         return
-    indices = np.random.default_rng(seed).permutation(len(dataset))[: data_args.preflight_rows]
-    sample = BadRowLog(max_fraction=data_args.max_bad_fraction)
+    if hasattr(dataset, "__len__"):
+        indices = np.random.default_rng(seed).permutation(len(dataset))[: data_args.preflight_rows]
+        rows, which = (dataset[int(i)] for i in indices), "sampled"
+    else:
+        rows, which = itertools.islice(iter(dataset), data_args.preflight_rows), "first streamed"
+    sample = BadRowLog(max_fraction=data_args.max_bad_fraction, check=False)  # checked once, over all of them
     chat = getattr(collator, "collator", collator)  # a PackingCollator wraps the ChatCollator that checks rows
     probe = dataclasses.replace(chat, bad_rows=sample, augment=None)  # checks the files, not the augmentation
-    for i in indices:
-        probe([dataset[int(i)]])  # the collator's own path: a chat row, a preference pair, packed or not
-    sample.check_ceiling(min_rows=1)
-    log.info("preflight: %d of %d sampled rows are bad %s", sample.total_bad, sample.seen, dict(sample.counts))
+    for row in rows:
+        probe([row])  # the collator's own path: a chat row, a preference pair, packed or not
+    check_ceiling(sample.seen, sample.total_bad, sample.max_fraction, 1, dict(sample.counts),
+                  where=f" {which} before training")
+    log.info("preflight: %d of %d %s rows are bad %s", sample.total_bad, sample.seen, which, dict(sample.counts))
 
 
 def unwrap(model) -> AudioLLMForConditionalGeneration:
@@ -341,27 +353,29 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
     ZeRO-3 weights are gathered by the trainer (``stage3_gather_16bit_weights_on_model_save``). A LoRA run saves
     its adapter under ``adapter/`` and, on the main process, merges it into a full copy of the base. The folder
     also gets ``training_summary.json``: this stage appended to the previous stages' record, for the model card.
+    Everything is written into ``.saving/final`` first and moved in with ``training_summary.json`` last, the
+    marker of a finished stage (``audiollm.crash_safety.final_save``): a crash while saving leaves no half model.
     """
-    from audiollm.model_card import stage_entry, write_training_summary
+    from audiollm.model_card import SUMMARY_FILE, stage_entry, write_training_summary
 
     out = trainer.args.output_dir
-    trainer.save_state()  # trainer_state.json: the loss curve and metrics, for reports and plots
-    if model_args.uses_lora:
-        trainer.save_model(os.path.join(out, "adapter"))
+    with final_save(trainer, last=("config.json", SUMMARY_FILE)) as staging:
+        save_trainer_state(trainer, staging)  # the loss curve and metrics, for reports and plots
+        if model_args.uses_lora:
+            trainer.save_model(os.path.join(staging, "adapter"))
+            if trainer.is_world_process_zero():
+                merge_adapter(model_args.model_name_or_path, os.path.join(staging, "adapter"), staging)
+        else:
+            trainer.save_model(staging)
         if trainer.is_world_process_zero():
-            merge_adapter(model_args.model_name_or_path, os.path.join(out, "adapter"), out)
-    else:
-        trainer.save_model(out)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        copy_processor_files(model_args.model_name_or_path, out)
-        rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
-        entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
-        entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
-        write_training_summary(out, model_args.model_name_or_path, entry)
-    # Rank 0 writes files after the others are done; wait for it, then close trackers and the process group
-    # together: a gloo rank that exits while the group is still open can abort ("terminate called ...").
-    trainer.accelerator.wait_for_everyone()
+            tokenizer.save_pretrained(staging)
+            copy_processor_files(model_args.model_name_or_path, staging)
+            rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
+            entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
+            entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
+            write_training_summary(staging, model_args.model_name_or_path, entry)
+    # Close trackers and the process group together: a gloo rank that exits while the group is still open can
+    # abort ("terminate called ...").
     trainer.accelerator.end_training()
 
 

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     train_collator, eval_collator = collators(model.config, data_args, args.output_dir)
 
     trainer = CrashSafeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                               data_collator=train_collator, eval_data_collator=eval_collator)
+                               data_collator=train_collator, eval_data_collator=eval_collator,
+                               max_bad_fraction=data_args.max_bad_fraction)  # one ceiling for ranks and workers
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_codec(trainer)

@@ -20,6 +20,7 @@ from accelerate.utils import is_peft_model
 from trl import DPOConfig, DPOTrainer, TrlParser
 from trl.trainer.utils import add_fused_lm_head
 
+from audiollm.bad_rows import TALLY_KEY
 from audiollm.collator import IGNORE_INDEX
 from audiollm.crash_safety import CrashSafeTrainerMixin
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
@@ -56,14 +57,15 @@ class AudioDPOTrainer(CrashSafeTrainerMixin, DPOTrainer):
     """
 
     def __init__(self, model, ref_model, args: DPOConfig, data_collator: PreferenceCollator, train_dataset,
-                 eval_dataset=None, processing_class=None):
+                 eval_dataset=None, processing_class=None, max_bad_fraction: float | None = None):
         audio_model = unwrap(model)
         if not hasattr(audio_model, "generation_config"):
             # TRL writes the pad id into model.generation_config; the audio model generates through its LLM's config.
             audio_model.generation_config = audio_model.language_model.generation_config
         with _fused_head_on_language_model():
             super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
-                             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class)
+                             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                             max_bad_fraction=max_bad_fraction)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Keep the raw rows: TRL's text tokenization knows no audio; the collator encodes each batch."""
@@ -92,6 +94,7 @@ def to_trl_batch(inputs: dict) -> tuple[dict, torch.Tensor]:
     answer token's label is its own id.
     """
     batch = dict(inputs)
+    batch.pop(TALLY_KEY, None)  # the reference pass before training counts no rows: training meets them again
     labels = batch.pop("labels")
     kept = batch.pop("kept").to(labels.device)
     batch["completion_mask"] = (labels != IGNORE_INDEX).long()  # (2B, S)
@@ -143,7 +146,7 @@ def make_preference_collator(tokenizer, model, data_args: DataArguments, output_
         system_prompt=data_args.system_prompt or None,
         data_root=data_args.data_root,
         max_audio_seconds=data_args.max_audio_seconds,
-        bad_rows=bad_row_log(data_args, output_dir),
+        bad_rows=bad_row_log(data_args, output_dir, run_ceiling=True),
         return_row_ids=True,
         pack_rows=packing_tokens(data_args, model),
     )
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     collator = make_preference_collator(tokenizer, model, data_args, args.output_dir)  # bad rows: skipped
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
-    trainer = AudioDPOTrainer(model, ref_model, args, collator, train, evals, processing_class=tokenizer)
+    trainer = AudioDPOTrainer(model, ref_model, args, collator, train, evals, processing_class=tokenizer,
+                              max_bad_fraction=data_args.max_bad_fraction)  # one ceiling for ranks and workers
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "dpo", model_args, data_args, tokenizer)

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = make_batch_sampler(train, data_args, args)  # None: per_device_train_batch_size rows a batch
     trainer = TokenBudgetTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                  data_collator=collator, eval_data_collator=eval_collator, train_batch_sampler=batches,
+                                 max_bad_fraction=data_args.max_bad_fraction,
                                  callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 

@@ -614,5 +614,6 @@ def test_slurm_sbatch_starts_one_torchrun_per_node(stubs):
     cwd, args = stubs.call("torchrun")
     assert Path(cwd) == REPO_ROOT
     assert args == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "gpu-node-07",
-                    "--master-port", str(20000 + 4242 % 20000), "stages/dpo.py", "--config",
+                    "--master-port", str(20000 + 4242 % 20000), "--signals-to-handle",
+                    "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "540", "stages/dpo.py", "--config",
                     "stages/configs/dpo.yaml", "--deepspeed", "deepspeed_configs/zero3.json", "--run_name", "a b"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audiollm.bad_rows import BadRowLog
+from audiollm.bad_rows import TALLY_KEY, BadRowLog
+from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.tts.codecs import CodecError, read_audio
 from audiollm.tts.data import read_manifest
 from audiollm.tts.melcodec import MelCodecConfig, MelCodecModel
@@ -94,7 +95,7 @@ class SegmentCollator:
         segments = [s for s in (self.segment(row) for row in rows) if s is not None]
         if not segments:
             raise CodecError(f"every clip of a batch is unusable: {[r['where'] for r in rows]}")
-        return {"input_values": torch.from_numpy(np.stack(segments))}
+        return {"input_values": torch.from_numpy(np.stack(segments)), TALLY_KEY: self.bad_rows.take_tally()}
 
     def segment(self, row: dict) -> np.ndarray | None:
         try:
@@ -118,15 +119,17 @@ def segment_samples(config: MelCodecConfig, seconds: float) -> int:
 
 def collators(config: MelCodecConfig, data_args: CodecDataArguments, output_dir: str) -> tuple:
     """(training collator with random crops, evaluation collator with first segments); one bad-clip log."""
-    bad = BadRowLog(str(Path(output_dir) / "bad_rows.jsonl"), max_fraction=data_args.max_bad_fraction)
+    bad = BadRowLog(str(Path(output_dir) / "bad_rows.jsonl"), max_fraction=data_args.max_bad_fraction,
+                    check=False)  # the trainer checks one ceiling for all ranks and workers
     n = segment_samples(config, data_args.segment_seconds)
     make = lambda crop: SegmentCollator(config.sampling_rate, n, crop, bad, data_args.max_audio_seconds)  # noqa: E731
     return make(True), make(False)
 
 
 def save_codec(trainer) -> None:
-    """Weights (safetensors) and config.json into output_dir: a folder ``load_codec`` reads."""
-    trainer.save_state()  # trainer_state.json: the loss curve
-    trainer.save_model(trainer.args.output_dir)
-    trainer.accelerator.wait_for_everyone()
+    """Weights (safetensors) and config.json into output_dir: a folder ``load_codec`` reads. Written into
+    ``.saving/final`` and moved in with config.json last (``audiollm.crash_safety.final_save``)."""
+    with final_save(trainer, last=("config.json",)) as staging:
+        save_trainer_state(trainer, staging)  # the loss curve
+        trainer.save_model(staging)
     trainer.accelerator.end_training()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.tts.codecs import codec_key, load_codec
 from audiollm.tts.data import TokenCollator, token_dataset
 from audiollm.tts.layout import TTS_CONFIG, TTSVocab, add_tts_tokens, make_layout
@@ -108,13 +109,13 @@ def collator(tokenizer) -> TokenCollator:
 
 
 def save_tts(trainer, tokenizer, vocab: TTSVocab) -> None:
-    """Model, tokenizer and tts_config.json into output_dir: a folder ``speak`` loads and this stage can resume."""
-    out = trainer.args.output_dir
-    trainer.save_state()  # trainer_state.json: the loss curve
-    trainer.save_model(out)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        vocab.save(out)
-    # Rank 0 writes after the others are done; closing the group together avoids a gloo abort at exit.
-    trainer.accelerator.wait_for_everyone()
+    """Model, tokenizer and tts_config.json into output_dir: a folder ``speak`` loads and this stage can resume.
+    Written into ``.saving/final`` and moved in with tts_config.json last (``audiollm.crash_safety.final_save``)."""
+    with final_save(trainer, last=("config.json", TTS_CONFIG)) as staging:
+        save_trainer_state(trainer, staging)  # the loss curve
+        trainer.save_model(staging)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(staging)
+            vocab.save(staging)
+    # Closing the group on every rank together avoids a gloo abort at exit.
     trainer.accelerator.end_training()
