@@ -8,8 +8,8 @@ within ``budget``: every batch costs at most ``budget`` padded positions (rows x
 holds in memory; a packed one holds fewer), whatever its lengths, and pads little because its rows are alike.
 
 Each epoch the rows of every bucket are ordered by length with random jitter and cut into batches, and then all
-batches are shuffled across buckets, from (seed, epoch) only: every rank builds the same list and takes every world_size-th batch, so ranks
-get disjoint batches. The list is padded by repeating its first batches to a multiple of world_size, so every rank
+batches are shuffled across buckets, from (seed, epoch) only: every rank builds the same list and takes every
+world_size-th batch, so ranks get disjoint batches. The list is padded by repeating its first batches to a multiple of world_size, so every rank
 runs the same number of steps. The number of batches depends on the bucket sizes only, never on the shuffle, so
 the Trainer's step arithmetic (epochs, resume at step N mid-epoch by skipping the first batches) stays exact.
 """

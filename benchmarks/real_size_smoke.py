@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     runtime = next(entry["train_runtime"] for entry in state["log_history"] if "train_runtime" in entry)
     result = {"device": machine().get("gpu", "cpu"), "shape": "tiny" if args.tiny else
-              "whisper-large-v3 encoder + Qwen2.5-1.5B-shaped LLM", "steps": args.steps, "rows_per_step": args.batch, "losses": losses,
+              "whisper-large-v3 encoder + Qwen2.5-1.5B-shaped LLM", "steps": args.steps, "rows_per_step": args.batch,
+              "losses": losses,
               "losses_finite": bool(np.isfinite(losses).all()) and len(losses) == args.steps,
               "train_runtime_s": runtime, "seconds_per_step": runtime / args.steps,
               "peak_memory_mb": torch.cuda.max_memory_allocated() / MB if device == "cuda" else None,

@@ -17,7 +17,8 @@ from eval.items import EvalError
 from eval.loaders import Source, detect_format, load_source, parse_task
 from eval.tasks import AIRBENCH_PROMPT, ASR_PROMPT, build_messages
 
-MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"  # shared/ sits beside the checkout
+# shared/ sits beside the checkout
+MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"
 
 
 def write_wav(path: Path, seconds: float = 0.3, seed: int = 0) -> Path:

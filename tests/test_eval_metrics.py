@@ -12,7 +12,8 @@ from eval.judge import Judge
 from eval.report import NO_JUDGE_REASON, summarize_task
 from eval.tasks import aggregator, score_record
 
-MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"  # shared/ sits beside the checkout
+# shared/ sits beside the checkout
+MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"
 
 
 # ------------------------------------------------------------------------------------------------------------ ASR

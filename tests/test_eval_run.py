@@ -30,7 +30,8 @@ from eval.tasks import build_messages
 from eval.speech import intelligibility, load_transcriber, transcript_wer
 from tests.conftest import write_stock_qwen2_audio
 
-MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"  # shared/ sits beside the checkout
+# shared/ sits beside the checkout
+MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"
 
 
 def clip(seconds: float, seed: int) -> np.ndarray:

@@ -355,7 +355,8 @@ def test_loaded_models_take_no_hub_kernels_unless_asked(tmp_path):
 
     build_tiny(tmp_path / "model")
     assert not AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model").use_kernels
-    AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model").language_model.save_pretrained(tmp_path / "llm")
+    llm = AudioLLMForConditionalGeneration.from_pretrained(tmp_path / "model").language_model
+    llm.save_pretrained(tmp_path / "llm")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "llm").use_kernels  # the library's own default
     tiny_tokenizer().save_pretrained(tmp_path / "llm")
     assert not load_llm(tmp_path / "llm", torch.float32)[0].use_kernels

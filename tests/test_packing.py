@@ -151,7 +151,8 @@ def test_packed_encoder_gives_each_clip_its_padded_encoding_and_gradients(tiny_m
     encoder.dropout = 0.0
     mel_lengths = torch.tensor([57, 200, 3, 120, 4, 2])
     width = int(mel_lengths.max()) + 2
-    features = torch.randn(len(mel_lengths), encoder.config.num_mel_bins, width, generator=torch.Generator().manual_seed(0))
+    features = torch.randn(len(mel_lengths), encoder.config.num_mel_bins, width,
+                           generator=torch.Generator().manual_seed(0))
     mask = (torch.arange(width)[None] < mel_lengths[:, None]).long()
     outputs, grads = [], []
     for packed in (False, True):
