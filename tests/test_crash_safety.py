@@ -64,17 +64,21 @@ stages.sft.main(sys.argv[1:])
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def sft_run(root: Path) -> tuple[Path, Path]:
+    """A tiny model, manifests and an SFT recipe of STEPS steps with a checkpoint every SAVE_EVERY, in ``root``."""
     from audiollm.build import build_tiny
 
-    root = tmp_path_factory.mktemp("crash")
     build_tiny(root / "init")
     data = write_manifests(root)
     recipe = root / "sft.yaml"
     write_recipe("sft", recipe, train_files=[data["sft"]], max_steps=STEPS, save_steps=SAVE_EVERY,
                  model_name_or_path=str(root / "init"))
     return root, recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return sft_run(tmp_path_factory.mktemp("crash"))
 
 
 def stage_cmd(script: str, recipe: Path, out: Path, ranks: int) -> list[str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from audiollm.crash_safety import DiskFullError, disk_full
-from tests.test_crash_safety import STEPS, SAVE_EVERY, assert_same_losses, stage_cmd, start
-from tests.test_distributed import RUN_TIMEOUT_S, run_env, write_manifests, write_recipe
+from tests.test_crash_safety import SAVE_EVERY, assert_same_losses, sft_run, stage_cmd, start
+from tests.test_distributed import RUN_TIMEOUT_S, run_env
 
 FULL_AT = 2 * SAVE_EVERY  # the checkpoint whose save meets the full disk
 STOP_BOUND_S = 60  # failed write -> launcher exit; the launcher polls its ranks every second or so
@@ -67,15 +67,7 @@ def test_what_counts_as_a_full_disk(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from audiollm.build import build_tiny
-
-    root = tmp_path_factory.mktemp("full")
-    build_tiny(root / "init")
-    data = write_manifests(root)
-    recipe = root / "sft.yaml"
-    write_recipe("sft", recipe, train_files=[data["sft"]], max_steps=STEPS, save_steps=SAVE_EVERY,
-                 model_name_or_path=str(root / "init"))
-    return root, recipe
+    return sft_run(tmp_path_factory.mktemp("full"))
 
 
 def argv(recipe: Path, out: Path) -> list[str]:
