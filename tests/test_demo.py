@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, run_demo
+from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, run_demo, sharing_cores
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,20 @@ def test_beside_returns_the_value_or_the_error_of_its_process(tmp_path):
     with pytest.raises(RuntimeError, match="ValueError: factorial"):
         failed.result()
     assert "ValueError" in (tmp_path / "failed.log").read_text()  # the process's own output went to its log
+
+
+def test_one_thread_while_the_process_beside_runs_all_once_it_ends(tmp_path):
+    import time
+
+    threads = torch.get_num_threads()
+    beside = Beside(time.sleep, tmp_path / "sleep.log", 3.0)
+    with sharing_cores(beside) as share:
+        share()
+        assert torch.get_num_threads() == 1
+        beside.result()
+        share()
+        assert torch.get_num_threads() == threads
+    with sharing_cores(None) as share:
+        share()
+        assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads
