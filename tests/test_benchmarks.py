@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import batching, dpo, encoder, eval_order, features, gpu_mfu, report, train_step
+from benchmarks import batching, dpo, encoder, eval_order, features, gpu_mfu, real_size_smoke, report, train_step
 from benchmarks.common import interleaved_medians, peak_memory_bytes
 
 
@@ -47,6 +47,8 @@ def results(tmp_path_factory):
     batching.main(["--quick", "--json", str(folder / "batching.json")])
     eval_order.main(["--quick", "--json", str(folder / "eval_order.json")])
     gpu_mfu.main(["--tiny", "--json", str(folder / "gpu_mfu_tiny.json")])
+    real_size_smoke.main(["--out", str(folder / "smoke_run"), "--tiny", "--steps", "2", "--batch", "2", "--json",
+                          str(folder / "real_size_smoke_tiny.json")])
     encoder.main(["--configs", "tiny", "--repeats", "1", "--warmup", "0", "--clips", "short", "--batches", "1",
                   "--json", str(folder / "encoder_short.json")])
     return folder
@@ -118,6 +120,14 @@ def test_encoder_distribution_reports_the_no_padding_bound(results):
 def test_peak_table_matches_specific_names_first():
     assert gpu_mfu.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert gpu_mfu.peak_tflops("NVIDIA H200") == 989.0 and gpu_mfu.peak_tflops("Some GPU") is None
+
+
+def test_tiny_smoke_trains_the_shipped_sft_recipe(results):
+    """The real-size smoke run's path on tiny shapes: HF folders written, joined by ``audiollm init``, trained by
+    stages/sft.py with the shipped recipe; one finite loss per step."""
+    report = load(results / "real_size_smoke_tiny.json")["results"]
+    assert report["losses_finite"] and len(report["losses"]) == 2 and report["shape"] == "tiny"
+    assert (results / "smoke_run" / "model" / "config.json").is_file()  # the audiollm init folder it trained
 
 
 def test_report_renders_every_results_file(results, tmp_path):
