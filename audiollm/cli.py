@@ -175,7 +175,7 @@ def run_demo(args) -> int:
     return 0
 
 
-STAGES = ("pretrain", "sft", "dpo", "codec", "tts")  # stages/<name>.py: the listening pipeline in order, then the voice
+STAGES = ("pretrain", "sft", "dpo", "grpo", "codec", "tts")  # stages/<name>.py: the listening pipeline, the voice
 
 
 def add_train_parser(subparsers) -> None:

@@ -121,8 +121,9 @@ class CrashSafeTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.watchdog.beat()
-        row_ids = inputs.pop("row_ids", None)
-        tally = inputs.pop(TALLY_KEY, None) or [0, 0]  # [rows seen, rows skipped] while this batch was made
+        # A collated batch carries its row ids and bad-row tally; GRPO's batches are lists of raw prompt rows.
+        row_ids = inputs.pop("row_ids", None) if isinstance(inputs, dict) else None
+        tally = (inputs.pop(TALLY_KEY, None) if isinstance(inputs, dict) else None) or [0, 0]  # [seen, skipped]
         loss = super().training_step(model, inputs, num_items_in_batch)
         nonfinite_ranks, seen, bad, signalled = self._sum_over_ranks(
             loss, [*tally, int(self.preemption.received is not None)])
@@ -134,8 +135,9 @@ class CrashSafeTrainerMixin:
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         self.watchdog.beat()
-        inputs.pop("row_ids", None)
-        inputs.pop(TALLY_KEY, None)
+        if isinstance(inputs, dict):
+            inputs.pop("row_ids", None)
+            inputs.pop(TALLY_KEY, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
     @staticmethod

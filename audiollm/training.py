@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -408,3 +409,14 @@ def copy_processor_files(src: str, dst: str) -> None:
     for name in PROCESSOR_FILES:
         if os.path.isfile(os.path.join(src, name)) and os.path.abspath(src) != os.path.abspath(dst):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def without_fields(cls, names: set[str]):
+    """A copy of dataclass ``cls`` without the fields ``names`` (same types, defaults and help)."""
+    hints = typing.get_type_hints(cls)
+    kept = [
+        (f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                  metadata=f.metadata))
+        for f in dataclasses.fields(cls) if f.name not in names
+    ]
+    return dataclasses.make_dataclass(cls.__name__, kept)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 
 import torch
 import trl.trainer.dpo_trainer as trl_dpo
@@ -38,6 +37,7 @@ from audiollm.training import (
     save_final,
     skip_cpu_shm_allreduce_op,
     unwrap,
+    without_fields,
 )
 
 # Fields DPOConfig declares too (argparse refuses one flag twice): the recipe sets them once, DPOConfig keeps them.
@@ -152,25 +152,14 @@ def make_preference_collator(tokenizer, model, data_args: DataArguments, output_
     )
 
 
-def _without(cls, names: set[str]):
-    """A copy of dataclass ``cls`` without the fields ``names`` (same types, defaults and help)."""
-    hints = typing.get_type_hints(cls)
-    kept = [
-        (f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
-                                                  metadata=f.metadata))
-        for f in dataclasses.fields(cls) if f.name not in names
-    ]
-    return dataclasses.make_dataclass(cls.__name__, kept)
-
-
 def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DPOConfig]:
     """The recipe (``--config x.yaml`` plus CLI overrides) as the shared dataclasses and TRL's DPOConfig.
 
     ``max_length`` and ``trust_remote_code`` are parsed once, as DPOConfig fields, and copied to the shared ones.
     """
     skip_cpu_shm_allreduce_op()  # before parsing, which starts the process group
-    parser = TrlParser((_without(ModelArguments, SHARED_MODEL_FIELDS), _without(DataArguments, SHARED_DATA_FIELDS),
-                        DPOConfig))
+    parser = TrlParser((without_fields(ModelArguments, SHARED_MODEL_FIELDS),
+                        without_fields(DataArguments, SHARED_DATA_FIELDS), DPOConfig))
     model_fields, data_fields, args = parser.parse_args_and_config(argv)
     if args.max_length is None:
         raise ValueError("max_length: give the tokens per sequence (audio included); over-long pairs are dropped")
