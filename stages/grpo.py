@@ -28,7 +28,8 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 from trl.trainer.utils import RepeatSampler, add_fused_lm_head
 
 from audiollm.audio import CHUNK_SAMPLES, featurize
-from audiollm.bad_rows import BadRowLog, check_ceiling
+from audiollm.augment import CollatorEpochs
+from audiollm.bad_rows import check_ceiling
 from audiollm.chat import AUDIO_SPECIAL_TOKENS
 from audiollm.collator import ChatCollator, Encoded
 from audiollm.crash_safety import CrashSafeTrainerMixin
@@ -37,6 +38,8 @@ from audiollm.rewards import reward_functions
 from audiollm.training import (
     DataArguments,
     ModelArguments,
+    augmentation,
+    bad_row_log,
     check_training_args,
     latest_checkpoint,
     load_datasets,
@@ -118,7 +121,7 @@ class AudioGRPOTrainer(CrashSafeTrainerMixin, GRPOTrainer):
     """
 
     def __init__(self, model, reward_funcs, args: GRPOConfig, prompt_collator: ChatCollator, train_dataset,
-                 eval_dataset=None, processing_class=None):
+                 eval_dataset=None, eval_prompt_collator: ChatCollator | None = None):
         if args.use_vllm or args.use_transformers_continuous_batching:
             raise ValueError("use_vllm / use_transformers_continuous_batching: neither passes audio to the model; "
                              "set both to false (sampling runs on the model's generate)")
@@ -129,12 +132,14 @@ class AudioGRPOTrainer(CrashSafeTrainerMixin, GRPOTrainer):
         # A sampled audio placeholder would have no features behind it.
         suppress = [tokenizer.convert_tokens_to_ids(t) for t in AUDIO_SPECIAL_TOKENS]
         args.generation_kwargs = {"suppress_tokens": suppress, **(args.generation_kwargs or {})}
-        self.prompt_collator = prompt_collator
+        self.prompt_collator = prompt_collator  # training prompts: augmented when the recipe says so
+        self.eval_prompt_collator = eval_prompt_collator or dataclasses.replace(prompt_collator, augment=None)
         self._rows: list[dict] | None = None  # the generation batch's rows, while TRL samples for them
         self._audio: AudioRows | None = None  # the audio of the rows whose log-probs are being computed
         with _audio_model_in_trl():
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=processing_class or tokenizer)
+                             eval_dataset=eval_dataset, processing_class=tokenizer,
+                             callbacks=[CollatorEpochs(prompt_collator)])  # the epoch augmentation draws for
 
     def _get_train_sampler(self, dataset=None) -> EpochRepeatSampler:
         return EpochRepeatSampler.like(super()._get_train_sampler(dataset))
@@ -151,8 +156,10 @@ class AudioGRPOTrainer(CrashSafeTrainerMixin, GRPOTrainer):
 
     def _tokenize_prompts(self, prompts: list):
         """Prompt ids (audio placeholders expanded) and the encoder features that TRL passes to ``generate``."""
-        rows = [self.prompt_collator.encode(as_prompt(row), i) for i, row in enumerate(self._rows)]
-        self._audio = AudioRows.of(rows, self.prompt_collator.stack)
+        collator = self.prompt_collator if self.model.training else self.eval_prompt_collator
+        # A group's copies of a row share its id, so they hear the same augmented clip (drawn per row and epoch).
+        rows = [collator.encode(as_prompt(row), i) for i, row in enumerate(self._rows)]
+        self._audio = AudioRows.of(rows, collator.stack)
         return [row.input_ids for row in rows], None, self._audio.model_inputs()
 
     def _compute_loss(self, model, inputs):
@@ -224,16 +231,18 @@ def as_prompt(row: dict) -> dict:
     return {**row, "messages": row["prompt"]}
 
 
-def make_prompt_collator(tokenizer, model, data_args: DataArguments, args: GRPOConfig) -> ChatCollator:
-    """The generation collator of the prompts; a prompt must leave ``max_completion_length`` tokens in
-    ``max_length``."""
+def make_prompt_collator(tokenizer, model, data_args: DataArguments, args: GRPOConfig, train: bool = True
+                         ) -> ChatCollator:
+    """The generation collator of the prompts, which must leave ``max_completion_length`` tokens in ``max_length``;
+    training prompts' clips are augmented as the recipe's ``augmentation`` says."""
     if args.max_completion_length >= data_args.max_length:
         raise ValueError(f"max_completion_length {args.max_completion_length} leaves no room for the prompt in "
                          f"max_length {data_args.max_length}")
     return ChatCollator(tokenizer, max_length=data_args.max_length - args.max_completion_length,
                         stack=unwrap(model).config.projector_stack, overflow="drop",
                         system_prompt=data_args.system_prompt or None, generation=True, data_root=data_args.data_root,
-                        max_audio_seconds=data_args.max_audio_seconds)
+                        max_audio_seconds=data_args.max_audio_seconds,
+                        augment=augmentation(data_args, args.seed) if train else None)
 
 
 def usable_prompts(dataset, collator: ChatCollator, data_args: DataArguments, output_dir: str):
@@ -243,9 +252,8 @@ def usable_prompts(dataset, collator: ChatCollator, data_args: DataArguments, ou
     GRPO samples a whole group per prompt, so a bad row cannot be skipped inside a batch: every row is checked
     (audio decoded) once, before training. More than ``max_bad_fraction`` bad rows stop the run here.
     """
-    from audiollm.training import bad_row_log
-
-    checked = dataclasses.replace(collator, bad_rows=bad_row_log(data_args, output_dir, run_ceiling=True))
+    checked = dataclasses.replace(collator, bad_rows=bad_row_log(data_args, output_dir, run_ceiling=True),
+                                  augment=None)  # checks the files, not the augmentation
     keep = []
     for i in range(len(dataset)):
         row = dataset[i]
@@ -267,7 +275,7 @@ def parse_recipe(argv: list[str] | None = None):
     if data_args.streaming:
         raise ValueError("streaming: GRPO checks every prompt before training and samples groups by index; "
                          "give a manifest on disk")
-    for key in ("augmentation", "batch_tokens", "batch_audio_seconds", "packing"):
+    for key in ("batch_tokens", "batch_audio_seconds", "packing"):
         if getattr(data_args, key):
             raise ValueError(f"{key} applies to pretraining and SFT batches; remove it from the GRPO recipe")
     reward_functions(grpo_args.rewards)  # an unknown name fails here, not after the model has loaded
@@ -286,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     collator = make_prompt_collator(tokenizer, model, data_args, args)
     train = usable_prompts(train, collator, data_args, args.output_dir)  # bad rows: skipped and counted
 
-    trainer = AudioGRPOTrainer(model, reward_functions(grpo_args.rewards), args, collator, train, evals)
+    eval_collator = make_prompt_collator(tokenizer, model, data_args, args, train=False)  # audio as it is
+    trainer = AudioGRPOTrainer(model, reward_functions(grpo_args.rewards), args, collator, train, evals,
+                               eval_collator)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "grpo", model_args, data_args, tokenizer)

@@ -245,3 +245,20 @@ def test_lora_trains_the_adapter(folder, tmp_path):
     trained = AudioLLMForConditionalGeneration.from_pretrained(out)  # the adapter merged into the saved folder
     start = AudioLLMForConditionalGeneration.from_pretrained(folder["model"])
     assert not torch.equal(trained.get_parameter(NAME), start.get_parameter(NAME))
+
+
+def test_augmentation_reaches_training_prompts_only_and_a_group_hears_one_clip(folder, tmp_path):
+    trainer = build_trainer(recipe(folder, tmp_path / "out", augmentation='{"noise": {"p": 1.0, "snr_db": [0, 5]}}'))
+    row = trainer.train_dataset[0]
+    trainer._rows = [row, dict(row)]  # two copies of one prompt, as in a group
+    trainer.model.train()  # as the Trainer sets it before each step's sampling
+    _, _, noisy = trainer._tokenize_prompts(None)
+    torch.testing.assert_close(noisy["input_features"][0], noisy["input_features"][1])
+    trainer.model.eval()
+    _, _, clean = trainer._tokenize_prompts(None)
+    assert not torch.allclose(noisy["input_features"], clean["input_features"])
+    from audiollm.audio import featurize
+    from audiollm.audio_sources import load_audio_source
+
+    as_read = featurize([load_audio_source(str(folder["root"] / "clip0.wav"), "clip0")]).input_features[0]
+    torch.testing.assert_close(clean["input_features"][0], as_read)
