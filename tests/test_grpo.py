@@ -262,3 +262,21 @@ def test_augmentation_reaches_training_prompts_only_and_a_group_hears_one_clip(f
 
     as_read = featurize([load_audio_source(str(folder["root"] / "clip0.wav"), "clip0")]).input_features[0]
     torch.testing.assert_close(clean["input_features"][0], as_read)
+
+
+def test_grpo_trains_on_two_deepspeed_ranks(folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import free_port, run
+
+    out = tmp_path / "out"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "stages/grpo.py",
+         "--config", "stages/configs/grpo_demo.yaml",
+         *recipe(folder, out, max_steps=3, rewards="tests.test_grpo:even_tokens", per_device_train_batch_size=4),
+         "--use_cpu", "true", "--deepspeed", "deepspeed_configs/zero2.json"], tmp_path / "logs" / "train.log")
+    state = json.loads((out / "trainer_state.json").read_text())
+    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    before = load_file(Path(folder["model"]) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert not torch.equal(before[NAME], after[NAME])
