@@ -419,6 +419,13 @@ def dpo_recipe(argv: list[str]):
     return parse_recipe(argv)
 
 
+def grpo_recipe(argv: list[str]):
+    from stages.grpo import parse_recipe
+
+    model_args, data_args, grpo_args, args = parse_recipe(argv)
+    return model_args, data_args, args
+
+
 def tts_recipe(argv: list[str]):
     """How stages/tts.py parses a recipe: its own model and data dataclasses, the same TrainingArguments."""
     from transformers import TrainingArguments
@@ -442,8 +449,8 @@ def codec_recipe(argv: list[str]):
     return model_args, data_args, args
 
 
-RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe, "tts": tts_recipe,
-                  "codec": codec_recipe}
+RECIPE_PARSERS = {"pretrain": plain_recipe, "sft": plain_recipe, "dpo": dpo_recipe, "grpo": grpo_recipe,
+                  "tts": tts_recipe, "codec": codec_recipe}
 NEW_MODEL_STAGES = {"codec"}  # recipes that may build a new model instead of starting from a folder
 SHIPPED_RECIPES = sorted((REPO_ROOT / "stages" / "configs").glob("*.yaml"))
 
