@@ -36,12 +36,13 @@ TEMPERATURES = (0.5, 0.9)  # candidates chosen on validation; top-k 50 as the rv
 STREAM_TEXTS = 10
 
 
-def recipe_argv(arch: str, voice: Path, work: Path, max_steps: int, seed: int) -> list[str]:
+def recipe_argv(arch: str, voice: Path, work: Path, max_steps: int, seed: int, cache: Path) -> list[str]:
     data = voice / "data"
     return ["--config", RECIPES[arch], *EXTRA[arch], "--model_name_or_path", str(voice / "init" / "lm"),
             "--codec_name_or_path", str(voice / "codec"), "--codec_codebooks", "4",
-            "--train_files", str(data / "voice_tts_train.jsonl"), "--eval_strategy", "no",
-            "--output_dir", str(work / arch), "--cache_dir", str(work / "cache"), "--max_steps", str(max_steps),
+            "--train_files", str(data / "voice_tts_train.jsonl"),
+            "--eval_files", str(data / "voice_validation.jsonl"), "--eval_strategy", "no",
+            "--output_dir", str(work / arch), "--cache_dir", str(cache), "--max_steps", str(max_steps),
             "--logging_steps", "25", "--use_cpu", "true", "--seed", str(seed), "--disable_tqdm", "true"]
 
 
@@ -50,12 +51,14 @@ def build(arch: str, argv: list[str]):
     from transformers import TrainingArguments
     from trl import TrlParser
 
+    from audiollm.training import check_training_args
     from audiollm.tts.csm_training import CsmArguments
     from audiollm.tts.training import TTSDataArguments, TTSModelArguments
     from stages.tts import csm_trainer, flat_trainer
 
     model_args, data_args, csm_args, args = TrlParser(
         (TTSModelArguments, TTSDataArguments, CsmArguments, TrainingArguments)).parse_args_and_config(argv)
+    check_training_args(args)
     if arch == "csm":
         return csm_trainer(model_args, data_args, csm_args, args)
     return flat_trainer(model_args, data_args, args)
@@ -83,16 +86,16 @@ def step_memory(trainer) -> int:
     return peak_memory_bytes(step)
 
 
-def train(arch: str, voice: Path, work: Path, budget_s: float, seed: int) -> tuple[dict, Path]:
+def train(arch: str, voice: Path, work: Path, budget_s: float, seed: int, cache: Path) -> tuple[dict, Path]:
     """Pilot, then a budgeted run; returns its training figures and the saved folder."""
     from audiollm.tts.training import save_tts
 
-    pilot, _, _ = build(arch, recipe_argv(arch, voice, work / "pilot", PILOT_STEPS, seed))
+    pilot, _, _ = build(arch, recipe_argv(arch, voice, work / "pilot", PILOT_STEPS, seed, cache))
     start = time.perf_counter()
     pilot.train()
     per_step = (time.perf_counter() - start) / PILOT_STEPS
     steps = max(PILOT_STEPS, int(budget_s / per_step))
-    trainer, tokenizer, vocab = build(arch, recipe_argv(arch, voice, work, steps, seed))
+    trainer, tokenizer, vocab = build(arch, recipe_argv(arch, voice, work, steps, seed, cache))
     memory = step_memory(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -154,11 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--voice", type=Path, default=Path("runs/demo/voice"))
     parser.add_argument("--listener", type=Path, default=Path("runs/demo/export"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench/tts_csm"))
+    parser.add_argument("--cache", type=Path, help="codec codes cache (default WORK/cache)")
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--texts", type=int, default=60)
     parser.add_argument("--validation-texts", type=int, default=30)
     parser.add_argument("--arch", nargs="+", default=["flat", "csm"], choices=list(RECIPES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="results file (default benchmarks/results/tts_csm.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from eval.speech import load_transcriber
@@ -166,14 +171,16 @@ def main(argv: list[str] | None = None) -> dict:
     listener = load_transcriber(str(args.listener), batch_size=16)
     results = {}
     for arch in args.arch:
-        figures, folder = train(arch, args.voice, args.work, args.budget_s, args.seed)
+        cache = args.cache or args.work / "cache"
+        figures, folder = train(arch, args.voice, args.work, args.budget_s, args.seed, cache)
         results[arch] = figures | measure(folder, listener, args.voice, args.texts, args.validation_texts, args.seed)
         print(results[arch], flush=True)
     columns = ["arch", "steps", "frames/s", "peak MB", "val WER by T", "T", "held-out WER", "TTFA s", "stream RTF"]
     print_table("flat rvq vs csm", columns, [[a, r["steps"], r["frames_per_s"], r["peak_step_memory_mb"],
                                              r["validation_wer_by_temperature"], r["temperature"], r["heldout_wer"],
                                              r["stream_first_audio_s"], r["stream_rtf"]] for a, r in results.items()])
-    write_result("tts_csm", {"budget_s": args.budget_s, "results": results}, sys.argv[1:] if argv is None else argv)
+    write_result("tts_csm", {"budget_s": args.budget_s, "results": results}, sys.argv[1:] if argv is None else argv,
+                 args.json)
     return results
 
 
