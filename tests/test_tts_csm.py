@@ -188,7 +188,8 @@ def test_speak_clone_converse_and_stream(trained):
 
 def test_speak_cli_streams_a_csm(trained, tmp_path, capsys):
     out = tmp_path / "hello.wav"
-    assert cli(["speak", "--model", str(trained / "out"), "--text", "hello", "--out", str(out), "--stream"]) == 0
+    assert cli(["speak", "--model", str(trained / "out"), "--text", "hello", "--out", str(out), "--stream",
+                "--turn", TEXTS[0], str(trained / "clip0.wav")]) == 0
     assert "time to first audio" in capsys.readouterr().out and sf.info(str(out)).frames > 0
 
 
