@@ -14,7 +14,7 @@ import torch
 
 from audiollm.cli import main as cli
 from audiollm.tts.codecs import load_codec
-from audiollm.tts.csm_data import BACKBONE_ONLY, CsmCollator, CsmIds, expand_labels, frame_labels, row_sequence
+from audiollm.tts.csm_data import BACKBONE_ONLY, CsmCollator, CsmIds, expand_labels, row_sequence
 from audiollm.tts.csm_generate import CsmPrompt, build_csm_prompt, first_codebook_mask, sample_frames
 from audiollm.tts.csm_model import new_csm_model
 from audiollm.tts.csm_training import CsmArguments, csm_loss, frame_embeddings

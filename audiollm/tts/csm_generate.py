@@ -15,6 +15,7 @@ Prompts (``build_csm_prompt``):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,8 +43,8 @@ class CsmPrompt:
 
 def encode_frames(tts, audio) -> torch.Tensor:
     """(N, K) frames of an audio path or a waveform at the codec's rate."""
-    wav = read_audio(audio, tts.codec.sample_rate) if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__") \
-        else np.asarray(audio, dtype=np.float32)
+    is_path = isinstance(audio, (str, os.PathLike))
+    wav = read_audio(audio, tts.codec.sample_rate) if is_path else np.asarray(audio, dtype=np.float32)
     return frames_of(tts.codec.encode(wav))
 
 

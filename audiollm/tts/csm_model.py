@@ -22,15 +22,12 @@ trained here (``audiollm_melcodec``, unknown to stock transformers) it is a plac
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from audiollm.tts.codecs import Codec
 from audiollm.tts.layout import CONTROL_TOKENS, SPEECH_END, TTSVocab, make_layout
-
-log = logging.getLogger(__name__)
 
 AUDIO_FRAME = "<|AUDIO_FRAME|>"  # input_ids placeholder of a frame position (stock config.audio_token_id)
 STOCK_CODECS = ("mimi", "dac")  # codec model types stock transformers can build inside the checkpoint
