@@ -207,3 +207,15 @@ def test_csm_refuses_a_single_level_codec(tmp_path):
     codec = load_codec(tiny_codec("xcodec2", tmp_path / "codec"))
     with pytest.raises(ValueError, match="2\\+ RVQ levels"):
         new_csm_model(tiny_lm(tmp_path / "lm"), codec, depth_layers=1)
+
+
+def test_a_dac_codec_goes_inside_the_checkpoint(tmp_path):
+    """A transformers codec (DAC here) is the checkpoint's own codec_model, weights and all, so stock generation
+    can decode; the codec trained here gets the placeholder (see audiollm/tts/csm_model.py)."""
+    codec = load_codec(tiny_codec("dac", tmp_path / "codec", sample_rate=16000))
+    model, _, vocab = new_csm_model(tiny_lm(tmp_path / "lm"), codec, depth_layers=1)
+    assert model.config.codec_config.model_type == "dac" and vocab.codebook_size == 64
+    wav = 0.1 * np.random.default_rng(0).standard_normal(3200).astype(np.float32)
+    with torch.no_grad():
+        inside = model.codec_model.encode(torch.from_numpy(wav)[None, None]).audio_codes[0]
+    assert torch.equal(inside, torch.stack(codec.encode(wav)))
