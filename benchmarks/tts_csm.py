@@ -2,14 +2,15 @@
 and peak memory, streaming time to first audio and real-time factor.
 
     python -m benchmarks.tts_csm --voice runs/demo/voice --listener runs/demo/export --work /tmp/tts_csm \\
-        [--budget-s 240] [--texts 60] [--validation-texts 30]
+        [--budget-s 300] [--texts 60] [--validation-texts 30]
 
 Both architectures train from the demo's recipes (stages/configs/tts_demo.yaml, tts_csm_demo.yaml) through the
 stage's own trainer builders, on the demo voice's training rows, with all 4 residual levels of the demo codec
 (``interleave: none`` for the flat one, so both get the same inputs: text, then codes). Each gets the same wall
-budget: a 10-step pilot measures its seconds per step, and ``max_steps`` is set so the cosine schedule ends at the
-budget. Sampling temperature is chosen per architecture on the validation split's texts (lowest round-trip WER);
-the held-out split's texts are spoken once with it and transcribed by the demo's listener (its export).
+budget: a 12-step pilot measures its seconds per step (median after warm-up), and ``max_steps`` is set so the
+cosine schedule ends at the budget. Sampling temperature is chosen per architecture on the validation split's
+texts (lowest round-trip WER); the held-out split's texts are spoken once with it and transcribed by the demo's
+listener (its export).
 
 Training speed: audio frames (32 ms each) per second of training. Peak memory: bytes of tensors alive at once in
 one forward + backward on the first training batch (``common.peak_memory_bytes``). Streaming: ``speak_stream``
@@ -26,23 +27,29 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from benchmarks.common import peak_memory_bytes, print_table, write_result
 
 RECIPES = {"flat": "stages/configs/tts_demo.yaml", "csm": "stages/configs/tts_csm_demo.yaml"}
-EXTRA = {"flat": ["--layout", "rvq", "--interleave", "none"], "csm": []}
-PILOT_STEPS = 10
+# Variant -> (architecture, recipe overrides). The csm variants differ in CSM's amortization (the recipe: 1/16 of the
+# frames train the depth decoder; all of them here); validation WER picks the one reported as csm.
+VARIANTS = {"flat": ("flat", ["--layout", "rvq", "--interleave", "none"]),
+            "csm": ("csm", []),
+            "csm_depth_all_frames": ("csm", ["--depth_frame_fraction", "1.0"])}
+PILOT_STEPS = 12
 TEMPERATURES = (0.5, 0.9)  # candidates chosen on validation; top-k 50 as the rvq default (CSM's)
 STREAM_TEXTS = 10
 
 
-def recipe_argv(arch: str, voice: Path, work: Path, max_steps: int, seed: int, cache: Path) -> list[str]:
+def recipe_argv(variant: str, voice: Path, work: Path, max_steps: int, seed: int, cache: Path) -> list[str]:
     data = voice / "data"
-    return ["--config", RECIPES[arch], *EXTRA[arch], "--model_name_or_path", str(voice / "init" / "lm"),
+    arch, extra = VARIANTS[variant]
+    return ["--config", RECIPES[arch], *extra, "--model_name_or_path", str(voice / "init" / "lm"),
             "--codec_name_or_path", str(voice / "codec"), "--codec_codebooks", "4",
             "--train_files", str(data / "voice_tts_train.jsonl"),
             "--eval_files", str(data / "voice_validation.jsonl"), "--eval_strategy", "no",
-            "--output_dir", str(work / arch), "--cache_dir", str(cache), "--max_steps", str(max_steps),
+            "--output_dir", str(work / variant), "--cache_dir", str(cache), "--max_steps", str(max_steps),
             "--logging_steps", "25", "--use_cpu", "true", "--seed", str(seed), "--disable_tqdm", "true"]
 
 
@@ -86,16 +93,31 @@ def step_memory(trainer) -> int:
     return peak_memory_bytes(step)
 
 
-def train(arch: str, voice: Path, work: Path, budget_s: float, seed: int, cache: Path) -> tuple[dict, Path]:
+class StepClock(TrainerCallback):
+    """Wall seconds between the ends of consecutive training steps."""
+
+    def __init__(self):
+        self.last, self.intervals = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.last is not None:
+            self.intervals.append(now - self.last)
+        self.last = now
+
+
+def train(variant: str, voice: Path, work: Path, budget_s: float, seed: int, cache: Path) -> tuple[dict, Path]:
     """Pilot, then a budgeted run; returns its training figures and the saved folder."""
     from audiollm.tts.training import save_tts
 
-    pilot, _, _ = build(arch, recipe_argv(arch, voice, work / "pilot", PILOT_STEPS, seed, cache))
-    start = time.perf_counter()
+    arch = VARIANTS[variant][0]
+    pilot, _, _ = build(arch, recipe_argv(variant, voice, work / "pilot", PILOT_STEPS, seed, cache))
+    clock = StepClock()
+    pilot.add_callback(clock)
     pilot.train()
-    per_step = (time.perf_counter() - start) / PILOT_STEPS
+    per_step = statistics.median(clock.intervals[2:])  # after warm-up; the median shrugs off a burst of load
     steps = max(PILOT_STEPS, int(budget_s / per_step))
-    trainer, tokenizer, vocab = build(arch, recipe_argv(arch, voice, work, steps, seed, cache))
+    trainer, tokenizer, vocab = build(arch, recipe_argv(variant, voice, work, steps, seed, cache))
     memory = step_memory(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -125,7 +147,8 @@ def streamed(tts, texts: list[str], sampling) -> dict:
     timings = [timed_stream(speak_stream(tts, t, sampling=sampling, context=context), tts.codec.sample_rate)[1]
                for t in texts]
     return {"stream_first_audio_s": statistics.median(t.first_audio_s for t in timings),
-            "stream_rtf": statistics.median(t.rtf for t in timings), "stream_texts": len(timings)}
+            "stream_rtf": statistics.median(t.rtf for t in timings),
+            "stream_audio_s": statistics.median(t.audio_s for t in timings), "stream_texts": len(timings)}
 
 
 def measure(folder: Path, listener, voice: Path, texts: int, validation_texts: int, seed: int) -> dict:
@@ -158,10 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--listener", type=Path, default=Path("runs/demo/export"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench/tts_csm"))
     parser.add_argument("--cache", type=Path, help="codec codes cache (default WORK/cache)")
-    parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--budget-s", type=float, default=300.0)
     parser.add_argument("--texts", type=int, default=60)
     parser.add_argument("--validation-texts", type=int, default=30)
-    parser.add_argument("--arch", nargs="+", default=["flat", "csm"], choices=list(RECIPES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="results file (default benchmarks/results/tts_csm.json)")
     args = parser.parse_args(argv)
@@ -170,17 +193,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     listener = load_transcriber(str(args.listener), batch_size=16)
     results = {}
-    for arch in args.arch:
+    for variant in args.variants:
         cache = args.cache or args.work / "cache"
-        figures, folder = train(arch, args.voice, args.work, args.budget_s, args.seed, cache)
-        results[arch] = figures | measure(folder, listener, args.voice, args.texts, args.validation_texts, args.seed)
-        print(results[arch], flush=True)
-    columns = ["arch", "steps", "frames/s", "peak MB", "val WER by T", "T", "held-out WER", "TTFA s", "stream RTF"]
+        figures, folder = train(variant, args.voice, args.work, args.budget_s, args.seed, cache)
+        results[variant] = figures | measure(folder, listener, args.voice, args.texts, args.validation_texts,
+                                             args.seed)
+        print(results[variant], flush=True)
+    csm = [v for v in results if VARIANTS[v][0] == "csm"]
+    chosen = min(csm, key=lambda v: min(results[v]["validation_wer_by_temperature"].values())) if csm else None
+    columns = ["variant", "steps", "frames/s", "peak MB", "val WER by T", "T", "held-out WER", "TTFA s", "stream RTF"]
     print_table("flat rvq vs csm", columns, [[a, r["steps"], r["frames_per_s"], r["peak_step_memory_mb"],
                                              r["validation_wer_by_temperature"], r["temperature"], r["heldout_wer"],
                                              r["stream_first_audio_s"], r["stream_rtf"]] for a, r in results.items()])
-    write_result("tts_csm", {"budget_s": args.budget_s, "results": results}, sys.argv[1:] if argv is None else argv,
-                 args.json)
+    report = {"budget_s": args.budget_s, "chosen_csm": chosen, "results": results}
+    write_result("tts_csm", report, sys.argv[1:] if argv is None else argv, args.json)
     return results
 
 
