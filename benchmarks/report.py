@@ -175,16 +175,18 @@ def render_real_size_smoke(data: dict) -> str:
 
 def render_tts_csm(data: dict) -> str:
     rows = []
-    for arch, r in data["results"].items():
+    for name, r in data["results"].items():
         low, high = r["heldout_wer_ci95"] or (None, None)
         by_t = ", ".join(f"T {t}: {fmt(w)}" for t, w in r["validation_wer_by_temperature"].items())
-        rows.append([arch, r["steps"], r["frames_per_s"], r["peak_step_memory_mb"], r["final_loss"], by_t,
-                     r["temperature"], f"{fmt(r['heldout_wer'])} [{fmt(low)}, {fmt(high)}]",
-                     r["stream_first_audio_s"], r["stream_rtf"], r["rtf"]])
-    return (f"Each architecture trained for {fmt(data['budget_s'])} s of wall time on the demo voice's rows, "
-            f"then spoke {data['results'][next(iter(data['results']))]['heldout_texts']} held-out texts:\n\n"
-            + table(["architecture", "steps", "frames/s", "peak MB (1 step)", "last loss", "validation WER",
-                     "T chosen", "held-out WER [95% CI]", "stream TTFA s", "stream RTF", "RTF"], rows))
+        mark = " (chosen on validation)" if name == data.get("chosen_csm") else ""
+        rows.append([f"{name}{mark}", r["steps"], r["train_s"], r["frames_per_s"], r["peak_step_memory_mb"],
+                     r["final_loss"], by_t, f"{fmt(r['heldout_wer'])} [{fmt(low)}, {fmt(high)}]", r["rtf"],
+                     r["stream_first_audio_s"], r["stream_rtf"], r.get("stream_audio_s")])
+    texts = next(iter(data["results"].values()))["heldout_texts"]
+    return (f"Each variant trained for a {fmt(data['budget_s'])} s wall budget on the demo voice's rows, then spoke "
+            f"{texts} held-out texts once each at the temperature its validation WER chose:\n\n"
+            + table(["variant", "steps", "train s", "frames/s", "peak MB (1 step)", "last loss", "validation WER",
+                     "held-out WER [95% CI]", "RTF", "stream TTFA s", "stream RTF", "stream audio s"], rows))
 
 
 SECTIONS = [
