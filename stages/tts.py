@@ -32,6 +32,11 @@ from audiollm.tts.training import (
 
 def csm_trainer(model_args, data_args, csm_args, args):
     """(trainer, tokenizer, vocab) of the csm architecture."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the frame embeddings are looked up outside the engine's gathered forward
+        raise ValueError("architecture csm trains under ZeRO-2 (deepspeed_configs/zero2.json) or without DeepSpeed; "
+                         "ZeRO-3 is not supported")
     model, tokenizer, vocab = load_csm_model(model_args, csm_args)
     train, evals = load_csm_datasets(model_args, data_args, args, tokenizer, vocab, model.config)
     trainer = CsmTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, csm_args=csm_args,
