@@ -1,4 +1,4 @@
-"""Flat ``rvq`` vs ``csm`` on one codec, one data set and one time budget: held-out round-trip WER, training speed
+"""Flat `rvq` vs `csm` on one codec, one data set and one time budget: held-out round-trip WER, training speed
 and peak memory, streaming time to first audio and real-time factor.
 
     python -m benchmarks.tts_csm --voice runs/demo/voice --listener runs/demo/export --work /tmp/tts_csm \\
