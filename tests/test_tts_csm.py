@@ -16,8 +16,8 @@ from audiollm.cli import main as cli
 from audiollm.tts.codecs import load_codec
 from audiollm.tts.csm_data import BACKBONE_ONLY, CsmCollator, CsmIds, expand_labels, row_sequence
 from audiollm.tts.csm_generate import CsmPrompt, build_csm_prompt, first_codebook_mask, sample_frames
-from audiollm.tts.csm_model import new_csm_model
-from audiollm.tts.csm_training import CsmArguments, csm_loss, frame_embeddings
+from audiollm.tts.csm_model import frame_embeddings, new_csm_model
+from audiollm.tts.csm_training import CsmArguments, csm_loss
 from audiollm.tts.data import IGNORE_INDEX
 from audiollm.tts.generate import TTSModel, load_tts, speak, speak_stream
 from audiollm.tts.sampling import Sampling

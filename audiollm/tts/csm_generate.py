@@ -24,7 +24,7 @@ import torch
 
 from audiollm.tts.codecs import read_audio
 from audiollm.tts.csm_data import CsmIds, frames_of, turn
-from audiollm.tts.csm_training import frame_embeddings
+from audiollm.tts.csm_model import frame_embeddings
 from audiollm.tts.layout import text_ids
 from audiollm.tts.sampling import Sampling, frame_cap, pick, warpers
 

@@ -137,3 +137,13 @@ def load_csm(folder: str | Path, dtype=torch.float32):
         raise ValueError(f"{folder}: tts_config.json says architecture {vocab.architecture!r}, not csm")
     model = CsmForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(folder), vocab
+
+
+def frame_embeddings(model, input_ids: torch.Tensor, codes: torch.Tensor, ids) -> torch.Tensor:
+    """(B, S) ids + (B, S, K) codes -> (B, S, D): a text position's token embedding, an audio position's sum of
+    its K codebook embeddings (what the stock model computes from ``input_values`` with its codec). ``ids``: the
+    sequence's ``csm_data.CsmIds``."""
+    text = model.embed_text_tokens(input_ids)
+    audio = model.backbone_model.embed_tokens(codes)  # (B, S, K) -> (B, S, D)
+    is_audio = (input_ids == ids.audio_token) | (input_ids == ids.audio_eos)
+    return torch.where(is_audio[..., None], audio, text)

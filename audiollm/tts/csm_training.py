@@ -20,7 +20,7 @@ import torch
 from audiollm.crash_safety import CrashSafeTrainer
 from audiollm.tts.codecs import codec_key, load_codec
 from audiollm.tts.csm_data import CsmCollator, CsmDataset, CsmIds, csm_rows
-from audiollm.tts.csm_model import freeze_codec, is_csm_folder, load_csm, new_csm_model
+from audiollm.tts.csm_model import frame_embeddings, freeze_codec, is_csm_folder, load_csm, new_csm_model
 from audiollm.tts.data import IGNORE_INDEX, CodeCache
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,6 @@ def load_csm_datasets(model_args, data_args, args, tokenizer, vocab, config):
 def csm_collator(tokenizer, config, csm_args: CsmArguments, seed: int) -> CsmCollator:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return CsmCollator(pad, CsmIds.of(config), csm_args.depth_frame_fraction, seed)
-
-
-def frame_embeddings(model, input_ids: torch.Tensor, codes: torch.Tensor, ids: CsmIds) -> torch.Tensor:
-    """(B, S) ids + (B, S, K) codes -> (B, S, D): a text position's token embedding, an audio position's sum of
-    its K codebook embeddings (what the stock model computes from ``input_values`` with its codec)."""
-    text = model.embed_text_tokens(input_ids)
-    audio = model.backbone_model.embed_tokens(codes)  # (B, S, K) -> (B, S, D)
-    is_audio = (input_ids == ids.audio_token) | (input_ids == ids.audio_eos)
-    return torch.where(is_audio[..., None], audio, text)
 
 
 def text_loss(model, hidden: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
