@@ -37,6 +37,9 @@ def csm_trainer(model_args, data_args, csm_args, args):
     if is_deepspeed_zero3_enabled():  # the frame embeddings are looked up outside the engine's gathered forward
         raise ValueError("architecture csm trains under ZeRO-2 (deepspeed_configs/zero2.json) or without DeepSpeed; "
                          "ZeRO-3 is not supported")
+    if model_args.interleave != "none":
+        raise ValueError(f"interleave {model_args.interleave!r}: architecture csm takes a turn's text before its "
+                         "frames (no words inside the speech); set interleave: none")
     model, tokenizer, vocab = load_csm_model(model_args, csm_args)
     train, evals = load_csm_datasets(model_args, data_args, args, tokenizer, vocab, model.config)
     trainer = CsmTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, csm_args=csm_args,

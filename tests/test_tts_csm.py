@@ -219,3 +219,11 @@ def test_a_dac_codec_goes_inside_the_checkpoint(tmp_path):
     with torch.no_grad():
         inside = model.codec_model.encode(torch.from_numpy(wav)[None, None]).audio_codes[0]
     assert torch.equal(inside, torch.stack(codec.encode(wav)))
+
+
+def test_stage_refuses_words_interleaving_for_csm(tmp_path):
+    lm, codec = tiny_lm(tmp_path / "lm"), tiny_codec("melcodec", tmp_path / "codec")
+    with pytest.raises(ValueError, match="interleave 'words'"):
+        cli(["train", "tts", "--config", "stages/configs/tts_csm_demo.yaml", "--model_name_or_path", str(lm),
+             "--codec_name_or_path", str(codec), "--interleave", "words", "--train_files", "x.jsonl",
+             "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
