@@ -173,6 +173,22 @@ def render_real_size_smoke(data: dict) -> str:
                       r["seconds"]["write llm"], r["seconds"]["audiollm init"]]]))
 
 
+def render_tts_csm(data: dict) -> str:
+    rows = []
+    for name, r in data["results"].items():
+        low, high = r["heldout_wer_ci95"] or (None, None)
+        by_t = ", ".join(f"T {t}: {fmt(w)}" for t, w in r["validation_wer_by_temperature"].items())
+        mark = " (chosen on validation)" if name == data.get("chosen_csm") else ""
+        rows.append([f"{name}{mark}", r["steps"], r["train_s"], r["frames_per_s"], r["peak_step_memory_mb"],
+                     r["final_loss"], by_t, f"{fmt(r['heldout_wer'])} [{fmt(low)}, {fmt(high)}]", r["rtf"],
+                     r["stream_first_audio_s"], r["stream_rtf"], r.get("stream_audio_s")])
+    texts = next(iter(data["results"].values()))["heldout_texts"]
+    return (f"Each variant trained for a {fmt(data['budget_s'])} s wall budget on the demo voice's rows, then spoke "
+            f"{texts} held-out texts once each at the temperature its validation WER chose:\n\n"
+            + table(["variant", "steps", "train s", "frames/s", "peak MB (1 step)", "last loss", "validation WER",
+                     "held-out WER [95% CI]", "RTF", "stream TTFA s", "stream RTF", "stream audio s"], rows))
+
+
 SECTIONS = [
     ("Encoder: stock 30 s padding vs unpadded", "encoder", "encoder*.json", render_encoder),
     ("Log-mel features", "features", "features.json", render_features),
@@ -182,6 +198,7 @@ SECTIONS = [
     ("Evaluation: batches by length vs file order", "eval_order", "eval_order.json", render_eval_order),
     ("GPU throughput and MFU", "gpu_mfu", "gpu_mfu*.json", render_gpu_mfu),
     ("Real-size SFT smoke run", "real_size_smoke", "real_size_smoke*.json", render_real_size_smoke),
+    ("Speech generation: flat rvq vs CSM", "tts_csm", "tts_csm*.json", render_tts_csm),
 ]
 GPU_MISSING = ("The full-size run (`python -m benchmarks.gpu_mfu`: Whisper-large-v3 encoder + Qwen2.5-1.5B-shaped LLM, "
                "bf16) needs a GPU and has no results here. `gpu_mfu_tiny.json` is the same code path on tiny shapes "

@@ -432,10 +432,11 @@ def tts_recipe(argv: list[str]):
     from trl import TrlParser
 
     from audiollm.training import check_training_args
+    from audiollm.tts.csm_training import CsmArguments
     from audiollm.tts.training import TTSDataArguments, TTSModelArguments
 
-    model_args, data_args, args = TrlParser((TTSModelArguments, TTSDataArguments, TrainingArguments)) \
-        .parse_args_and_config(argv)
+    model_args, data_args, _, args = TrlParser((TTSModelArguments, TTSDataArguments, CsmArguments,
+                                                TrainingArguments)).parse_args_and_config(argv)
     check_training_args(args)
     assert model_args.layout in ("single", "snac7", "rvq") and model_args.codec_name_or_path
     return model_args, data_args, args

@@ -2,6 +2,7 @@
 
     audiollm speak --model runs/tts --text "hello world" --out hello.wav [--stream]
     audiollm speak --model runs/tts --text "..." --out x.wav --prompt-audio ref.wav --prompt-text "what ref says"
+    audiollm speak --model runs/tts_csm --text "..." --out x.wav --turn "earlier words" earlier.wav   # csm context
     audiollm speak --model runs/tts --text "..." --out x.wav --best-of 4 --verifier whisper-large-v3.pt
     audiollm chat --model runs/sft --audio question.wav --tts runs/tts --out-wav reply.wav
     audiollm chat --model runs/sft --audio question.wav --mode cascade --asr whisper.pt [--text-llm Qwen2.5/]
@@ -22,6 +23,8 @@ def add_tts_commands(subparsers) -> None:
     p.add_argument("--stream", action="store_true", help="decode while sampling; prints time to first audio")
     p.add_argument("--prompt-audio", metavar="WAV", help="voice to clone (needs --prompt-text)")
     p.add_argument("--prompt-text", help="the words of --prompt-audio")
+    p.add_argument("--turn", nargs=2, action="append", metavar=("TEXT", "WAV"), help="a csm model: an earlier turn "
+                   "of the conversation (its words and its audio), oldest first; repeat for more")
     p.add_argument("--best-of", type=int, default=1, metavar="N", help="sample N, keep the best by --verifier")
     p.add_argument("--verifier", metavar="LISTENER", help="scores --best-of candidates by WER: a Whisper .pt, an HF "
                    "Whisper folder or an audio-LLM folder (audiollm init / training output, stock Qwen2-Audio)")
@@ -57,7 +60,8 @@ def run_speak(args) -> int:
     tts = load_tts(args.model, args.codec)
     sampling = default_sampling(tts.vocab.layout, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    clone = {"prompt_audio": args.prompt_audio, "prompt_text": args.prompt_text}
+    clone = {"prompt_audio": args.prompt_audio, "prompt_text": args.prompt_text,
+             "turns": [tuple(t) for t in args.turn] if args.turn else None}
     if args.stream:
         wav, timing = timed_stream(speak_stream(tts, args.text, sampling=sampling, **clone), tts.codec.sample_rate)
         write_wav(args.out, wav, tts.codec.sample_rate)

@@ -51,6 +51,11 @@ def load_tts(model_dir: str | os.PathLike, codec_dir: str | None = None, device:
     vocab = TTSVocab.load(model_dir)
     options = {"codebooks": vocab.token_layout.per_frame} if vocab.layout == "rvq" else {}
     codec = load_codec(codec_dir or vocab.codec, device, **options)
+    if vocab.architecture == "csm":
+        from audiollm.tts.csm_model import load_csm
+
+        model, tokenizer, _ = load_csm(model_dir)
+        return TTSModel(model.to(device).eval(), tokenizer, vocab, codec)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return TTSModel(model, AutoTokenizer.from_pretrained(model_dir), vocab, codec)
 
@@ -116,19 +121,39 @@ def decode_tokens(tts: TTSModel, tokens: torch.Tensor, prompt_frames: int) -> np
     return wav[prompt_frames * tts.codec.samples_per_frame :]
 
 
+def flat_candidates(tts: TTSModel, text: str, prompt_audio, prompt_text, sampling: Sampling, rows: int
+                    ) -> tuple[list[torch.Tensor], int]:
+    """(``rows`` sampled candidates as layout tokens, cloning prompt first; the prompt's frames)."""
+    prompt = build_prompt(tts, text, prompt_audio, prompt_text)
+    steps = list(sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames, rows=rows,
+                               prefilled=prompt.prefilled, words=prompt.words))
+    candidates = [torch.cat([prompt.prefix_tokens, new]) for new in speech_tokens(steps, tts.vocab)]
+    return candidates, prompt.prefilled // tts.per_frame
+
+
+def check_turns(tts: TTSModel, turns) -> None:
+    if turns and tts.vocab.architecture != "csm":
+        raise ValueError("conversational context (earlier turns) needs a csm model; a flat one clones by "
+                         "prompt_audio / prompt_text")
+
+
 def speak(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | None = None,
           prompt_text: str | None = None, best_of: int = 1, verifier: Verifier | None = None,
-          sampling: Sampling | None = None, out_wav: str | None = None) -> SpeechResult:
-    """Speak ``text``; with best_of > 1, sample that many candidates in one batch and keep the verifier's best."""
+          sampling: Sampling | None = None, out_wav: str | None = None, turns: list | None = None
+          ) -> SpeechResult:
+    """Speak ``text``; with best_of > 1, sample that many candidates in one batch and keep the verifier's best.
+    ``turns`` (csm only): earlier turns of the conversation, [(text, audio path or waveform), ...]."""
     tts = as_tts(model)
     if best_of > 1 and verifier is None:
         raise ValueError("best_of > 1 needs a verifier (e.g. ListenerVerifier) to choose among the candidates")
+    check_turns(tts, turns)
     sampling = sampling or default_sampling(tts.vocab.layout)
-    prompt = build_prompt(tts, text, prompt_audio, prompt_text)
-    steps = list(sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames, rows=best_of,
-                               prefilled=prompt.prefilled, words=prompt.words))
-    frames = prompt.prefilled // tts.per_frame
-    candidates = [torch.cat([prompt.prefix_tokens, new]) for new in speech_tokens(steps, tts.vocab)]
+    if tts.vocab.architecture == "csm":
+        from audiollm.tts.csm_generate import csm_candidates
+
+        candidates, frames = csm_candidates(tts, text, prompt_audio, prompt_text, sampling, best_of, turns)
+    else:
+        candidates, frames = flat_candidates(tts, text, prompt_audio, prompt_text, sampling, best_of)
     wavs = [decode_tokens(tts, tokens, frames) for tokens in candidates]
     scores = list(verifier(wavs, tts.codec.sample_rate, text)) if best_of > 1 else []
     best = int(np.argmax(scores)) if scores else 0
@@ -138,28 +163,48 @@ def speak(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | No
     return result
 
 
-def speak_stream(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | None = None,
-                 prompt_text: str | None = None, sampling: Sampling | None = None, hop: int = DEFAULT_HOP,
-                 context: tuple[int | None, int | None] | None = None) -> Iterator[np.ndarray]:
-    """Yield waveform chunks while sampling; their concatenation is the new speech (see ``streaming``)."""
-    tts = as_tts(model)
-    sampling = sampling or default_sampling(tts.vocab.layout)
+def flat_stream(tts: TTSModel, text: str, prompt_audio, prompt_text, sampling: Sampling):
+    """(the cloning prompt's codes per level or None, an iterator of new frames as one code tensor per level)."""
     prompt = build_prompt(tts, text, prompt_audio, prompt_text)
     layout = tts.vocab.token_layout
     prefix = layout.tokens_to_codes(prompt.prefix_tokens) if prompt.prefilled else None
+
+    def frames():
+        frame: list[int] = []
+        for step in sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames,
+                                  prefilled=prompt.prefilled, words=prompt.words):
+            token = int(step[0])
+            if token == tts.vocab.speech_end:
+                return
+            if token < tts.vocab.code_offset:  # an interleaved word: not audio
+                continue
+            frame.append(token - tts.vocab.code_offset)
+            if len(frame) == tts.per_frame:
+                yield layout.tokens_to_codes(torch.tensor(frame))
+                frame = []
+
+    return prefix, frames()
+
+
+def speak_stream(model: TTSModel | str | os.PathLike, text: str, prompt_audio: str | None = None,
+                 prompt_text: str | None = None, sampling: Sampling | None = None, hop: int = DEFAULT_HOP,
+                 context: tuple[int | None, int | None] | None = None, turns: list | None = None
+                 ) -> Iterator[np.ndarray]:
+    """Yield waveform chunks while sampling; their concatenation is the new speech (see ``streaming``).
+    ``context``: the codec's stream context (left, right frames); ``turns`` (csm only): earlier turns."""
+    tts = as_tts(model)
+    check_turns(tts, turns)
+    sampling = sampling or default_sampling(tts.vocab.layout)
+    if tts.vocab.architecture == "csm":
+        from audiollm.tts.csm_generate import csm_stream
+
+        prefix_frames, frames = csm_stream(tts, text, prompt_audio, prompt_text, sampling, turns)
+        prefix = list(prefix_frames.T) if len(prefix_frames) else None
+    else:
+        prefix, frames = flat_stream(tts, text, prompt_audio, prompt_text, sampling)
     streamer = FrameStreamer(tts.codec, hop, context, prefix)
-    frame: list[int] = []
-    for step in sample_speech(tts.model, prompt.ids, tts.vocab, sampling, prompt.max_frames,
-                              prefilled=prompt.prefilled, words=prompt.words):
-        token = int(step[0])
-        if token == tts.vocab.speech_end:
-            break
-        if token < tts.vocab.code_offset:  # an interleaved word: not audio
-            continue
-        frame.append(token - tts.vocab.code_offset)
-        if len(frame) == tts.per_frame:
-            yield from streamer.push(layout.tokens_to_codes(torch.tensor(frame)))
-            frame = []
+    for frame in frames:
+        yield from streamer.push(frame)
     yield from streamer.finish()
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 LAYOUTS = ("single", "snac7", "rvq")
+ARCHITECTURES = ("flat", "csm")  # one token stream of the layout's tokens, or CSM's frame backbone + depth decoder
 INTERLEAVES = ("none", "words")
 TEXT_START, TEXT_END = "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>"  # LLaSA's names
 SPEECH_START, SPEECH_END = "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>"
@@ -128,6 +129,7 @@ class TTSVocab:
     sample_rate: int
     frame_rate: float
     interleave: str = "none"  # or "words": see the module docstring
+    architecture: str = "flat"  # or "csm": codes per frame in a backbone + depth decoder (audiollm/tts/csm_model.py)
 
     @property
     def words(self) -> bool:

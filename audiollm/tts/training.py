@@ -27,6 +27,9 @@ class TTSModelArguments:
     codec_name_or_path: str | None = field(default=None, metadata={"help": "Local XCodec2, SNAC, Mimi, DAC or "
                                            "trained-here codec folder; default: the one in the model's "
                                            "tts_config.json."})
+    architecture: str = field(default="flat", metadata={"help": "flat: one LM over the layout's token stream "
+                              "(LLaSA, Orpheus); csm: a backbone per frame + a depth decoder for the codebooks "
+                              "(CSM, Moshi; needs an RVQ codec: see audiollm/tts/csm_model.py)."})
     layout: str = field(default="single", metadata={"help": "single (XCodec2, LLaSA), snac7 (SNAC, Orpheus) or rvq "
                         "(Mimi, DAC, the codec trained here); ignored when the model already has a tts_config.json."})
     interleave: str = field(default="none", metadata={"help": "none, or words: each word's text inside the speech "
