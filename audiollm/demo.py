@@ -222,10 +222,15 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
                                 "--seed", str(seed)], max_steps)
 
 
+def is_voice_chat(row: dict) -> bool:
+    """Every user turn of the row is only spoken audio (no typed instruction)."""
+    return all(m["content"].strip() == "<audio>" for m in row["messages"] if m["role"] == "user")
+
+
 def split_chat(data: Path, split: str) -> dict[str, Path]:
     """A split's SFT rows as two manifests: voice chat (every user turn is only spoken audio) and analysis."""
     rows = [json.loads(line) for line in (data / f"{split}_sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    spoken = [all(m["content"].strip() == "<audio>" for m in r["messages"] if m["role"] == "user") for r in rows]
+    spoken = [is_voice_chat(r) for r in rows]
     parts = {"voice_chat": [r for r, s in zip(rows, spoken) if s],
              "analysis": [r for r, s in zip(rows, spoken) if not s]}
     paths = {}
@@ -240,13 +245,7 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
     the same figures on the validation split (other unseen voices and sentences), where recipe choices are made."""
     from eval.pipeline import evaluate
 
-    tasks = {"preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}"}
-    for split in ("heldout", "validation"):
-        chat = split_chat(data, split)
-        tasks.update({split: f"manifest:{data / f'{split}_pretrain.jsonl'}",
-                      f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
-                      f"{split}_analysis": f"short:manifest:{chat['analysis']}",
-                      f"{split}_typed": f"short:manifest:{data / f'{split}_text.jsonl'}"})
+    tasks = {"preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}", **listening_tasks(data)}
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
     value = lambda res, task: float(res["tasks"][task]["value"])  # noqa: E731  (the harness may give numpy floats)
@@ -259,6 +258,19 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
 
     return {**figures("heldout"), "dpo_pref_accuracy_before": value(before, "preference"),
             "dpo_pref_accuracy_after": value(after, "preference"), "validation": figures("validation")}
+
+
+def listening_tasks(data: Path) -> dict[str, str]:
+    """The eval harness's tasks of the held-out and validation splits: pretraining rows (ASR and classification),
+    voice chat, analysis, and the same questions typed."""
+    tasks = {}
+    for split in ("heldout", "validation"):
+        chat = split_chat(data, split)
+        tasks.update({split: f"manifest:{data / f'{split}_pretrain.jsonl'}",
+                      f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
+                      f"{split}_analysis": f"short:manifest:{chat['analysis']}",
+                      f"{split}_typed": f"short:manifest:{data / f'{split}_text.jsonl'}"})
+    return tasks
 
 
 def per_voice(predictions: Path, data: Path) -> dict:

@@ -280,3 +280,24 @@ def test_grpo_trains_on_two_deepspeed_ranks(folder, tmp_path):
     before = load_file(Path(folder["model"]) / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert not torch.equal(before[NAME], after[NAME])
+
+
+def test_demo_measurement_pairs_items_and_reports(tmp_path):
+    from audiollm.demo_grpo import paired_gain, report
+
+    def predictions(path: Path, scores: list[float]) -> Path:
+        path.write_text("".join(json.dumps({"task": "heldout_voice_chat", "kind": "short", "id": f"q{i}",
+                                            "prediction": "", "score": s}) + "\n"
+                                for i, s in enumerate(scores)))
+        return path
+
+    before = predictions(tmp_path / "before.jsonl", [0, 0, 1, 1, 0, 1, 0, 0])
+    after = predictions(tmp_path / "after.jsonl", [1, 0, 1, 0, 1, 1, 1, 0])
+    gain = paired_gain(before, after, "heldout_voice_chat")
+    assert gain["gain"] == pytest.approx(2 / 8) and (gain["fixed"], gain["broken"], gain["items"]) == (3, 1, 8)
+    assert gain["ci95"][0] <= 0.25 <= gain["ci95"][1]
+    split = {"voice_chat": 0.5, "analysis": 0.6, "asr_wer": 0.4, "classification": 0.7, "typed": 0.9}
+    text = report({"sft": {"heldout": split, "validation": split}, "grpo": {"heldout": split, "validation": split},
+                   "voice_chat_gain": {"heldout": gain}, "reward_curve": [[10, 0.5]], "completions_per_second": 3.0,
+                   "train_seconds": 12.0})
+    assert "| heldout | voice_chat | 0.500 | 0.500 |" in text and "+0.250" in text and "3 items fixed" in text
