@@ -1,6 +1,6 @@
 """GRPO in the demo setting, measured: ``python -m audiollm.demo_grpo --run runs/demo``.
 
-Outside ``audiollm demo`` (600 GRPO steps take ~11 minutes on one thread, past the demo's 20-minute budget). From a
+Outside ``audiollm demo`` (600 GRPO steps take 9-11 minutes on one thread, past the demo's 20-minute budget). From a
 finished demo run it: writes the training split's voice-chat rows (every user turn spoken) as the GRPO prompts,
 trains ``stages/configs/grpo_demo.yaml`` from the run's SFT model with the exact-match reward, evaluates the SFT
 model and the GRPO model on the held-out and validation splits with the demo's own tasks, and writes
