@@ -302,10 +302,10 @@ class DistillMixin:
         self.teacher, self.distill_args = teacher, distill_args or DistillArguments()
         self.kd_rows = Counter()  # rows distilled / without transcripts / answer mismatch since the last log
         if teacher is not None:
-            self.teacher = freeze(teacher).to(self.args.device)
             trained = {id(p) for p in self.model.parameters() if p.requires_grad}
-            if any(id(p) in trained for p in self.teacher.parameters()):
+            if any(id(p) in trained for p in teacher.parameters()):
                 raise ValueError("the teacher shares weights with the trained model; load it as its own copy")
+            self.teacher = freeze(teacher).to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts = inputs.pop(KD_COUNTS, None)
