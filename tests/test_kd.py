@@ -61,9 +61,9 @@ def test_loss_equals_the_hand_computed_kl_and_cross_entropy(ce_weight):
     loss = distill_loss(hidden, labels, head, teacher)
     kd_token = (1 - ce_weight) * 4 * 0.5 * math.log(9 / 8) + ce_weight * math.log(3)
     assert float(loss.detach()) == pytest.approx((kd_token + math.log(3)) / 2, rel=1e-6)
-    with torch.no_grad():
+    with torch.no_grad():  # gradient accumulation: the sum over the divisor of all micro-batches' tokens
         accumulated = distill_loss(hidden, labels, head, teacher, num_items_in_batch=4)
-    assert float(accumulated) == pytest.approx((kd_token + math.log(3)) / 4, rel=1e-6)  # gradient accumulation: the sum over all micro-batches' tokens
+    assert float(accumulated) == pytest.approx((kd_token + math.log(3)) / 4, rel=1e-6)
     loss.backward()
     assert hidden.grad[0, 0].abs().sum() > 0 and hidden.grad[1, 0].abs().sum() > 0
     assert teacher.head.weight.grad is None or teacher.head.weight.grad.abs().sum() == 0
