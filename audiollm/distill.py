@@ -186,8 +186,8 @@ def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def _kd_chunk_sum(head, hidden, teacher_hidden, targets, teacher_head, temperature, ce_weight) -> torch.Tensor:
     """Summed distillation loss of a chunk: (n, H) student and teacher hidden states -> a scalar."""
-    with torch.no_grad():
-        teacher_logits = teacher_head(teacher_hidden)  # (n, V), recomputed in backward: cheaper than keeping it
+    with torch.no_grad():  # (n, V), recomputed in backward: cheaper than keeping it; in the teacher's own dtype
+        teacher_logits = teacher_head(teacher_hidden.to(teacher_head.weight.dtype))  # (a bf16 student: fp32 teacher)
     return kd_token_losses(head(hidden), teacher_logits, targets, temperature, ce_weight).sum()
 
 
@@ -234,7 +234,7 @@ def distill_loss(hidden: torch.Tensor, labels: torch.Tensor, head, teacher: Teac
         raise ValueError("kd_labels must be the batch's labels on distilled rows")
     total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()
     total = _chunked_sum(_ce_chunk_sum, total, head, hidden[ce], targets[ce], chunk_tokens=chunk_tokens)
-    total = _chunked_sum(_kd_chunk_sum, total, head, hidden[kd], teacher.hidden.to(hidden.dtype), kd_targets[kd],
+    total = _chunked_sum(_kd_chunk_sum, total, head, hidden[kd], teacher.hidden.to(hidden.device), kd_targets[kd],
                          consts=(teacher.head, teacher.temperature, teacher.ce_weight), chunk_tokens=chunk_tokens)
     if num_items_in_batch is None:
         return total / (kd | ce).sum().clamp(min=1)
