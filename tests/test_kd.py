@@ -234,3 +234,17 @@ def test_sft_stage_trains_with_the_kd_loss(tokenizer, tiny_model, speech_like, t
     assert len(history) == 12 and all(math.isfinite(e["loss"]) for e in history)
     assert history[-1]["loss"] < 0.6 * history[0]["loss"], [e["loss"] for e in history]  # measured: 2.04 -> 1.02
     assert {(e["kd_rows"], e["kd_fallback_rows"]) for e in history} == {(3.0, 1.0)}
+
+
+def test_data_check_refuses_transcripts_that_do_not_match_the_audios(speech_like, tmp_path):
+    from audiollm.data_check import CheckOptions, RowReport, check_report
+
+    sf.write(tmp_path / "q.wav", speech_like(0.6), SAMPLE_RATE)
+    row = {"id": "m.jsonl:3", "messages": [{"role": "user", "content": "<audio>"},
+                                          {"role": "assistant", "content": "two"}],
+           "audios": [str(tmp_path / "q.wav")], "transcripts": ["one plus one", "extra"]}
+    bad = check_report(RowReport("m.jsonl", 3, "m.jsonl:3", row), CheckOptions())
+    assert [kind for kind, _ in bad.problems] == ["transcript_mismatch"] and "m.jsonl:3" in bad.problems[0][1]
+    good = check_report(RowReport("m.jsonl", 3, "m.jsonl:3", {**row, "transcripts": ["one plus one"]}),
+                        CheckOptions())
+    assert not good.has_error, good.problems
