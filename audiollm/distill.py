@@ -29,9 +29,7 @@ the loss checks that the paired target ids are equal.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -244,31 +242,6 @@ def distill_loss(hidden: torch.Tensor, labels: torch.Tensor, head, teacher: Teac
 
 
 # ------------------------------------------------------------------------------------------------- the teacher
-
-
-def load_teacher(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """The frozen teacher LLM from ``path``: an audiollm folder's ``language_model``, or any causal LM folder.
-
-    Loaded as a full copy on every rank (also under ZeRO-3: it is never sharded, never optimised)."""
-    from transformers import AutoModelForCausalLM
-
-    from audiollm.model.config import STOCK_MODEL_TYPE, AudioLLMConfig
-    from audiollm.model.modeling import AudioLLMForConditionalGeneration
-    from audiollm.training import zero3_paused
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"kd_teacher {path}: no config.json; give a model folder")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    kwargs = {"dtype": dtype, "use_safetensors": True}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    with zero3_paused():
-        if model_type in (AudioLLMConfig.model_type, STOCK_MODEL_TYPE):
-            teacher = AudioLLMForConditionalGeneration.from_pretrained(path, **kwargs).language_model
-        else:
-            teacher = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return freeze(teacher)
 
 
 def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
