@@ -31,6 +31,7 @@ from audiollm.audio_sources import load_audio_source
 from audiollm.augment import Augmentation
 from audiollm.bad_rows import TALLY_KEY, BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
+from audiollm.distill import teacher_batch, text_version
 from audiollm.row_checks import RowError, check_chat_row
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     clips: list[np.ndarray]
+    teacher: Encoded | None = None  # distillation: the row as text, each audio replaced by its transcript
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ChatCollator:
     bad_rows: BadRowLog | None = None  # training: skip and record bad rows instead of raising
     return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
     augment: Augmentation | None = None  # training: each clip transformed (audiollm.augment)
+    teacher_text: bool = False  # distillation: add each row's text version for the teacher (audiollm.distill)
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class ChatCollator:
                 raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
             return self.tallied(self.empty_batch())
         batch = self.pad(encoded)
+        if self.teacher_text and not self.generation:
+            batch.update(teacher_batch(encoded, batch["labels"], self.tokenizer.pad_token_id))
         clips = [clip for e in encoded for clip in e.clips]
         if clips:
             names = [f"{e.row_id} audio {k}" for e in encoded for k in range(len(e.clips))]
@@ -130,10 +135,14 @@ class ChatCollator:
             batch["row_ids"] = []
         return batch
 
-    def encode(self, row: dict, index: int) -> Encoded:
-        """Render, tokenize and expand one row. Raises RowError for a marker/audio count mismatch."""
+    def encode(self, row: dict, index: int, with_teacher: bool = True) -> Encoded:
+        """Render, tokenize and expand one row. Raises RowError for a marker/audio count mismatch (and, with
+        ``teacher_text``, for transcripts that do not match the audios)."""
         row_id = row_id_of(row, index)
         check_chat_row(row, row_id, self.data_root, self.generation)
+        teacher = None
+        if self.teacher_text and with_teacher and (text_row := text_version(row, row_id)) is not None:
+            teacher = self.encode(text_row, index, with_teacher=False)
         messages, audios = row["messages"], list(row.get("audios") or [])
         clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]
         if self.augment is not None:
@@ -152,7 +161,7 @@ class ChatCollator:
                 ids += [tok] * counts[clip]
                 labels += [IGNORE_INDEX] * counts[clip]
                 clip += 1
-        return Encoded(row_id, ids, labels, clips)
+        return Encoded(row_id, ids, labels, clips, teacher)
 
     def set_epoch(self, epoch: int) -> None:
         """The training epoch, which the augmentation's draws follow (``audiollm.augment.CollatorEpochs``)."""
@@ -169,7 +178,8 @@ class ChatCollator:
         if self.overflow == "trim_text" and audio_end < self.max_length and (keeps_labels or self.generation):
             log.warning("%s: %d tokens > max_length=%d, text trimmed", row.row_id, len(row.input_ids), self.max_length)
             self.skipped["trimmed_over_max_length"] += 1
-            return Encoded(row.row_id, row.input_ids[: self.max_length], row.labels[: self.max_length], row.clips)
+            return Encoded(row.row_id, row.input_ids[: self.max_length], row.labels[: self.max_length], row.clips,
+                           row.teacher)
         self.skipped["dropped_over_max_length"] += 1
         log.warning(
             "%s: %d tokens > max_length=%d, row dropped (%d dropped so far)",

@@ -3,9 +3,10 @@
 Rows keep their audio as paths (resolved against the manifest's folder) or undecoded Hub ``Audio`` values: the
 collator decodes audio per batch, so nothing is cached as features. Three row formats, one per stage:
 
-    pretrain:   {"audio": "a.wav", "task": "asr", "text": "the transcript"}   (optional "prompt" overrides the pool)
+    pretrain:   {"audio": "a.wav", "task": "asr", "text": "the transcript"}   (optional "prompt" overrides the pool,
+                optional "transcript": what the clip says, for distillation)
     chat (SFT): {"messages": [{"role": "user", "content": "<audio>..."}, {"role": "assistant", ...}],
-                 "audios": ["a.wav"]}
+                 "audios": ["a.wav"]}    (optional "transcripts": one per audio, for distillation)
     preference: the chat row plus "chosen" and "rejected" answers (strings or assistant messages);
                 LLaMA-Factory's "rejected_response" is read as "rejected".
 """
@@ -157,7 +158,10 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
         {"role": "user", "content": f"<audio>{prompt}"},
         {"role": "assistant", "content": str(row["text"])},
     ]
-    return {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
+    chat = {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
+    if "transcript" in row:  # what the clip says, for a distillation teacher (audiollm/distill.py)
+        chat["transcripts"] = None if row["transcript"] is None else [str(row["transcript"])]
+    return chat
 
 
 def add_lengths(dataset, num_proc: int | None = None):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from audiollm.audio import AudioError, clip_token_count
 from audiollm.audio_checks import AUDIO_KINDS, read_checked
 from audiollm.data import load_manifest, locate_paths, pretrain_to_chat
+from audiollm.distill import text_version
 from audiollm.row_checks import ROW_KINDS, RowError, check_chat_row, parse_line
 
 KINDS = {**ROW_KINDS, **AUDIO_KINDS}
@@ -81,6 +82,7 @@ def check_report(report: RowReport, options: CheckOptions) -> RowReport:
     try:
         chat = as_checkable_chat(report.row, report.row_id)
         check_chat_row(chat, report.row_id, options.data_root)
+        text_version(chat, report.row_id)  # transcripts for distillation, when given: one per audio
     except RowError as err:
         report.problems.append((err.kind, str(err)))
         return report

@@ -34,10 +34,14 @@ from transformers.masking_utils import sdpa_mask
 
 from audiollm.bad_rows import TALLY_KEY
 from audiollm.collator import IGNORE_INDEX
+from audiollm.distill import KD_COUNTS, KD_LABELS, TEACHER_KEYS
 
 # Audio keys (already in row order), the row ids the crash-safe trainer reports on a non-finite loss and the
 # batch's bad-row tally.
-PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids", TALLY_KEY)
+# The teacher's text rows and row counts (audiollm/distill.py) pass through too: the teacher runs them padded.
+PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids", TALLY_KEY, *TEACHER_KEYS, KD_COUNTS)
+# Per-token labels packed like ``labels``: the distilled rows' labels pair with the teacher's by answer order.
+PACKED_LABELS = ("labels", KD_LABELS)
 PACKED_SDPA = "sdpa_packed"  # the attn_implementation name of packed_sdpa_attention
 
 
@@ -112,12 +116,14 @@ def pack_batch(batch: dict[str, torch.Tensor], pad_id: int, max_tokens: int = 0)
     """A right-padded batch -> a packed one.
 
     Args:
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, S), right-padded; audio keys pass through.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (and distillation's ``kd_labels``) (B, S),
+            right-padded; audio keys and the teacher's rows pass through.
         pad_id: token id written after the last row of a shorter packed sequence.
         max_tokens: tokens per packed sequence; 0 packs the whole batch into one sequence.
     Returns:
-        ``input_ids``, ``labels``, ``position_ids`` of shape (P, W), P packed sequences of W = the longest's length,
-        no ``attention_mask``. A padding tail gets positions 0, 1, ... (a block of its own) and no labels.
+        ``input_ids``, ``labels`` (``kd_labels``), ``position_ids`` of shape (P, W), P packed sequences of W = the
+        longest's length, no ``attention_mask``. A padding tail gets positions 0, 1, ... (a block of its own) and no
+        labels.
     """
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(-1).tolist()
@@ -126,18 +132,20 @@ def pack_batch(batch: dict[str, torch.Tensor], pad_id: int, max_tokens: int = 0)
     bins = bins_in_order(lengths, max_tokens)
     width = max(sum(lengths[i] for i in group) for group in bins)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    label_keys = [key for key in PACKED_LABELS if key in batch]
+    labels = {key: torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long) for key in label_keys}
     positions = torch.zeros((len(bins), width), dtype=torch.long)
     for k, group in enumerate(bins):
         at = 0
         for i in group:
             n = lengths[i]
             ids[k, at : at + n] = batch["input_ids"][i, :n]
-            labels[k, at + 1 : at + n] = batch["labels"][i, 1:n]  # the row's first token has no predecessor
+            for key in label_keys:
+                labels[key][k, at + 1 : at + n] = batch[key][i, 1:n]  # the row's first token has no predecessor
             positions[k, at : at + n] = torch.arange(n)
             at += n
         positions[k, at:] = torch.arange(width - at)
-    packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    packed = {"input_ids": ids, **labels, "position_ids": positions}
     packed.update({key: batch[key] for key in PASSED_THROUGH if key in batch})
     return packed
 

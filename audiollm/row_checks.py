@@ -21,6 +21,7 @@ ROW_KINDS = {
     "empty_assistant": ("error", "no assistant turn, or an empty one"),
     "over_length": ("error", "more tokens (audio included) than max_length"),
     "escapes_root": ("error", "an audio path outside the configured data root"),
+    "transcript_mismatch": ("error", "'transcripts' (for distillation) not one string per audio"),
 }
 
 

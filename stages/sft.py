@@ -12,16 +12,18 @@ from transformers import TrainingArguments
 from trl import TrlParser
 
 from audiollm.augment import CollatorEpochs
-from audiollm.batching import TokenBudgetTrainer
 from audiollm.training import (
     DataArguments,
+    DistillArguments,
     ModelArguments,
+    StageTrainer,
     check_training_args,
     latest_checkpoint,
     load_datasets,
     load_model,
     make_batch_sampler,
     make_collator,
+    make_teacher,
     preflight,
     save_final,
     skip_cpu_shm_allreduce_op,
@@ -30,23 +32,25 @@ from audiollm.training import (
 
 def main(argv: list[str] | None = None) -> None:
     skip_cpu_shm_allreduce_op()  # before parsing, which starts the process group
-    parser = TrlParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, args = parser.parse_args_and_config(argv)
+    parser = TrlParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments))
+    model_args, data_args, kd_args, args = parser.parse_args_and_config(argv)
     check_training_args(args)
 
     model, tokenizer = load_model(model_args)
+    teacher = make_teacher(kd_args, model_args)  # loss: kd: the frozen text LLM, outside the optimizer; else None
 
     train, evals = load_datasets(data_args, args)
-    collator = make_collator(tokenizer, model, data_args, args.output_dir, seed=args.seed)  # bad rows: skipped
+    collator = make_collator(tokenizer, model, data_args, args.output_dir, seed=args.seed,  # bad rows: skipped
+                             teacher_text=kd_args.enabled)  # rows with transcripts: their text for the teacher
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
     eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is
 
     batches = make_batch_sampler(train, data_args, args)  # None: per_device_train_batch_size rows a batch
-    trainer = TokenBudgetTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                                 data_collator=collator, eval_data_collator=eval_collator, train_batch_sampler=batches,
-                                 max_bad_fraction=data_args.max_bad_fraction,
-                                 callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
+    trainer = StageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
+                           eval_data_collator=eval_collator, train_batch_sampler=batches,
+                           max_bad_fraction=data_args.max_bad_fraction, teacher=teacher, distill_args=kd_args,
+                           callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "sft", model_args, data_args, tokenizer)

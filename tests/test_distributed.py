@@ -401,13 +401,13 @@ def test_loss_falls_when_overfitting_one_row(runs):
 
 
 def plain_recipe(argv: list[str]):
-    """How stages/pretrain.py and stages/sft.py parse a recipe (their main(): TrlParser over three dataclasses)."""
+    """How stages/pretrain.py and stages/sft.py parse a recipe (their main(): TrlParser over four dataclasses)."""
     from transformers import TrainingArguments
     from trl import TrlParser
 
-    from audiollm.training import DataArguments, ModelArguments, check_training_args
+    from audiollm.training import DataArguments, DistillArguments, ModelArguments, check_training_args
 
-    model_args, data_args, args = TrlParser((ModelArguments, DataArguments, TrainingArguments)) \
+    model_args, data_args, _, args = TrlParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments)) \
         .parse_args_and_config(argv)
     check_training_args(args)
     return model_args, data_args, args

@@ -192,6 +192,7 @@ def row_audios(row: dict) -> list[str]:
 
 
 def test_manifests_have_the_project_formats(corpus):
+    said = {c["audio"]: c["text"] for c in read_jsonl(corpus / "clips.jsonl")}
     for name, rows in manifest_files(corpus).items():
         assert rows, name
         for row in rows:
@@ -205,7 +206,8 @@ def test_manifests_have_the_project_formats(corpus):
                 assert set(row) == {"messages", "audios", "chosen", "rejected"} and roles[-1] == "user"
                 assert row["chosen"] != row["rejected"]
             else:
-                assert set(row) == {"messages", "audios"} and roles[-1] == "assistant"
+                assert set(row) == {"messages", "audios", "transcripts"} and roles[-1] == "assistant"
+                assert row["transcripts"] == [said[a] for a in row["audios"]]  # for a distillation teacher
     train = manifest_files(corpus)
     assert {r["task"] for r in train["pretrain.jsonl"]} == {"asr", "sex", "language", "rate", "pitch"}
     assert any(len(r["audios"]) == 2 for r in train["sft.jsonl"])  # multi-turn, one clip per spoken question

@@ -13,7 +13,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audiollm.collator import IGNORE_INDEX
-from audiollm.loss import chunked_causal_lm_loss
+from audiollm.distill import distill_loss
+from audiollm.loss import DEFAULT_CHUNK_TOKENS, chunked_causal_lm_loss
 from audiollm.model.config import AudioLLMConfig
 from audiollm.model.encoder import AudioEncoder
 from audiollm.model.projector import build_projector
@@ -155,6 +156,7 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         sequences of at most N tokens (0: one sequence) and its per-token outputs come back in the padded layout.
         """
         pack_rows = kwargs.pop("pack_rows", None)
+        distill = kwargs.pop("distill", None)  # a TeacherOutput (audiollm/distill.py): the distillation loss
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, input_features, feature_attention_mask)
         if pack_rows is not None and attention_mask is not None:
@@ -169,6 +171,8 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
             out.loss = out.logits.float().sum() * 0.0
             return out
+        if labels is not None and distill is not None:
+            return self._distill_forward(inputs_embeds, attention_mask, labels, distill, **kwargs)
         if labels is not None and self.loss_chunk_tokens > 0 and not kwargs.get("fused_lm_head"):
             return self._lean_loss_forward(inputs_embeds, attention_mask, labels, **kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -191,13 +195,25 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
                     out[key] = unpack_rows(value, plan, shifted=value.shape[1] == plan.shape[1] - 1)
         return out
 
-    def _lean_loss_forward(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
-        """The LLM's backbone, then the chunked loss over labelled positions only: (B, S, V) logits never exist."""
+    def _backbone(self, inputs_embeds, attention_mask, **kwargs) -> torch.Tensor:
+        """The LLM without its head: (B, S, hidden) final hidden states."""
         kwargs["use_cache"] = False
         backbone = self.language_model.get_decoder()
-        hidden = backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def _lean_loss_forward(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, **kwargs):
+        """The LLM's backbone, then the chunked loss over labelled positions only: (B, S, V) logits never exist."""
+        hidden = self._backbone(inputs_embeds, attention_mask, **kwargs)
         loss = chunked_causal_lm_loss(hidden, labels, self.language_model.get_output_embeddings(),
                                       num_items_in_batch, self.loss_chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss)
+
+    def _distill_forward(self, inputs_embeds, attention_mask, labels, distill, num_items_in_batch=None, **kwargs):
+        """The backbone, then distillation on the teacher's answer tokens and cross-entropy on the rest, chunked
+        like the lean loss (logits only for labelled positions)."""
+        hidden = self._backbone(inputs_embeds, attention_mask, **kwargs)
+        loss = distill_loss(hidden, labels, self.language_model.get_output_embeddings(), distill,
+                            num_items_in_batch, self.loss_chunk_tokens or DEFAULT_CHUNK_TOKENS)
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()

@@ -6,8 +6,9 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     audio/train/00000.wav ...      16 kHz mono PCM_16 clips, 1-3 s each
     audio/heldout/00000.wav ...
     pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
-    sft.jsonl        {"messages", "audios"}: voice chat (the question is spoken), audio analysis (clip + text
-                     instruction), multi-turn (two spoken questions, or a text follow-up about the same clip)
+    sft.jsonl        {"messages", "audios", "transcripts"}: voice chat (the question is spoken), audio analysis
+                     (clip + text instruction), multi-turn (two spoken questions, or a text follow-up about the
+                     same clip); "transcripts": what each clip says, for distillation (audiollm/distill.py)
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (misheard, one number off, another word,
                      or rambling)
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
@@ -310,8 +311,10 @@ def chat_rows(s: Speaker, manifest: str, counts: dict[str, int]) -> list[dict]:
         rng = s.rng(f"{manifest}:{kind}")
         for _ in range(n):
             ex = EXCHANGES[kind](s, rng)
-            if manifest == "sft":
-                rows.append({"messages": ex.prompt + [assistant(ex.answer)], "audios": ex.audios})
+            if manifest == "sft":  # with what each clip says: a distillation teacher reads the question as text
+                spoken = {clip.audio: clip.text for clip in s.clips[-len(ex.audios):]} if ex.audios else {}
+                rows.append({"messages": ex.prompt + [assistant(ex.answer)], "audios": ex.audios,
+                             "transcripts": [spoken[a] for a in ex.audios]})
             else:
                 rows.append({"messages": ex.prompt, "audios": ex.audios, "chosen": ex.answer,
                              "rejected": rejected(rng, ex)})
