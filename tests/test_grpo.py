@@ -19,20 +19,11 @@ from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
 from eval.tasks import score_record
 from stages.grpo import AudioRows, main, parse_recipe
+from tests.test_dpo import tone, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWERS = ["a dog", "a bird", "a cat", "a man"]
 NAME = "language_model.model.layers.0.self_attn.q_proj.weight"
-
-
-def tone(seconds: float, hz: float) -> np.ndarray:
-    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
-    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
