@@ -292,3 +292,13 @@ def test_demo_measurement_pairs_items_and_reports(tmp_path):
                    "voice_chat_gain": {"heldout": gain}, "reward_curve": [[10, 0.5]], "completions_per_second": 3.0,
                    "train_seconds": 12.0})
     assert "| heldout | voice_chat | 0.500 | 0.500 |" in text and "+0.250" in text and "3 items fixed" in text
+
+
+def test_evaluation_samples_unaugmented_prompts_and_logs_the_reward(folder, tmp_path):
+    out = tmp_path / "out"
+    main(recipe(folder, out, max_steps=2, eval_files=folder["train"], eval_strategy="steps", eval_steps=2,
+                per_device_eval_batch_size=4, rewards="tests.test_grpo:even_tokens",
+                augmentation='{"gain": {"p": 1.0, "db": [-6, 0]}}'))
+    state = json.loads((out / "trainer_state.json").read_text())
+    [evaluated] = [entry for entry in state["log_history"] if "eval_reward" in entry]
+    assert evaluated["step"] == 2 and 0.0 <= evaluated["eval_reward"] <= 1.0
