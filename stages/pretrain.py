@@ -12,18 +12,17 @@ from transformers import TrainingArguments
 from trl import TrlParser
 
 from audiollm.augment import CollatorEpochs
+from audiollm.distill import DistillArguments
+from audiollm.teacher import StageTrainer, make_teacher
 from audiollm.training import (
     DataArguments,
-    DistillArguments,
     ModelArguments,
-    StageTrainer,
     check_training_args,
     latest_checkpoint,
     load_datasets,
     load_model,
     make_batch_sampler,
     make_collator,
-    make_teacher,
     preflight,
     save_final,
     skip_cpu_shm_allreduce_op,

@@ -405,7 +405,8 @@ def plain_recipe(argv: list[str]):
     from transformers import TrainingArguments
     from trl import TrlParser
 
-    from audiollm.training import DataArguments, DistillArguments, ModelArguments, check_training_args
+    from audiollm.distill import DistillArguments
+    from audiollm.training import DataArguments, ModelArguments, check_training_args
 
     model_args, data_args, _, args = TrlParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments)) \
         .parse_args_and_config(argv)

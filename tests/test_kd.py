@@ -193,7 +193,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(tokenizer, tiny_model, spee
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from audiollm.training import StageTrainer
+    from audiollm.teacher import StageTrainer
 
     model = tiny_model().train()
     teacher = copy.deepcopy(model.language_model)  # "its weights at the start", as its own copy
