@@ -43,17 +43,20 @@ from audiollm.audio import MIN_CHUNK_SAMPLES, SAMPLE_RATE, change_speed
 log = logging.getLogger(__name__)
 
 TELEPHONE_HZ = (300.0, 3400.0)  # the narrow band of a landline (ITU-T G.712)
+BAND_STOP_WIDTH = (0.2, 0.5)  # the notch's width as a fraction of its centre frequency
 NOISE_SLOPES_DB = (-6.0, 6.0)  # dB/octave of the coloured noise: -6 brown, -3 pink, 0 white, +3 blue, +6 violet
 # Each transform's range key, in the order they are applied.
-RANGES = {"speed": "factor", "reverb": "rt60_s", "telephone": None, "lowpass": "hz", "resample": "hz", "mp3": "kbps",
-          "noise": "snr_db", "gain": "db"}
+RANGES = {"speed": "factor", "pitch": "semitones", "reverb": "rt60_s", "telephone": None, "lowpass": "hz",
+          "band_stop": "hz", "eq": "db", "resample": "hz", "mp3": "kbps", "time_mask": "part", "noise": "snr_db",
+          "gain": "db"}
 
 
 # What each range may span: a lowpass cutoff up to the 8 kHz Nyquist frequency, a resampling rate below 16 kHz, a
 # reverberation time the rooms can have (below ~0.11 s the largest room, 5.6 x 3.9 x 3 m, would need walls that absorb
 # more than all the sound: pyroomacoustics refuses).
-LIMITS = {"speed": (0.5, 2.0), "reverb": (0.15, 2.0), "lowpass": (500.0, SAMPLE_RATE / 2),
-          "resample": (2000.0, SAMPLE_RATE), "mp3": (8.0, 320.0), "noise": (-10.0, 80.0), "gain": (-60.0, 24.0)}
+LIMITS = {"speed": (0.5, 2.0), "pitch": (-12.0, 12.0), "reverb": (0.15, 2.0), "lowpass": (500.0, SAMPLE_RATE / 2),
+          "band_stop": (50.0, 7000.0), "eq": (-24.0, 24.0), "resample": (2000.0, SAMPLE_RATE), "mp3": (8.0, 320.0),
+          "time_mask": (0.0, 0.5), "noise": (-10.0, 80.0), "gain": (-60.0, 24.0)}
 
 
 class AugmentationError(ValueError):
@@ -166,6 +169,14 @@ def build(name: str, bounds: tuple[float, float] | None):
         "telephone": lambda: am.Compose([am.HighPassFilter(*(TELEPHONE_HZ[0],) * 2, p=1.0),
                                          am.LowPassFilter(*(TELEPHONE_HZ[1],) * 2, p=1.0)]),
         "lowpass": lambda: am.LowPassFilter(min_cutoff_freq=low, max_cutoff_freq=high, p=1.0),
+        # SpecAugment's two masks, made on the waveform: a band notched out (its centre drawn from `hz`, its
+        # width 20-50% of the centre) and a stretch of the clip silenced (`part` of its length).
+        "band_stop": lambda: am.BandStopFilter(min_center_freq=low, max_center_freq=high,
+                                               min_bandwidth_fraction=BAND_STOP_WIDTH[0],
+                                               max_bandwidth_fraction=BAND_STOP_WIDTH[1], p=1.0),
+        "time_mask": lambda: am.TimeMask(min_band_part=low, max_band_part=high, p=1.0),
+        "eq": lambda: am.SevenBandParametricEQ(min_gain_db=low, max_gain_db=high, p=1.0),
+        "pitch": lambda: am.PitchShift(min_semitones=low, max_semitones=high, p=1.0),
         "mp3": lambda: am.Mp3Compression(min_bitrate=int(low), max_bitrate=int(high), p=1.0),
         "noise": lambda: am.AddColorNoise(min_snr_db=low, max_snr_db=high, min_f_decay=NOISE_SLOPES_DB[0],
                                           max_f_decay=NOISE_SLOPES_DB[1], p=1.0),

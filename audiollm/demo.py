@@ -22,6 +22,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 log = logging.getLogger(__name__)
 
 STAGES = ("text", "pretrain", "sft", "dpo")
@@ -110,21 +112,34 @@ def stop_on_error(beside: Beside | None):
 
 @contextmanager
 def sharing_cores(beside: Beside | None):
-    """Yields ``share()``, which sets this process's intra-op threads before each step: one while the process
-    beside trains on the other core (two processes at two threads each oversubscribe 2 cores, and OpenMP's waits
-    then cost more than the second thread gains), all of them again once it has finished (a pretraining step ran
-    1.34x faster on 2 threads than on 1, alone on 2 cores: 20.0 s against 26.9 s for 60 steps)."""
+    """Yields ``share()``, which sets this process's intra-op threads: one while the process beside trains on the
+    other core (two processes at two threads each oversubscribe 2 cores, and OpenMP's waits then cost more than the
+    second thread gains), all of them again once it has finished (a pretraining step ran 1.34x faster on 2 threads
+    than on 1, alone on 2 cores: 20.0 s against 26.9 s for 60 steps). The stages call it before every step
+    (``ShareCores``), so a stage takes the second core the moment the voice beside it finishes."""
     import torch
 
     threads = torch.get_num_threads()
 
     def share() -> None:
-        torch.set_num_threads(1 if beside is not None and beside.running() else threads)
+        wanted = 1 if beside is not None and beside.running() else threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     try:
         yield share
     finally:
         torch.set_num_threads(threads)
+
+
+class ShareCores(TrainerCallback):
+    """Calls ``share`` (``sharing_cores``) before every training step."""
+
+    def __init__(self, share):
+        self.share = share
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.share()
 
 
 class Clock:
@@ -195,7 +210,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
         for stage in STAGES:
             share()
             with clock.step(f"train: {stage}"):
-                run_stage(stage, previous, out / stage, data, seed, max_steps)
+                run_stage(stage, previous, out / stage, data, seed, max_steps, callbacks=[ShareCores(share)])
             previous = out / stage
         share()
         with clock.step("evaluate on the held-out split"):
@@ -212,14 +227,15 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     return results, voice
 
 
-def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None) -> None:
+def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_steps: int | None,
+              callbacks: list | None = None) -> None:
     """One listening stage through its module and demo recipe, exactly as ``audiollm train STAGE --config ...``."""
     from audiollm.tts.demo import run_recipe
 
     module, recipe = STAGE_RECIPES[stage]
     run_recipe(module, recipe, ["--model_name_or_path", str(model), "--train_files",
                                 *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
-                                "--seed", str(seed)], max_steps)
+                                "--seed", str(seed)], max_steps, callbacks)
 
 
 def is_voice_chat(row: dict) -> bool:

@@ -57,7 +57,7 @@ class AudioDPOTrainer(CrashSafeTrainerMixin, DPOTrainer):
     """
 
     def __init__(self, model, ref_model, args: DPOConfig, data_collator: PreferenceCollator, train_dataset,
-                 eval_dataset=None, processing_class=None, max_bad_fraction: float | None = None):
+                 eval_dataset=None, processing_class=None, max_bad_fraction: float | None = None, callbacks=None):
         audio_model = unwrap(model)
         if not hasattr(audio_model, "generation_config"):
             # TRL writes the pad id into model.generation_config; the audio model generates through its LLM's config.
@@ -65,7 +65,7 @@ class AudioDPOTrainer(CrashSafeTrainerMixin, DPOTrainer):
         with _fused_head_on_language_model():
             super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
                              train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                             max_bad_fraction=max_bad_fraction)
+                             max_bad_fraction=max_bad_fraction, callbacks=callbacks)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Keep the raw rows: TRL's text tokenization knows no audio; the collator encodes each batch."""
@@ -174,7 +174,8 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[ModelArguments, DataArg
     return model_args, data_args, args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:
+    """``callbacks``: more TrainerCallbacks for this run (the demo's thread sharing)."""
     model_args, data_args, args = parse_recipe(argv)
 
     model, tokenizer = load_model(model_args)
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
     trainer = AudioDPOTrainer(model, ref_model, args, collator, train, evals, processing_class=tokenizer,
-                              max_bad_fraction=data_args.max_bad_fraction)  # one ceiling for ranks and workers
+                              max_bad_fraction=data_args.max_bad_fraction,  # one ceiling for ranks and workers
+                              callbacks=callbacks)
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "dpo", model_args, data_args, tokenizer)

@@ -29,7 +29,8 @@ from audiollm.training import (
 )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:
+    """``callbacks``: more TrainerCallbacks for this run (the demo's thread sharing)."""
     skip_cpu_shm_allreduce_op()  # before parsing, which starts the process group
     parser = TrlParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments))
     model_args, data_args, kd_args, args = parser.parse_args_and_config(argv)
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = StageTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=collator,
                            eval_data_collator=eval_collator, train_batch_sampler=batches,
                            max_bad_fraction=data_args.max_bad_fraction, teacher=teacher, distill_args=kd_args,
-                           callbacks=[CollatorEpochs(collator)])  # the epoch the augmentation draws for
+                           callbacks=[CollatorEpochs(collator), *(callbacks or [])])  # CollatorEpochs: the
+                                                                                    # epoch augmentation draws for
     trainer.train(resume_from_checkpoint=latest_checkpoint(args.output_dir))
 
     save_final(trainer, "sft", model_args, data_args, tokenizer)

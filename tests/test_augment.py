@@ -17,7 +17,9 @@ from audiollm.training import DataArguments, make_collator
 EVERY = {"speed": {"p": 1.0, "factor": [0.9, 1.1]}, "reverb": {"p": 1.0, "rt60_s": [0.2, 0.6]},
          "telephone": {"p": 1.0}, "lowpass": {"p": 1.0, "hz": [2000, 7000]},
          "resample": {"p": 1.0, "hz": [8000, 8000]}, "mp3": {"p": 1.0, "kbps": [16, 64]},
-         "noise": {"p": 1.0, "snr_db": [10, 40]}, "gain": {"p": 1.0, "db": [-6, 6]}}
+         "noise": {"p": 1.0, "snr_db": [10, 40]}, "gain": {"p": 1.0, "db": [-6, 6]},
+         "pitch": {"p": 1.0, "semitones": [-2, 2]}, "band_stop": {"p": 1.0, "hz": [300, 4000]},
+         "eq": {"p": 1.0, "db": [-12, 12]}, "time_mask": {"p": 1.0, "part": [0.05, 0.1]}}
 
 
 def speech_like(seconds=1.0, peak=0.5, seed=0):
@@ -55,6 +57,17 @@ def test_band_limiting_transforms_remove_the_high_band():
     for name in ("telephone", "resample"):
         out = Augmentation({name: EVERY[name]}).augment(wav, "r")
         assert band_energy(out, 4500, 8000) < 0.1 * band_energy(wav, 4500, 8000), name
+
+
+def test_the_spec_augment_masks_remove_a_band_and_a_stretch():
+    """band_stop notches the band around its centre; time_mask silences part of the clip, the rest kept."""
+    wav = speech_like()
+    out = Augmentation({"band_stop": {"p": 1.0, "hz": [2000, 2000]}}).augment(wav, "r")
+    assert band_energy(out, 1900, 2100) < 0.1 * band_energy(wav, 1900, 2100)
+    assert band_energy(out, 500, 1000) > 0.5 * band_energy(wav, 500, 1000)
+    out = Augmentation({"time_mask": {"p": 1.0, "part": [0.1, 0.1]}}).augment(wav, "r")
+    silent, changed = np.abs(out) < 1e-6, np.abs(out - wav) > 1e-6
+    assert 0.08 * len(wav) < silent.sum() and changed.sum() <= 0.1 * len(wav) + 1  # the mask, its 5 ms fades in it
 
 
 def test_draws_follow_seed_row_clip_and_epoch_only():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, run_demo, sharing_cores
+from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, ShareCores, run_demo, sharing_cores
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,11 @@ def test_one_thread_while_the_process_beside_runs_all_once_it_ends(tmp_path):
     threads = torch.get_num_threads()
     beside = Beside(time.sleep, tmp_path / "sleep.log", 3.0)
     with sharing_cores(beside) as share:
-        share()
+        step = ShareCores(share).on_step_begin  # what a stage's trainer calls before every step
+        step(None, None, None)
         assert torch.get_num_threads() == 1
         beside.result()
-        share()
+        step(None, None, None)  # mid-stage: the next step takes the core the process beside gave back
         assert torch.get_num_threads() == threads
     with sharing_cores(None) as share:
         share()

@@ -309,6 +309,21 @@ def test_check_heldout_refuses_shared_words_or_voices():
                       typed=("three",))
 
 
+def test_full_corpus_evaluates_on_the_same_rows_whatever_its_training_size(monkeypatch):
+    """"full" trains on more clips than 10 x "small"; its held-out and validation rows stay those of 10 x "small"."""
+    from audiollm.synth import corpus as c
+
+    def plans():
+        return {split: c.plan_split(split, 0, "full") for split in ("validation", "heldout")}
+
+    now = plans()
+    assert c.SIZES["full"]["pretrain"]["asr"] > 10 * c.SMALL["pretrain"]["asr"]
+    monkeypatch.setitem(c.SIZES, "full", c.scaled(c.SMALL, {"pretrain": 10, "sft": 10, "dpo": 10}))
+    assert plans() == now
+    assert len(now["heldout"][0]["pretrain"]) == sum(round(0.15 * 10 * n) for k, n in c.SMALL["pretrain"].items()
+                                                     if k not in c.TRAIN_ONLY)
+
+
 def test_typed_questions_are_every_fact_in_each_splits_own_sentences(corpus):
     summary = json.loads((corpus / "corpus.json").read_text())
     asked = {}

@@ -42,6 +42,9 @@ SAMPLING = {"temperature": 0.5, "top_k": 20}
 # listener's WER on 60 validation texts spoken by espeak (rate 175, pitch 50) was lowest in these two training
 # voices (en+m1 0.233, en+f1 0.240; en-US+m3 0.279, en-GB-x-rp+f2 0.287, en-US+f3 0.380, en-US+Andy 0.357).
 TTS_VOICES = {"female": "en+f1", "male": "en+m1"}
+# Training texts the TTS corpus speaks (the first ones, in corpus order): as many as the demo corpus had when the
+# voice's recipes were chosen, so that the listener's larger corpus does not lengthen the voice's synthesis.
+TTS_TEXTS = 5060
 
 
 def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
@@ -70,6 +73,7 @@ def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
 
     clips = [json.loads(line) for line in (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines() if line]
     texts = list(dict.fromkeys(c["text"] for c in clips if c["split"] == "train" and c["language"] == LANGUAGE))
+    texts = texts[:TTS_TEXTS]
     rng = random.Random(f"{seed}:tts voices")
     plan = [(f"tts/{i:05d}.wav", text, voice, sex, rng.randint(*RATE_NORMAL), rng.randint(*PITCH_NORMAL))
             for i, (text, (sex, voice)) in enumerate((t, v) for t in texts for v in TTS_VOICES.items())]
@@ -81,6 +85,12 @@ def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
     return manifest
 
 
+def on_one_thread(fn, *args):
+    """``fn(*args)`` on one intra-op thread (in a process of its own, beside another)."""
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
 def word_times(text: str, starts: list[float]) -> dict:
     """{"words": [{"word", "start"}...]} for a clip whose espeak word starts match its words one to one, else {}
     (the tts stage then skips and counts the row)."""
@@ -88,13 +98,19 @@ def word_times(text: str, starts: list[float]) -> dict:
     return {"words": [{"word": w, "start": t} for w, t in zip(words, starts)]} if len(words) == len(starts) else {}
 
 
-def run_recipe(module: str, recipe: str, overrides: list[str], max_steps: int | None) -> None:
+def run_recipe(module: str, recipe: str, overrides: list[str], max_steps: int | None, callbacks: list | None = None
+               ) -> None:
     """stages/MODULE.py with stages/configs/RECIPE and ``overrides``, as ``audiollm train MODULE --config ...`` runs
-    it; every demo stage, listening and voice, goes through here."""
+    it; every demo stage, listening and voice, goes through here. ``callbacks`` go to the stage's trainer (the
+    listening stages take them)."""
     argv = ["--config", str(CONFIG_DIR / recipe), *overrides]
     if max_steps is not None:  # a shortened run still logs every step, so its loss curve has points
         argv += ["--max_steps", str(max_steps), "--logging_steps", "1"]
-    importlib.import_module(f"stages.{module}").main(argv)
+    stage = importlib.import_module(f"stages.{module}")
+    if callbacks is None:
+        stage.main(argv)
+    else:
+        stage.main(argv, callbacks=callbacks)
 
 
 def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_steps: int | None = None
@@ -134,8 +150,20 @@ def measure_demo_voice(folders: dict[str, Path], listener: str | Path, seed: int
     predictions = Path(listener).parent / "eval" / "predictions.jsonl"
     measure = functools.partial(measure_voice, folders["tts"], Path(listener), texts=texts, seed=seed,
                                 sampling=SAMPLING, tts_voices=list(TTS_VOICES.values()))
-    results = {"heldout": measure(folders["heldout"], out / "heldout", predictions=predictions if
-                                  predictions.is_file() else None, reply_task="heldout_voice_chat"),
-               "validation": measure(folders["validation"], out / "validation", full=False)}
+    from audiollm.demo import Beside, stop_on_error
+
+    # Validation in a second process beside the held-out split, one thread each: the two halves share nothing, and
+    # models this small gain less from a second thread than from a second process.
+    beside = Beside(on_one_thread, out / "validation.log", functools.partial(measure, full=False),
+                    folders["validation"], out / "validation")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with stop_on_error(beside):
+            heldout = measure(folders["heldout"], out / "heldout", reply_task="heldout_voice_chat",
+                              predictions=predictions if predictions.is_file() else None)
+    finally:
+        torch.set_num_threads(threads)
+    results = {"heldout": heldout, "validation": beside.result()}
     (out / "voice_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
