@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, Beside, ShareCores, run_demo, sharing_cores
+from audiollm.beside import Beside, ShareCores, sharing_cores
+from audiollm.demo import RESULT_KEYS, STAGES, VOICE_KEYS, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def measure_demo_voice(folders: dict[str, Path], listener: str | Path, seed: int
     predictions = Path(listener).parent / "eval" / "predictions.jsonl"
     measure = functools.partial(measure_voice, folders["tts"], Path(listener), texts=texts, seed=seed,
                                 sampling=SAMPLING, tts_voices=list(TTS_VOICES.values()))
-    from audiollm.demo import Beside, stop_on_error
+    from audiollm.beside import Beside, stop_on_error
 
     # Validation in a second process beside the held-out split, one thread each: the two halves share nothing, and
     # models this small gain less from a second thread than from a second process.
