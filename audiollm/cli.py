@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from audiollm.audio import AudioError
     from audiollm.bad_rows import TooManyBadRows
     from audiollm.build import BuildError
-    from audiollm.synth.corpus import CorpusError
+    from audiollm.synth.splits import CorpusError
     from audiollm.synth.espeak import EspeakError
     from audiollm.tts.codecs import CodecError
     from audiollm.tts.layout import LayoutError

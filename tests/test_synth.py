@@ -15,9 +15,8 @@ from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
-from audiollm.synth.corpus import (
-    ANALYSIS_QUESTIONS, Clip, CorpusError, Speaker, check_heldout, question_splits, synth, taught_answers, text_split,
-)
+from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, synth, taught_answers
+from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.voices import ACCENTS, VARIANTS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
@@ -311,10 +310,11 @@ def test_check_heldout_refuses_shared_words_or_voices():
 
 def test_full_corpus_evaluates_on_the_same_rows_whatever_its_training_size(monkeypatch):
     """"full" trains on more clips than 10 x "small"; its held-out and validation rows stay those of 10 x "small"."""
-    from audiollm.synth import corpus as c
+    from audiollm.synth import splits as c
+    from audiollm.synth.corpus import plan_split
 
     def plans():
-        return {split: c.plan_split(split, 0, "full") for split in ("validation", "heldout")}
+        return {split: plan_split(split, 0, "full") for split in ("validation", "heldout")}
 
     now = plans()
     assert c.SIZES["full"]["pretrain"]["asr"] > 10 * c.SMALL["pretrain"]["asr"]

@@ -16,18 +16,24 @@ from tests.test_distributed import free_port, run
 STEPS = 3
 
 
-def test_tts_trains_on_two_deepspeed_ranks(tmp_path):
-    from audiollm.tts.tiny import tiny_codec, tiny_lm
-
-    codec, lm = tiny_codec("snac", tmp_path / "codec"), tiny_lm(tmp_path / "lm")
+def noise_manifest(tmp_path, word_times: bool = False) -> None:
+    """tmp_path/m.jsonl: 8 noise clips of 0.5-1.2 s with short texts (and where each word starts)."""
     rows = []
     for i in range(8):
         wav = 0.1 * np.random.default_rng(i).standard_normal(int((0.5 + 0.1 * i) * 16000)).astype(np.float32)
         sf.write(tmp_path / f"c{i}.wav", wav, 16000)
-        text = ["one two", "red blue green", "cat"][i % 3]  # the demo recipe interleaves words: times for each
-        rows.append({"audio": f"c{i}.wav", "text": text,
-                     "words": [{"word": w, "start": 0.15 * k} for k, w in enumerate(text.split())]})
+        text = ["one two", "red blue green", "cat"][i % 3]
+        rows.append({"audio": f"c{i}.wav", "text": text})
+        if word_times:
+            rows[-1]["words"] = [{"word": w, "start": 0.15 * k} for k, w in enumerate(text.split())]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_tts_trains_on_two_deepspeed_ranks(tmp_path):
+    from audiollm.tts.tiny import tiny_codec, tiny_lm
+
+    codec, lm = tiny_codec("snac", tmp_path / "codec"), tiny_lm(tmp_path / "lm")
+    noise_manifest(tmp_path, word_times=True)  # the demo recipe interleaves words: times for each
     out = tmp_path / "out"
     run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "stages/tts.py",
          "--config", "stages/configs/tts_demo.yaml", "--model_name_or_path", str(lm),
@@ -54,12 +60,7 @@ def test_tts_csm_trains_on_two_deepspeed_ranks(tmp_path):
     from audiollm.tts.tiny import tiny_codec, tiny_lm
 
     codec, lm = tiny_codec("melcodec", tmp_path / "codec"), tiny_lm(tmp_path / "lm")
-    rows = []
-    for i in range(8):
-        wav = 0.1 * np.random.default_rng(i).standard_normal(int((0.5 + 0.1 * i) * 16000)).astype(np.float32)
-        sf.write(tmp_path / f"c{i}.wav", wav, 16000)
-        rows.append({"audio": f"c{i}.wav", "text": ["one two", "red blue green", "cat"][i % 3]})
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    noise_manifest(tmp_path)
     out = tmp_path / "out"
     run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "stages/tts.py",
          "--config", "stages/configs/tts_csm_demo.yaml", "--model_name_or_path", str(lm),

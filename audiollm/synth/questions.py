@@ -22,7 +22,7 @@ MAX_NUMBER = len(NUMBER_WORDS) - 1  # answers stay within zero..twenty
 # is hearing a new sentence, not inventing arithmetic: a model of a few million parameters trained for minutes
 # does not learn sums that extend to pairs it never saw (held-out voice-chat accuracy 0.03 when whole facts were
 # held out, against 0.83 on training questions). So every fact keeps at least one sentence in training
-# (``audiollm.synth.corpus.question_splits``).
+# (``audiollm.synth.splits.question_splits``).
 QUESTION_FORMS = {
     "plus": ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}"),
     "minus": ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} away from {a}"),
