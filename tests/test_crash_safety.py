@@ -114,6 +114,15 @@ def resumed(out: Path) -> bool:
     return log_history(out)[0] == {"resumed_from_here": True, "step": 0}
 
 
+STOPPED = "stopped by a signal after step"  # what each rank logs when a signal stops it (audiollm/crash_safety.py)
+
+
+def stop_messages(log: str) -> list[str]:
+    """Each rank's "stopped by a signal ..." message in a log. A progress bar's frame ends without a newline, so the
+    other rank's message can land on the same line after it (seen in CI): the frame is cut off."""
+    return [line[line.index(STOPPED):] for line in log.splitlines() if STOPPED in line]
+
+
 def assert_same_losses(got: Path, expected: Path) -> None:
     """Every step's loss equals the uninterrupted run's (same ops in the same order: bit-identical measured)."""
     a, b = step_values(got), step_values(expected)

@@ -20,6 +20,7 @@ import pytest
 
 from audiollm.preemption import PREEMPTED_EXIT
 from tests.test_crash_safety import SAVE_EVERY, STEPS, setup, stage_cmd, start  # noqa: F401 -- setup: a fixture
+from tests.test_crash_safety import stop_messages
 from tests.test_distributed import LOSS_ATOL, REPO_ROOT, RUN_TIMEOUT_S, free_port, run, run_env, step_values
 from tests.test_distributed import stubs  # noqa: F401 -- a fixture
 
@@ -129,7 +130,7 @@ def test_sigusr1_to_torchrun_mid_run_stops_both_ranks_and_the_rerun_resumes(setu
             os.killpg(proc.pid, signal.SIGKILL)
     print(f"torchrun and both ranks stopped {time.monotonic() - sent:.1f} s after SIGUSR1")
     log = (root / "logs" / "torchrun.log").read_text(errors="replace")
-    stops = [line for line in log.splitlines() if "stopped by a signal after step" in line]
+    stops = stop_messages(log)
     assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
     step = newest(out)
     assert f"after step {step} of {STEPS}" in stops[0] and SAVE_EVERY <= step < STEPS

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_crash_safety import SAVE_EVERY, STEPS, mark_resume_point, resumed, setup, start  # noqa: F401
+from tests.test_crash_safety import stop_messages
 from tests.test_distributed import LOSS_ATOL, REPO_ROOT, RUN_TIMEOUT_S, free_port, run_env, step_values
 
 STOP_BOUND_S = 60  # node 1 killed -> node 0's launcher gone; gloo sees the closed connection at its next collective
@@ -211,8 +212,7 @@ def test_sigusr1_to_both_nodes_saves_one_checkpoint_and_stops_both(setup):
         for node in nodes:
             kill_node(node)
     print(f"both nodes stopped {time.monotonic() - sent:.1f} s after SIGUSR1")
-    stops = [line for node in (0, 1) for line in (logs / f"signalled-node{node}.log").read_text().splitlines()
-             if "stopped by a signal after step" in line]
+    stops = [m for node in (0, 1) for m in stop_messages((logs / f"signalled-node{node}.log").read_text())]
     assert len(stops) == 2 and stops[0] == stops[1], tail(logs / "signalled-node0.log")
     step = newest(out)
     logged = (logs / "signalled-node0.log").read_text(errors="replace").count("{'loss': ")
