@@ -18,7 +18,7 @@ from audiollm.synth import questions
 from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, synth, taught_answers
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
-from audiollm.synth.voices import ACCENTS, VARIANTS
+from audiollm.synth.voices import ACCENTS, VARIANTS, VOWEL_SHIFT_CLIPS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
 SENTENCE = "what is three plus four"
@@ -283,6 +283,10 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
     accents = {s: {c["voice"].split("+")[0] for c in clips if c["split"] == s and c["language"] == "en"}
                for s in splits}
     assert accents["heldout"] <= set(ACCENTS["heldout"]) and not accents["heldout"] & accents["train"]
+    moved = [c for c in clips if c["vowels"]]  # clips in an accent of their own: English training clips only
+    assert moved and {(c["split"], c["language"]) for c in moved} == {("train", "en")}
+    english = [c for c in clips if c["split"] == "train" and c["language"] == "en"]
+    assert abs(len(moved) / len(english) - VOWEL_SHIFT_CLIPS) < 0.25  # 37 clips in the tiny corpus: 3 sd
 
 
 def test_check_heldout_refuses_shared_words_or_voices():

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
+from audiollm.synth.accents import draw_accent
 from audiollm.synth.espeak import SAMPLE_RATE
 from audiollm.synth.questions import (
     NUMBER_WORDS, all_facts, fact_answer, fact_sentences, off_by_one, spoken_question,
@@ -47,7 +48,8 @@ from audiollm.synth.splits import (
     SPLITS, CorpusError, question_splits, split_counts, text_split,
 )
 from audiollm.synth.voices import (
-    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS,
+    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS, VOWEL_SHIFT_CLIPS,
+    VOWEL_SHIFT_SHARE,
 )
 
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -94,6 +96,7 @@ class Clip:
     sex: str
     rate: int  # words per minute
     pitch: int  # espeak 0-100
+    vowels: dict[str, str] = field(default_factory=dict)  # vowel moves of the clip's own accent (synth/accents.py)
 
 
 @dataclass
@@ -142,7 +145,11 @@ class Speaker:
         path = f"audio/{self.split}/{len(self.clips):05d}.wav"
         accent = rng.choice(ACCENTS[self.split]) if language == "en" else language
         voice = f"{accent}+{variant}"
-        self.clips.append(Clip(path, self.split, text, language, voice, sex, rng.randint(*rate), rng.randint(*pitch)))
+        words_per_minute, pitch = rng.randint(*rate), rng.randint(*pitch)
+        vowels = {}
+        if self.split == "train" and language == "en" and rng.random() < VOWEL_SHIFT_CLIPS:
+            vowels = draw_accent(rng, VOWEL_SHIFT_SHARE)
+        self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels))
         return path
 
 
@@ -377,7 +384,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        samples, espeak, word_starts = render([(c.audio, c.text, c.voice, c.rate, c.pitch) for c in clips], tmp)
+        samples, espeak, word_starts = render([(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels) for c in clips], tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
                 if manifest != "pretrain":

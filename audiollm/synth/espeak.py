@@ -42,6 +42,8 @@ VOLUME_DEFAULT = 100  # percent
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # no audio device; espeak_Synth returns after the callback received everything
 INITIALIZE_DONT_EXIT = 0x8000  # report data errors instead of calling exit() inside the library
 CHARS_UTF8 = 1  # espeakCHARS_UTF8: the text is UTF-8 (needed for French / German / Spanish letters)
+PHONEMES = 0x100  # espeakPHONEMES synth flag: text inside [[ ]] is read as phoneme names
+PHONEME_SEPARATOR = "."  # asked of espeak_TextToPhonemes between phoneme names (no English name contains it)
 POS_CHARACTER = 1  # espeak_POSITION_TYPE: start position counted in characters (we always start at 0)
 PARAM_RATE, PARAM_VOLUME, PARAM_PITCH, PARAM_RANGE = 1, 2, 3, 4  # espeak_PARAMETER
 EE_OK = 0
@@ -96,6 +98,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_void_p,
     ]
     lib.espeak_Synth.restype = ctypes.c_int
+    # const char *espeak_TextToPhonemes(const void **textptr, int textmode, int phonememode): one clause's phonemes;
+    # moves *textptr past that clause (NULL at the end). phonememode 0 = ascii names; bits 8-23 = a separator
+    lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+    lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
     # void espeak_ng_SetRandSeed(long seed): the breath-noise generator, seeded from the clock at initialisation
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_ng_SetRandSeed.restype = None
@@ -179,10 +185,26 @@ class Espeak:
         """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text."""
         return self.synth_words(text, voice, rate, pitch)[0]
 
-    def synth_words(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT
-                    ) -> tuple[np.ndarray, list[float]]:
+    def phonemes(self, text: str, voice: str = "en") -> list[list[str]]:
+        """How ``voice`` pronounces ``text``: per word, espeak's ascii phoneme names, stress marks attached to the
+        phoneme after them (``"three" -> ["T", "r", "'i:"]``). ``"".join`` of a word is what ``[[ ]]`` reads."""
+        where = f"voice {voice!r}, text {text!r}"
+        if not text.strip():
+            raise EspeakError(f"{where}: nothing to say")
+        mode = ord(PHONEME_SEPARATOR) << 8
+        with _Engine.lock:
+            lib = _engine().lib
+            self._set_voice(lib, voice, where)
+            rest, clauses = ctypes.c_char_p(text.encode("utf-8")), []
+            while rest.value:  # one call per clause; espeak moves `rest` on (to NULL after the last)
+                clauses.append(lib.espeak_TextToPhonemes(ctypes.byref(rest), CHARS_UTF8, mode).decode())
+        return [word.split(PHONEME_SEPARATOR) for clause in clauses for word in clause.split()]
+
+    def synth_words(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT,
+                    phonemes: bool = False) -> tuple[np.ndarray, list[float]]:
         """``synth``, plus where each word starts (seconds into the audio; one per word espeak spoke, which for
-        plain words is one per whitespace-separated word of ``text``)."""
+        plain words is one per whitespace-separated word of ``text``). With ``phonemes``, ``text`` is espeak
+        phoneme names, words separated by spaces (what ``phonemes`` gives, each word joined)."""
         where = f"voice {voice!r}, text {text!r}"
         if not RATE_MIN <= rate <= RATE_MAX or not PITCH_MIN <= pitch <= PITCH_MAX:
             raise EspeakError(f"{where}: rate must be {RATE_MIN}-{RATE_MAX} words per minute and pitch "
@@ -196,8 +218,9 @@ class Espeak:
                                  (PARAM_VOLUME, VOLUME_DEFAULT)):
                 _check(engine.lib.espeak_SetParameter(param, int(value), 0), f"espeak_SetParameter({param})", where)
             engine.chunks, engine.word_ms = [], []
-            data = text.encode("utf-8") + b"\0"  # the size passed includes the terminating NUL
-            status = engine.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, CHARS_UTF8, None, None)
+            data = (f"[[{text}]]" if phonemes else text).encode("utf-8") + b"\0"  # the size counts the NUL
+            flags = CHARS_UTF8 | (PHONEMES if phonemes else 0)
+            status = engine.lib.espeak_Synth(data, len(data), 0, POS_CHARACTER, 0, flags, None, None)
             _check(status, "espeak_Synth", where)
             chunks, engine.chunks = engine.chunks, []
             starts = [ms / 1000 for ms in engine.word_ms]

@@ -4,8 +4,9 @@ espeak's wave generator keeps state from one utterance to the next (``audiollm.s
 sounds slightly different depending on what the process said before. A fresh process per fixed-size shard makes a
 build byte-identical to any other with the same plan, whatever the core count.
 
-A clip is ``(audio, text, voice, rate, pitch)``: its path relative to the output folder, what is said, the espeak
-voice ("en+f1"), words per minute and pitch (0-100).
+A clip is ``(audio, text, voice, rate, pitch[, vowels])``: its path relative to the output folder, what is said, the
+espeak voice ("en+f1"), words per minute, pitch (0-100) and optionally the vowel moves of an accent of its own
+(``audiollm.synth.accents``; spoken from the voice's own phonemes with those vowels moved).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from audiollm.synth.espeak import SAMPLE_RATE, EspeakError
 SHARD_CLIPS = 2_000  # clips per synthesis process; fixed, so the audio does not depend on the core count
 
 
-def render(clips: list[tuple[str, str, str, int, int]], root: Path) -> tuple[list[int], str, list[list[float]]]:
+def render(clips: list[tuple], root: Path) -> tuple[list[int], str, list[list[float]]]:
     """Synthesise every clip under ``root``: shards of SHARD_CLIPS, each in a fresh process, up to one per core.
 
     Returns the samples of each clip (in order), espeak's version and each clip's word starts (seconds).
@@ -53,12 +54,17 @@ def _render_worker() -> None:
     import numpy as np
     import soundfile
 
+    from audiollm.synth.accents import speak_with_accent
     from audiollm.synth.espeak import Espeak, version
 
     job = json.load(sys.stdin)
     engine, samples, word_starts = Espeak(), [], []
-    for audio, text, voice, rate, pitch in job["clips"]:
-        wav, starts = engine.synth_words(text, voice, rate, pitch)
+    for audio, text, voice, rate, pitch, *vowels in job["clips"]:
+        if vowels and vowels[0]:
+            said = speak_with_accent(engine.phonemes(text, voice), vowels[0])
+            wav, starts = engine.synth_words(said, voice, rate, pitch, phonemes=True)
+        else:
+            wav, starts = engine.synth_words(text, voice, rate, pitch)
         wav = np.clip(wav, -1.0, 1.0)  # resampling can overshoot full scale
         path = Path(job["root"]) / audio
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,8 @@ ACCENTS = {  # espeak-ng English voices; "en" is southern British, gbclan Lancas
 # tasks ask about.
 RATE_NORMAL, RATE_SLOW, RATE_FAST = (135, 220), (100, 120), (250, 280)
 PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
+# Training clips in an accent of their own (audiollm/synth/accents.py): this share of the English training clips
+# moves each of its vowels to a neighbouring vowel with probability VOWEL_SHIFT_SHARE, the same way all through the
+# clip. Held-out and validation clips are never moved.
+VOWEL_SHIFT_CLIPS = 0.5
+VOWEL_SHIFT_SHARE = 0.3
