@@ -15,10 +15,10 @@ from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
-from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, synth, taught_answers
+from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, plan_split, synth, taught_answers
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
-from audiollm.synth.voices import ACCENTS, VARIANTS, VOWEL_SHIFT_CLIPS
+from audiollm.synth.voices import ACCENTS, VARIANTS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
 SENTENCE = "what is three plus four"
@@ -283,10 +283,18 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
     accents = {s: {c["voice"].split("+")[0] for c in clips if c["split"] == s and c["language"] == "en"}
                for s in splits}
     assert accents["heldout"] <= set(ACCENTS["heldout"]) and not accents["heldout"] & accents["train"]
-    moved = [c for c in clips if c["vowels"]]  # clips in an accent of their own: English training clips only
-    assert moved and {(c["split"], c["language"]) for c in moved} == {("train", "en")}
-    english = [c for c in clips if c["split"] == "train" and c["language"] == "en"]
-    assert abs(len(moved) / len(english) - VOWEL_SHIFT_CLIPS) < 0.25  # 37 clips in the tiny corpus: 3 sd
+    moved = [c for c in clips if c["vowels"]]  # clips in an accent of their own: every English training clip
+    assert moved == [c for c in clips if c["split"] == "train" and c["language"] == "en"]
+
+
+def test_vowel_share_zero_speaks_the_accents_own_vowels_and_out_of_range_is_refused(tmp_path):
+    _, clips = plan_split("train", 0, "small", vowel_share=0.0)
+    assert clips and not any(c.vowels for c in clips)
+    _, moved = plan_split("train", 0, "small")
+    assert [c.text for c in moved] == [c.text for c in clips]  # the same utterances, only their vowels differ
+    with pytest.raises(CorpusError, match="vowel_share must be within 0-1"):
+        synth(tmp_path / "corpus", vowel_share=1.5)
+    assert not (tmp_path / "corpus").exists()
 
 
 def test_check_heldout_refuses_shared_words_or_voices():

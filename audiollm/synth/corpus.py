@@ -14,7 +14,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
-    clips.jsonl      one line per clip: what was said, by which voice, rate and pitch; where each word starts (s)
+    clips.jsonl      one line per clip: what was said, by which voice, rate and pitch, the vowel moves of its own
+                     accent (training clips, ``audiollm.synth.accents``); where each word starts (s)
     corpus.json      counts, voices, languages, seconds of audio, seed, size, build time
 
 The held-out split never repeats a training utterance (each distinct text belongs to one split, by a hash of the
@@ -48,8 +49,7 @@ from audiollm.synth.splits import (
     SPLITS, CorpusError, question_splits, split_counts, text_split,
 )
 from audiollm.synth.voices import (
-    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS, VOWEL_SHIFT_CLIPS,
-    VOWEL_SHIFT_SHARE,
+    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS, VOWEL_SHARE,
 )
 
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -112,8 +112,9 @@ class Exchange:
 class Speaker:
     """Draws what one split says and who says it, and records every clip it creates."""
 
-    def __init__(self, split: str, seed: int):
+    def __init__(self, split: str, seed: int, vowel_share: float = VOWEL_SHARE):
         self.split, self.seed = split, seed
+        self.vowel_share = vowel_share if split == "train" else 0.0  # made-up accents: training clips only
         self.clips: list[Clip] = []
 
     def rng(self, name: str) -> random.Random:
@@ -147,8 +148,8 @@ class Speaker:
         voice = f"{accent}+{variant}"
         words_per_minute, pitch = rng.randint(*rate), rng.randint(*pitch)
         vowels = {}
-        if self.split == "train" and language == "en" and rng.random() < VOWEL_SHIFT_CLIPS:
-            vowels = draw_accent(rng, VOWEL_SHIFT_SHARE)
+        if language == "en" and self.vowel_share:  # its own generator: the share never changes what is said
+            vowels = draw_accent(self.rng(f"accent {path}"), self.vowel_share)
         self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels))
         return path
 
@@ -298,10 +299,11 @@ def typed_rows(seed: int, split: str = "train") -> list[dict]:
     return rows
 
 
-def plan_split(split: str, seed: int, size: str) -> tuple[dict[str, list[dict]], list[Clip]]:
+def plan_split(split: str, seed: int, size: str, vowel_share: float = VOWEL_SHARE
+               ) -> tuple[dict[str, list[dict]], list[Clip]]:
     """Every row of one split (shuffled per manifest) and the clips they need, without synthesising anything."""
     counts = split_counts(size, split)
-    s = Speaker(split, seed)
+    s = Speaker(split, seed, vowel_share)
     rows = {"pretrain": pretrain_rows(s, counts["pretrain"])}
     for manifest in ("sft", "dpo"):
         rows[manifest] = chat_rows(s, manifest, counts[manifest])
@@ -369,15 +371,18 @@ def _require_empty(out: Path) -> None:
                           "choose a new --out or delete this one")
 
 
-def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
-    """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary.
+def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_share: float = VOWEL_SHARE) -> dict:
+    """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary. ``vowel_share``: how
+    much of each English training clip's vowel system its own accent moves (``audiollm.synth.accents``).
 
     The corpus is assembled in a hidden sibling folder and renamed into place, so a failed build leaves nothing.
     """
     start = time.perf_counter()
     out = Path(out)
     _require_empty(out)
-    plans = {split: plan_split(split, seed, size) for split in SPLITS}
+    if not 0.0 <= vowel_share <= 1.0:
+        raise CorpusError(f"vowel_share must be within 0-1 (a probability per vowel), got {vowel_share}")
+    plans = {split: plan_split(split, seed, size, vowel_share) for split in SPLITS}
     clips = [c for split in SPLITS for c in plans[split][1]]
     typed = {split: typed_rows(seed, split) for split in SPLITS}
     check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed["train"]))
@@ -393,7 +398,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small") -> dict:
         for split, rows in typed.items():
             write_jsonl(tmp / manifest_name(split, "text"), rows)
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
-        summary = summarise(seed, size, clips, samples, espeak)
+        summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share}
         for split, rows in typed.items():
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)

@@ -31,9 +31,9 @@ ACCENTS = {  # espeak-ng English voices; "en" is southern British, gbclan Lancas
 # tasks ask about.
 RATE_NORMAL, RATE_SLOW, RATE_FAST = (135, 220), (100, 120), (250, 280)
 PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
-# Training clips in an accent of their own (audiollm/synth/accents.py): this share of the English training clips
-# moves each of its vowels to a neighbouring vowel with probability VOWEL_SHIFT_SHARE, the same way all through the
-# clip. Held-out and validation clips are never moved. Chosen on validation WER after pretraining only (same steps;
-# clips, share -> WER): none 0.482, (0.5, 0.3) 0.467, (1.0, 0.5) 0.413, (1.0, 0.8) 0.436, (1.0, 1.0) 0.453.
-VOWEL_SHIFT_CLIPS = 1.0
-VOWEL_SHIFT_SHARE = 0.5
+# Every English training clip is spoken in an accent of its own (audiollm/synth/accents.py): each vowel moves to a
+# neighbouring vowel with probability VOWEL_SHARE, the same way all through the clip (`audiollm data synth
+# --vowel-share`; 0 speaks the accent voices' own vowels). Held-out and validation clips are never moved. Chosen on
+# validation WER after pretraining only (same steps; share of clips moved, VOWEL_SHARE -> WER): none 0.482,
+# (0.5, 0.3) 0.467, (1.0, 0.5) 0.413, (1.0, 0.8) 0.436, (1.0, 1.0) 0.453.
+VOWEL_SHARE = 0.5
