@@ -389,7 +389,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        samples, espeak, word_starts = render([(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels) for c in clips], tmp)
+        plan = [(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels) for c in clips]
+        samples, espeak, word_starts = render(plan, tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
                 if manifest != "pretrain":
