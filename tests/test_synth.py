@@ -19,6 +19,7 @@ from audiollm.synth import questions
 from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, plan_split, synth, taught_answers
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
+from audiollm.synth.render import render
 from audiollm.synth.voices import ACCENTS, VARIANTS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
@@ -388,3 +389,13 @@ def test_refuses_a_non_empty_folder_and_leaves_nothing_behind(tmp_path):
     with pytest.raises(CorpusError, match="unknown corpus size"):
         synth(tmp_path / "new", size="huge")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no partial build left
+
+
+def test_synthesis_workers_import_this_audiollm_whatever_the_working_folder(tmp_path, monkeypatch):
+    """A worker runs `python -m audiollm.synth.render`; another audiollm in the caller's folder must not win, and a
+    relative output folder still means the caller's."""
+    (tmp_path / "audiollm").mkdir()
+    (tmp_path / "audiollm" / "__init__.py").write_text("raise ImportError('the audiollm of the working folder')\n")
+    monkeypatch.chdir(tmp_path)
+    samples, _, starts = render([("a.wav", "one two", "en+m3", 175, 50)], Path("out"))
+    assert (tmp_path / "out" / "a.wav").is_file() and samples[0] > 0 and len(starts[0]) == 2

@@ -37,12 +37,13 @@ def render(clips: list[tuple], root: Path) -> tuple[list[int], str, list[list[fl
 
 def _render_shard(shard: list[tuple], root: Path) -> dict:
     """Run this module as a worker (``python -m audiollm.synth.render``) on one shard; the job goes in on stdin."""
-    job = {"root": str(root), "clips": [list(clip) for clip in shard]}
-    package_parent = str(Path(__file__).resolve().parents[2])  # so the worker imports this very audiollm
+    job = {"root": str(Path(root).resolve()), "clips": [list(clip) for clip in shard]}
+    # The worker must import this very audiollm: `python -m` puts its working folder first on sys.path, so it runs
+    # in the folder above this package (another checkout in the caller's folder would otherwise win).
+    package_parent = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "audiollm.synth.render"], input=json.dumps(job), capture_output=True, text=True, env=env
-    )
+    proc = subprocess.run([sys.executable, "-m", "audiollm.synth.render"], input=json.dumps(job), capture_output=True,
+                          text=True, env=env, cwd=package_parent)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise EspeakError(f"speech synthesis failed in a worker process: {last}")
