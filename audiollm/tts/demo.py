@@ -150,20 +150,16 @@ def measure_demo_voice(folders: dict[str, Path], listener: str | Path, seed: int
     predictions = Path(listener).parent / "eval" / "predictions.jsonl"
     measure = functools.partial(measure_voice, folders["tts"], Path(listener), texts=texts, seed=seed,
                                 sampling=SAMPLING, tts_voices=list(TTS_VOICES.values()))
-    from audiollm.beside import Beside, stop_on_error
+    from audiollm.beside import Beside, sharing_cores, stop_on_error
 
     # Validation in a second process beside the held-out split, one thread each: the two halves share nothing, and
     # models this small gain less from a second thread than from a second process.
     beside = Beside(on_one_thread, out / "validation.log", functools.partial(measure, full=False),
                     folders["validation"], out / "validation")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with stop_on_error(beside):
-            heldout = measure(folders["heldout"], out / "heldout", reply_task="heldout_voice_chat",
-                              predictions=predictions if predictions.is_file() else None)
-    finally:
-        torch.set_num_threads(threads)
+    with sharing_cores(beside) as share, stop_on_error(beside):
+        share()  # one thread here while validation runs beside; all of them again afterwards
+        heldout = measure(folders["heldout"], out / "heldout", reply_task="heldout_voice_chat",
+                          predictions=predictions if predictions.is_file() else None)
     results = {"heldout": heldout, "validation": beside.result()}
     (out / "voice_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
