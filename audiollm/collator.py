@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import AudioError, clip_token_count, featurize
+from audiollm.audio import CHUNK_SAMPLES, AudioError, clip_token_count, featurize
 from audiollm.audio_sources import load_audio_source
 from audiollm.augment import Augmentation
 from audiollm.bad_rows import TALLY_KEY, BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
+from audiollm.ctc import ctc_batch
 from audiollm.distill import teacher_batch, text_version
 from audiollm.row_checks import RowError, check_chat_row
 
@@ -47,6 +48,7 @@ class Encoded:
     labels: list[int]
     clips: list[np.ndarray]
     teacher: Encoded | None = None  # distillation: the row as text, each audio replaced by its transcript
+    transcripts: list | None = None  # what each clip says (the row's "transcripts"), for the CTC loss
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ChatCollator:
     return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
     augment: Augmentation | None = None  # training: each clip transformed (audiollm.augment)
     teacher_text: bool = False  # distillation: add each row's text version for the teacher (audiollm.distill)
+    ctc: bool = False  # add each clip's transcript as CTC targets (audiollm.ctc)
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -94,6 +97,9 @@ class ChatCollator:
             audio = featurize(clips, names, stack=self.stack)
             batch["input_features"] = audio.input_features
             batch["feature_attention_mask"] = audio.feature_attention_mask
+            if self.ctc and not self.generation:
+                said = [t for e in encoded for t in (e.transcripts or [None] * len(e.clips))]
+                batch.update(ctc_batch(said, [-(-len(c) // CHUNK_SAMPLES) for c in clips]))
         if self.return_row_ids:
             batch["row_ids"] = [e.row_id for e in encoded]
         return self.tallied(batch)
@@ -161,7 +167,9 @@ class ChatCollator:
                 ids += [tok] * counts[clip]
                 labels += [IGNORE_INDEX] * counts[clip]
                 clip += 1
-        return Encoded(row_id, ids, labels, clips, teacher)
+        said = row.get("transcripts")
+        said = said if isinstance(said, list) and len(said) == len(clips) else None
+        return Encoded(row_id, ids, labels, clips, teacher, said)
 
     def set_epoch(self, epoch: int) -> None:
         """The training epoch, which the augmentation's draws follow (``audiollm.augment.CollatorEpochs``)."""
@@ -179,7 +187,7 @@ class ChatCollator:
             log.warning("%s: %d tokens > max_length=%d, text trimmed", row.row_id, len(row.input_ids), self.max_length)
             self.skipped["trimmed_over_max_length"] += 1
             return Encoded(row.row_id, row.input_ids[: self.max_length], row.labels[: self.max_length], row.clips,
-                           row.teacher)
+                           row.teacher, row.transcripts)
         self.skipped["dropped_over_max_length"] += 1
         log.warning(
             "%s: %d tokens > max_length=%d, row dropped (%d dropped so far)",

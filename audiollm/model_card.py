@@ -85,6 +85,8 @@ def stage_entry(stage: str, model_args, data_args, args, state, train_rows: int 
             "steps": state.global_step, "epochs": state.epoch,
             "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             "learning_rate": args.learning_rate, "trainable": trainable, "lora": lora,
+            "ctc": ({"weight": model_args.ctc_weight, "layer": model_args.ctc_layer}
+                    if getattr(model_args, "ctc_weight", 0) else None),
             "final_loss": losses[-1] if losses else None}
 
 
@@ -150,8 +152,9 @@ def _file_names(files) -> str:
 
 def _trainable(stage: dict) -> str:
     parts = _value(stage.get("trainable"))
-    lora = stage.get("lora")
-    return f"{parts}; LoRA {json.dumps(lora)}" if lora else parts
+    lora, ctc = stage.get("lora"), stage.get("ctc")
+    parts = f"{parts}; LoRA {json.dumps(lora)}" if lora else parts
+    return f"{parts}; CTC on the encoder {json.dumps(ctc)}" if ctc else parts
 
 
 def training_section(facts: CardFacts) -> list[str]:

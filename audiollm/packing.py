@@ -34,12 +34,15 @@ from transformers.masking_utils import sdpa_mask
 
 from audiollm.bad_rows import TALLY_KEY
 from audiollm.collator import IGNORE_INDEX
+from audiollm.ctc import CTC_KEYS
 from audiollm.distill import KD_COUNTS, KD_LABELS, TEACHER_KEYS
 
 # Audio keys (already in row order), the row ids the crash-safe trainer reports on a non-finite loss and the
 # batch's bad-row tally.
-# The teacher's text rows and row counts (audiollm/distill.py) pass through too: the teacher runs them padded.
-PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids", TALLY_KEY, *TEACHER_KEYS, KD_COUNTS)
+# The teacher's text rows and row counts (audiollm/distill.py) pass through too: the teacher runs them padded; so
+# do the clips' CTC targets (audiollm/ctc.py), which follow the audio.
+PASSED_THROUGH = ("input_features", "feature_attention_mask", "row_ids", TALLY_KEY, *TEACHER_KEYS, KD_COUNTS,
+                  *CTC_KEYS)
 # Per-token labels packed like ``labels``: the distilled rows' labels pair with the teacher's by answer order.
 PACKED_LABELS = ("labels", KD_LABELS)
 PACKED_SDPA = "sdpa_packed"  # the attn_implementation name of packed_sdpa_attention

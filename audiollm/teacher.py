@@ -13,6 +13,7 @@ import os
 import torch
 
 from audiollm.batching import TokenBudgetTrainer
+from audiollm.ctc import CtcMixin
 from audiollm.distill import DistillArguments, DistillMixin, freeze
 from audiollm.model.config import STOCK_MODEL_TYPE, AudioLLMConfig
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
@@ -21,8 +22,9 @@ from audiollm.training import ModelArguments, zero3_paused
 log = logging.getLogger(__name__)
 
 
-class StageTrainer(DistillMixin, TokenBudgetTrainer):
-    """The pretraining and SFT trainer: crash-safe, token-budget batches, distillation when given a ``teacher``."""
+class StageTrainer(CtcMixin, DistillMixin, TokenBudgetTrainer):
+    """The pretraining and SFT trainer: crash-safe, token-budget batches, distillation when given a ``teacher``,
+    CTC on the encoder when the model has a head for it."""
 
 
 def make_teacher(kd_args: DistillArguments, model_args: ModelArguments):

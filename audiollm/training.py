@@ -25,6 +25,7 @@ from audiollm.augment import Augmentation, AugmentationError
 from audiollm.bad_rows import BAD_ROWS_FILE, BadRowLog, check_ceiling, read_bad_rows
 from audiollm.chat import DEFAULT_SYSTEM_PROMPT
 from audiollm.collator import ChatCollator
+from audiollm.ctc import add_ctc_head
 from audiollm.batching import TokenBudgetBatchSampler
 from audiollm.crash_safety import final_save, save_trainer_state
 from audiollm.data import add_lengths, load_mixture
@@ -66,12 +67,24 @@ class ModelArguments:
     packed_encoder: bool = field(default=False, metadata={"help": "Encode only the clips' real mel frames: a "
                                  "batch's clips in one sequence, attention within each clip (fast with "
                                  "attn_implementation sdpa_packed or flash_attention_2)."})
+    ctc_weight: float = field(default=0.0, metadata={"help": "CTC on the encoder beside the answer loss: a new "
+                              "head reads the encoder's frames against each clip's transcript (rows' "
+                              "'transcripts'), loss = answer + ctc_weight x CTC; 0 = off (audiollm/ctc.py). The "
+                              "head stays out of the stage's final folder."})
+    ctc_layer: int = field(default=0, metadata={"help": "Which encoder output the CTC head reads: 0 = the last "
+                           "(what the projector gets), k = layer k's (intermediate CTC: the layers above stay free "
+                           "for what the transcript does not say, such as who speaks)."})
 
     def __post_init__(self):
         if self.train_llm and self.llm_lora_r:
             raise ValueError("choose train_llm (full weights) or llm_lora_r > 0 (LoRA), not both")
         if self.train_encoder and self.encoder_lora_r:
             raise ValueError("choose train_encoder (full weights) or encoder_lora_r > 0 (LoRA), not both")
+        if self.ctc_weight < 0:
+            raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.ctc_weight and (not self.train_encoder or self.uses_lora):
+            raise ValueError("ctc_weight > 0 trains the encoder through a CTC head: it needs train_encoder: true "
+                             "and no LoRA (the head would not reach a merged adapter folder)")
 
     @property
     def uses_lora(self) -> bool:
@@ -172,6 +185,8 @@ def load_model(model_args: ModelArguments):
                   llm=model_args.train_llm)
     model.loss_chunk_tokens = model_args.lean_loss_chunk_tokens
     model.audio_tower.packed = model_args.packed_encoder
+    if model_args.ctc_weight:
+        add_ctc_head(model, model_args.ctc_weight, model_args.ctc_layer)
     if model_args.packed_encoder and model.config._attn_implementation not in VARLEN_ATTENTION:
         log.warning("packed_encoder on %s attends through one block-diagonal mask, (sum of clip lengths)^2 per "
                     "batch; attn_implementation: sdpa_packed attends per clip", model.config._attn_implementation)
@@ -262,6 +277,7 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         return_row_ids=True,
         augment=augment,
         teacher_text=teacher_text and train,
+        ctc=train and getattr(unwrap(model), "ctc_head", None) is not None,
     )
     max_tokens = packing_tokens(data_args, model)
     return collator if max_tokens is None else PackingCollator(collator, max_tokens)
@@ -362,6 +378,7 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
     from audiollm.model_card import SUMMARY_FILE, stage_entry, write_training_summary
 
     out = trainer.args.output_dir
+    unwrap(trainer.model).save_ctc_head = False  # the CTC head trained this stage; the folder stays stock
     with final_save(trainer, last=("config.json", SUMMARY_FILE)) as staging:
         save_trainer_state(trainer, staging)  # the loss curve and metrics, for reports and plots
         if model_args.uses_lora:

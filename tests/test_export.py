@@ -434,11 +434,12 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "unused"), use_cpu=True, per_device_train_batch_size=4,
                              gradient_accumulation_steps=8, learning_rate=2e-5, report_to="none")
     state = TrainerState(global_step=120, epoch=2.0, log_history=[{"loss": 1.5, "step": 60}, {"loss": 0.9}])
-    first = stage_entry("pretrain", ModelArguments("init", train_projector=True), DataArguments(["/d/asr.jsonl"]),
-                        args, state, train_rows=1920)
+    first = stage_entry("pretrain", ModelArguments("init", train_projector=True, train_encoder=True, ctc_weight=0.3),
+                        DataArguments(["/d/asr.jsonl"]), args, state, train_rows=1920)
     second = stage_entry("sft", ModelArguments("runs/pretrain", llm_lora_r=16), DataArguments(["/d/chat.jsonl"]),
                          args, state)
-    assert first["global_batch"] == 32 and first["trainable"] == ["projector"] and first["final_loss"] == 0.9
+    assert first["global_batch"] == 32 and first["trainable"] == ["encoder", "projector"]
+    assert first["final_loss"] == 0.9 and first["ctc"] == {"weight": 0.3, "layer": 0} and second["ctc"] is None
     assert second["lora"] == {"llm_r": 16, "encoder_r": 0, "alpha_ratio": 2.0}
     stage_one, source = tmp_path / "pretrain", tmp_path / "sft"
     stage_one.mkdir()
@@ -447,5 +448,6 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     write_training_summary(source, stage_one, second)
     assert [s["stage"] for s in read_training_summary([source])["stages"]] == ["pretrain", "sft"]
     text = (export(source, tmp_path / "export") / "README.md").read_text()
-    assert "| pretrain | asr.jsonl | 1920 | 120 | 2 | 32 | 2e-05 | projector | 0.9 |" in text
+    assert ('| pretrain | asr.jsonl | 1920 | 120 | 2 | 32 | 2e-05 | encoder, projector; CTC on the encoder '
+            '{"weight": 0.3, "layer": 0} | 0.9 |') in text
     assert '| sft | chat.jsonl | not recorded | 120 | 2 | 32 | 2e-05 | projector; LoRA {"llm_r": 16' in text

@@ -37,6 +37,9 @@ class AudioEncoder(Qwen2AudioEncoder):
 
     # A training switch (ModelArguments.packed_encoder), not saved in the config: encode the real frames only.
     packed: bool = False
+    # Another (ModelArguments.ctc_layer, audiollm/ctc.py): after each forward, ``tapped`` holds this layer's
+    # (1-based) output pooled to 25 Hz like the last one's, (C, N, D), for an intermediate CTC loss. 0: none.
+    tap_layer: int = 0
 
     def _init_weights(self, module):
         """Standard init, except where a random encoder could not learn to hear (only new encoders; checkpoints
@@ -82,20 +85,28 @@ class AudioEncoder(Qwen2AudioEncoder):
         x = x + self.embed_positions.weight[: x.shape[1]]
         return nn.functional.dropout(x, p=self.dropout, training=self.training)
 
-    def _layers(self, x: torch.Tensor, attn_mask, **attn_kwargs) -> torch.Tensor:
-        for layer in self.layers:
-            if self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop:
-                continue
-            x = layer(x, attn_mask, **attn_kwargs)
-        return x
+    def _layers(self, x: torch.Tensor, attn_mask, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The transformer layers: the last one's output, and ``tap_layer``'s (None when off)."""
+        tapped = None
+        for number, layer in enumerate(self.layers, 1):
+            if not (self.training and self.layerdrop > 0 and torch.rand([]) < self.layerdrop):
+                x = layer(x, attn_mask, **attn_kwargs)
+            if number == self.tap_layer:
+                tapped = x
+        return x, tapped
 
     def _encode_padded(self, mel: torch.Tensor, conv_lengths: torch.Tensor) -> torch.Tensor:
         """(C, n_mels, T) padded to the longest clip -> (C, T'//2, D) pooled frames, padding masked out."""
         x = self._stem(mel)
         frame_mask = torch.arange(x.shape[1], device=x.device)[None, :] < conv_lengths[:, None]  # (C, T')
         attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=frame_mask)
-        x = self._layers(x, attn_mask)
-        return self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)  # (C, T'//2, D): 25 Hz, 40 ms per token
+        x, tapped = self._layers(x, attn_mask)
+        self.tapped = None if tapped is None else self._pool_padded(tapped)
+        return self._pool_padded(x)
+
+    def _pool_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, T', D) -> (C, T'//2, D): 25 Hz, 40 ms per token."""
+        return self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)
 
     def _encode_packed(self, mel: torch.Tensor, conv_lengths: torch.Tensor) -> torch.Tensor:
         """The same, on the real frames only: (C, n_mels, T) -> (C, max T'_i // 2, D).
@@ -109,8 +120,14 @@ class AudioEncoder(Qwen2AudioEncoder):
                  for i, (n, t) in enumerate(zip(mel_frames.tolist(), lengths))]
         x = torch.cat(clips)[None]  # (1, sum T'_i, D)
         mask, attn_kwargs = self._packed_attention(x, conv_lengths)
-        x = self._layers(x, mask, **attn_kwargs)
-        # AvgPool1d(2, 2) per clip as a pairwise mean, which also takes a 1-frame clip (0 tokens): (T'_i // 2, D)
+        x, tapped = self._layers(x, mask, **attn_kwargs)
+        self.tapped = None if tapped is None else self._pool_packed(tapped, lengths)
+        return self._pool_packed(x, lengths)
+
+    @staticmethod
+    def _pool_packed(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """(1, sum T'_i, D) -> (C, max T'_i // 2, D): AvgPool1d(2, 2) per clip as a pairwise mean, which also takes
+        a 1-frame clip (0 tokens)."""
         width = x.shape[-1]
         pooled = [clip[: t - t % 2].reshape(t // 2, 2, width).mean(1) for clip, t in zip(x[0].split(lengths), lengths)]
         return nn.utils.rnn.pad_sequence(pooled, batch_first=True)

@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from audiollm.collator import IGNORE_INDEX
+from audiollm.ctc import CTC_DIVISOR, CTC_KEYS, CTC_LENGTHS, CTC_TARGETS, HEAD_PREFIX, ctc_loss
 from audiollm.distill import distill_loss
 from audiollm.loss import DEFAULT_CHUNK_TOKENS, chunked_causal_lm_loss
 from audiollm.model.config import AudioLLMConfig
@@ -31,6 +32,10 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
     # Labelled tokens per chunk of the memory-lean loss (audiollm/loss.py); 0: the LLM's own loss over full logits.
     # A training switch (ModelArguments.lean_loss_chunk_tokens), not saved in the config.
     loss_chunk_tokens: int = 0
+    # The CTC loss's weight beside the answer loss when a stage adds ``ctc_head`` (audiollm/ctc.py); a training
+    # switch too. ``save_ctc_head``: False while a stage writes its final folder, which stays a stock checkpoint.
+    ctc_weight: float = 0.0
+    save_ctc_head: bool = True
 
     def __init__(self, config: AudioLLMConfig):
         super().__init__(config)
@@ -102,13 +107,23 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
             names = {module: name for name, module in self.named_modules()}
             state_dict = dict(state_dict if state_dict is not None else self.state_dict())
             state_dict[f"{names[head]}.weight"] = state_dict[f"{names[embed]}.weight"].clone()
+        if not self.save_ctc_head:
+            state_dict = {k: v for k, v in (state_dict if state_dict is not None else self.state_dict()).items()
+                          if not k.startswith(HEAD_PREFIX)}
         super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
 
     def encode_audio(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(C, n_mels, T) chunks -> (sum of real tokens over chunks, hidden), chunk by chunk in order."""
+        return self.project_audio(*self.audio_frames(input_features, feature_attention_mask))
+
+    def audio_frames(self, input_features, feature_attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, n_mels, T) chunks -> the encoder's (C, N, D) 25 Hz frames, zero past each chunk's (C,) lengths."""
         frames, lengths = self.audio_tower(input_features, feature_attention_mask)  # (C, N, D), (C,)
         real = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]
-        frames = frames * real[..., None].to(frames.dtype)  # a stack projector's last group sees zeros, not padding
+        return frames * real[..., None].to(frames.dtype), lengths  # a stack projector's last group sees zeros
+
+    def project_audio(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(C, N, D) frames, (C,) lengths -> (sum of real tokens over chunks, hidden)."""
         tokens = self.multi_modal_projector(frames)  # (C, ceil(N / k), hidden)
         stacked = (lengths + self.config.projector_stack - 1) // self.config.projector_stack
         keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < stacked[:, None]
@@ -121,21 +136,36 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
 
     def embed(self, input_ids, input_features=None, feature_attention_mask=None) -> torch.Tensor:
         """Token embeddings with the audio tokens written into the ``<|AUDIO|>`` positions, in order."""
+        return self._embed(input_ids, input_features, feature_attention_mask)[0]
+
+    def _embed(self, input_ids, input_features, feature_attention_mask) -> tuple:
+        """(B, S, hidden) embeddings, and the encoder's (C, N, D) frames with their (C,) lengths (None when the
+        batch has no audio outside training)."""
         embeds = self.get_input_embeddings()(input_ids)  # (B, S, hidden)
         slots = input_ids == self.config.audio_token_id
         if input_features is None:
             if slots.any():
                 raise ValueError(f"input_ids hold {int(slots.sum())} <|AUDIO|> tokens but no input_features")
             if self.training:  # a text-only batch still runs the audio path: ZeRO-3 / DDP ranks must agree
-                return embeds + 0.0 * self.encode_audio(self._silent_chunk(), None).sum()
-            return embeds
-        audio = self.encode_audio(input_features, feature_attention_mask)
+                frames, lengths = self.audio_frames(self._silent_chunk(), None)
+                return embeds + 0.0 * self.project_audio(frames, lengths).sum(), frames, lengths
+            return embeds, None, None
+        frames, lengths = self.audio_frames(input_features, feature_attention_mask)
+        audio = self.project_audio(frames, lengths)
         if audio.shape[0] != int(slots.sum()):
             raise ValueError(
                 f"the audio gives {audio.shape[0]} tokens but input_ids hold {int(slots.sum())} <|AUDIO|> "
                 "placeholders: expand each clip's placeholder to audio_token_count() copies"
             )
-        return embeds.masked_scatter(slots[..., None], audio.to(embeds.dtype))
+        return embeds.masked_scatter(slots[..., None], audio.to(embeds.dtype)), frames, lengths
+
+    def _ctc_term(self, frames, lengths, ctc: dict) -> torch.Tensor:
+        """The CTC loss of this batch's frames (0, still touching the head, for chunks without targets)."""
+        targets = ctc.get(CTC_TARGETS, torch.zeros(0, dtype=torch.long))
+        target_lengths = ctc.get(CTC_LENGTHS, torch.zeros(frames.shape[0], dtype=torch.long))
+        if self.audio_tower.tap_layer:  # intermediate CTC: an inner layer's frames, same lengths
+            frames = self.audio_tower.tapped
+        return ctc_loss(self.ctc_head, frames, lengths, targets, target_lengths)
 
     def forward(
         self,
@@ -155,10 +185,22 @@ class AudioLLMForConditionalGeneration(PreTrainedModel):
         ``pack_rows=N`` (a right-padded batch, as TRL's DPO hands it over): the LLM runs the rows packed into
         sequences of at most N tokens (0: one sequence) and its per-token outputs come back in the padded layout.
         """
+        ctc = {key: kwargs.pop(key) for key in (*CTC_KEYS, CTC_DIVISOR) if key in kwargs}  # audiollm/ctc.py
+        aux = None
+        if inputs_embeds is None:
+            inputs_embeds, frames, lengths = self._embed(input_ids, input_features, feature_attention_mask)
+            if getattr(self, "ctc_head", None) is not None and self.training and labels is not None:
+                aux = self._ctc_term(frames, lengths, ctc)
+        out = self._llm_forward(inputs_embeds, attention_mask, labels, **kwargs)
+        if aux is not None:
+            out.loss = out.loss + self.ctc_weight * aux / ctc.get(CTC_DIVISOR, 1)
+            self.last_ctc_loss = aux.detach()  # logged by the stage's trainer
+        return out
+
+    def _llm_forward(self, inputs_embeds, attention_mask, labels, **kwargs):
+        """The LLM on the embedded batch: packed rows, the lean or distillation loss, or its own."""
         pack_rows = kwargs.pop("pack_rows", None)
         distill = kwargs.pop("distill", None)  # a TeacherOutput (audiollm/distill.py): the distillation loss
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, input_features, feature_attention_mask)
         if pack_rows is not None and attention_mask is not None:
             return self._packed_rows_forward(inputs_embeds, attention_mask, labels, int(pack_rows), **kwargs)
         if attention_mask is None and kwargs.get("position_ids") is not None:
