@@ -198,7 +198,8 @@ def test_manifests_have_the_project_formats(corpus):
         assert rows, name
         for row in rows:
             if "pretrain" in name:
-                assert set(row) == {"audio", "task", "text"} and row["task"] in PROMPT_POOLS
+                assert set(row) == {"audio", "task", "text", "transcript"} and row["task"] in PROMPT_POOLS
+                assert row["transcript"] == said[row["audio"]]  # for CTC on the encoder
                 continue
             roles = [m["role"] for m in row["messages"]]
             assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:])), row

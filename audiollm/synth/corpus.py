@@ -5,7 +5,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
 
     audio/train/00000.wav ...      16 kHz mono PCM_16 clips, 1-3 s each
     audio/heldout/00000.wav ...
-    pretrain.jsonl   {"audio", "task", "text"}: asr, sex, language, rate, pitch
+    pretrain.jsonl   {"audio", "task", "text", "transcript"}: asr, sex, language, rate, pitch; "transcript": what
+                     the clip says, for CTC on the encoder (audiollm/ctc.py) and distillation
     sft.jsonl        {"messages", "audios", "transcripts"}: voice chat (the question is spoken), audio analysis
                      (clip + text instruction), multi-turn (two spoken questions, or a text follow-up about the
                      same clip); "transcripts": what each clip says, for distillation (audiollm/distill.py)
@@ -249,18 +250,18 @@ def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
     rows = []
     for _ in range(counts["asr"]):
         text = s.draw(rng, words_text)
-        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text})
+        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text, "transcript": text})
     answers, rng = taught_answers(s.seed), s.rng("pretrain:answers")
     for i in range(counts.get("answers", 0)):  # training only (TRAIN_ONLY)
         text = answers[i % len(answers)]
-        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text})
+        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text, "transcript": text})
     for task, labels in LABELS.items():
         rng = s.rng(f"pretrain:{task}")
         for i in range(counts[task]):
             label = list(labels)[i % len(labels)]
             how = labels[label]
             text = s.draw(rng, lambda r: words_text(r, how.get("language", "en")))
-            rows.append({"audio": s.clip(rng, text, **how), "task": task, "text": label})
+            rows.append({"audio": s.clip(rng, text, **how), "task": task, "text": label, "transcript": text})
     return rows
 
 
