@@ -166,29 +166,47 @@ def write_pretrain_data(tmp_path, speech_like) -> str:
     return str(tmp_path / "pretrain.jsonl")
 
 
-def test_pretraining_with_ctc_logs_it_keeps_the_head_in_checkpoints_and_out_of_the_final_folder(
+def test_pretraining_with_ctc_logs_it_keeps_the_head_in_checkpoints_resumes_exactly_and_leaves_it_out_of_the_folder(
         tokenizer, tiny_model, speech_like, tmp_path):
+    """Ten steps straight, or a resume from the straight run's checkpoint-5: the same final weights, which the
+    encoder reaches only if the head was restored too (a new head would send it other gradients)."""
+    import shutil
+
     import stages.pretrain as pretrain
+    from safetensors.torch import load_file
     from transformers import Qwen2AudioForConditionalGeneration
 
     from audiollm.build import save_model_folder
 
     save_model_folder(tiny_model(), tokenizer, tmp_path / "model")
+    manifest = write_pretrain_data(tmp_path, speech_like)
+
+    def run(out, *extra):
+        pretrain.main(["--model_name_or_path", str(tmp_path / "model"), "--train_files", manifest,
+                       "--output_dir", str(out), "--max_steps", "10", "--per_device_train_batch_size", "4",
+                       "--learning_rate", "3e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1",
+                       "--report_to", "none", "--use_cpu", "true", "--train_encoder", "true", "--train_llm", "true",
+                       "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--seed", "0",
+                       "--ctc_weight", "0.5", "--ctc_layer", "1", *extra])
+
     out = tmp_path / "run"
-    pretrain.main(["--model_name_or_path", str(tmp_path / "model"),
-                   "--train_files", write_pretrain_data(tmp_path, speech_like), "--output_dir", str(out),
-                   "--max_steps", "10", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-                   "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_strategy", "steps",
-                   "--save_steps", "10", "--report_to", "none", "--use_cpu", "true", "--train_encoder", "true",
-                   "--train_llm", "true", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-                   "--ctc_weight", "0.5", "--ctc_layer", "1"])
+    run(out, "--save_strategy", "steps", "--save_steps", "5")
     history = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     ctc = [e["ctc_loss"] for e in history]
     assert len(ctc) == 10 and ctc[-1] < 0.8 * ctc[0], ctc  # the head and encoder learn the bytes
     assert {(e["ctc_chunks"], e["ctc_chunks_without_target"]) for e in history} == {(4.0, 0.0)}
-    with safe_open(str(out / "checkpoint-10" / "model.safetensors"), "pt") as f:
+    with safe_open(str(out / "checkpoint-5" / "model.safetensors"), "pt") as f:
         assert [k for k in f.keys() if k.startswith("ctc_head.")]  # a resumed run continues the head
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert not [k for k in f.keys() if k.startswith("ctc_head")]
+    straight = load_file(out / "model.safetensors")
+    assert not [k for k in straight if k.startswith("ctc_head")]
     stock = Qwen2AudioForConditionalGeneration.from_pretrained(out, output_loading_info=True)[1]
     assert not any(stock.values()), stock  # no missing or unexpected keys: a stock checkpoint
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-5", resumed / "checkpoint-5")
+    run(resumed, "--save_strategy", "no")
+    again = load_file(resumed / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, again[name]), name
