@@ -175,22 +175,26 @@ class AudioBatch:
     input_features: (C, n_mels, T) for the C chunks of all clips, clip by clip, in order.
     feature_attention_mask: (C, T), 1 on real frames.
     tokens_per_clip: audio tokens each clip expands to (the sum over its chunks).
+    chunks_per_clip: how many of the C chunks each clip became.
     """
 
     input_features: torch.Tensor
     feature_attention_mask: torch.Tensor
     tokens_per_clip: list[int]
+    chunks_per_clip: list[int]
 
 
 def featurize(clips: list, names: list[str] | None = None, stack: int = 1, n_mels: int = N_MELS) -> AudioBatch:
     """16 kHz mono waveforms (numpy or torch, any length) -> chunked, batch-padded log-mel and token counts."""
     names = names or [f"audio[{i}]" for i in range(len(clips))]
-    chunks, tokens_per_clip = [], []
+    chunks, tokens_per_clip, chunks_per_clip = [], [], []
     for clip, name in zip(clips, names):
         wav = torch.as_tensor(clip, dtype=torch.float32)
         if wav.ndim != 1:
             raise AudioError(f"{name}: expected a mono waveform of shape (n_samples,), got {tuple(wav.shape)}")
-        chunks += split_chunks(wav, name)
+        pieces = split_chunks(wav, name)
+        chunks += pieces
+        chunks_per_clip.append(len(pieces))
         tokens_per_clip.append(clip_token_count(wav.numel(), stack))
     features, mask = log_mel(chunks, n_mels)
-    return AudioBatch(features, mask, tokens_per_clip)
+    return AudioBatch(features, mask, tokens_per_clip, chunks_per_clip)

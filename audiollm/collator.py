@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from audiollm.audio import CHUNK_SAMPLES, AudioError, clip_token_count, featurize
+from audiollm.audio import AudioError, clip_token_count, featurize
 from audiollm.audio_sources import load_audio_source
 from audiollm.augment import Augmentation
 from audiollm.bad_rows import TALLY_KEY, BadRowLog
@@ -99,7 +99,7 @@ class ChatCollator:
             batch["feature_attention_mask"] = audio.feature_attention_mask
             if self.ctc and not self.generation:
                 said = [t for e in encoded for t in (e.transcripts or [None] * len(e.clips))]
-                batch.update(ctc_batch(said, [-(-len(c) // CHUNK_SAMPLES) for c in clips]))
+                batch.update(ctc_batch(said, audio.chunks_per_clip))
         if self.return_row_ids:
             batch["row_ids"] = [e.row_id for e in encoded]
         return self.tallied(batch)
