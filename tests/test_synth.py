@@ -250,6 +250,31 @@ def test_spoken_answers_are_taught_ones_only_and_carry_word_starts(corpus):
             assert len(starts) == len(clip["text"].split()), clip
 
 
+def test_statements_are_random_reply_shaped_training_sentences_never_a_facts_answer():
+    """Statement rows (training only) are shaped like replies, draw their numbers at random and are never a right
+    answer: writing one down takes hearing it, and no held-out or validation reply is taught through them."""
+    from audiollm.synth.corpus import statement_rows
+    from audiollm.synth.questions import all_facts, fact_answer
+    from audiollm.synth.splits import text_split
+
+    s = Speaker("train", 0)
+    rows = statement_rows(s, 400)
+    facts = {fact_answer(*fact)[0] for fact in all_facts()}
+    texts = [r["text"] for r in rows]
+    assert len(set(texts)) > 300 and [c.text for c in s.clips] == texts
+    for row, text in zip(rows, texts):
+        assert row["task"] == "asr" and row["transcript"] == text and text not in facts
+        assert text_split(text, 0) == "train", text
+        numbers = [NUMBER_WORDS.index(w) for w in text.split() if w in NUMBER_WORDS]
+        words = text.split()
+        if {"plus", "minus", "after", "before"} & set(words):
+            assert len(numbers) in (2, 3) and len(words) in (4, 5) and words[-2] in ("is", "comes"), text
+        else:  # a counted run
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and 3 <= len(numbers) <= 6, text
+    wrong_sums = [t for t in texts if " plus " in t]
+    assert wrong_sums and any(NUMBER_WORDS.index(t.split()[0]) > 4 for t in wrong_sums)  # past the taught range
+
+
 def test_labels_describe_the_clips(corpus):
     clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
     for row in [r for s in ("", "heldout_", "validation_") for r in read_jsonl(corpus / f"{s}pretrain.jsonl")]:

@@ -121,6 +121,26 @@ def spoken_question(rng: random.Random, usable=lambda sentences: sentences) -> t
     return (rng.choice(sentences), *fact_answer(kind, a, b)) if sentences else None
 
 
+STATEMENT_RUN = (3, 6)  # numbers in a counted run of ``random_statement``
+
+
+def random_statement(rng: random.Random) -> str:
+    """A sentence shaped like a spoken reply with its numbers drawn at random over zero..twenty, true or not:
+    "twelve plus three is nine", "before four comes eighteen", "six seven eight nine".
+
+    What it is for: a listener taught to write down only true replies learns to write down what it expects, not what
+    it hears; it turned "three minus one is two" into "three minus two is one". Callers keep out the sentences that
+    are a fact's right answer (``audiollm.synth.corpus.pretrain_rows``).
+    """
+    kind = rng.choice(tuple(QUESTION_FORMS))
+    if kind == "count":
+        start = rng.randint(0, MAX_NUMBER - STATEMENT_RUN[0] + 1)
+        end = min(MAX_NUMBER, start + rng.randint(*STATEMENT_RUN) - 1)
+        return " ".join(NUMBER_WORDS[start : end + 1])
+    a, b, value = (rng.randint(0, MAX_NUMBER) for _ in range(3))
+    return f"{ANSWER_FORMS[kind].format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b])} {NUMBER_WORDS[value]}"
+
+
 def off_by_one(answer: str) -> list[str]:
     """Plausible wrong answers to a number answer: one less / one more; for a count, one short / one too far."""
     parts = answer.split()

@@ -14,12 +14,13 @@ TEXT_SHARES = (("heldout", 0.2), ("validation", 0.1))
 # Rows per kind for the training split (the held-out split gets HELDOUT_SHARE of each). "small" is ~1,100
 # clips / ~25 min of audio and builds in seconds; "tiny" is for tests.
 SMALL = {
-    "pretrain": {"asr": 200, "answers": 80, "sex": 80, "language": 80, "rate": 60, "pitch": 60},
+    "pretrain": {"asr": 200, "answers": 40, "statements": 40, "sex": 80, "language": 80, "rate": 60, "pitch": 60},
     "sft": {"voice_chat": 200, "analysis": 80, "multi_turn_voice": 30, "multi_turn_followup": 30},
     "dpo": {"voice_chat": 50, "analysis": 50, "multi_turn_followup": 20},
 }
-# Kinds only training has: spoken answers are taught, never scored (``taught_answers``).
-TRAIN_ONLY = ("answers",)
+# Kinds only training has: spoken answers are taught, never scored (``taught_answers``); statements are random
+# reply-shaped sentences (``statement_rows``).
+TRAIN_ONLY = ("answers", "statements")
 
 
 def scaled(table: dict[str, dict[str, int]], factors: dict[str, int]) -> dict[str, dict[str, int]]:
