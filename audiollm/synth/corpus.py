@@ -271,9 +271,9 @@ def statement_rows(s: Speaker, n: int) -> list[dict]:
     random, so that writing one down takes hearing its numbers. None is a fact's right answer: those are the
     ``taught_answers`` rows' alone, and the others are replies a held-out or validation row expects.
 
-    Why: taught only true replies, the demo's listener wrote the validation replies spoken by espeak down right 0.19
-    of the time after SFT and DPO (it wrote "three minus one is two" as "three minus two is one"); with half of the
-    answer rows made statements instead, 0.95."""
+    Why: taught only true replies, the demo's listener wrote down 0.33 of the validation replies spoken by espeak
+    after SFT and DPO (it wrote "three minus one is two" as "three minus two is one"); with half of the answer rows
+    made statements instead, 0.98."""
     facts = {fact_answer(*fact)[0] for fact in all_facts()}
     rng, rows = s.rng("pretrain:statements"), []
     for _ in range(n):
