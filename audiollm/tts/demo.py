@@ -85,6 +85,11 @@ def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
     return manifest
 
 
+def in_turn(jobs: list) -> list:
+    """Each of ``jobs`` (callables without arguments) in turn; their values."""
+    return [job() for job in jobs]
+
+
 def on_one_thread(fn, *args):
     """``fn(*args)`` on one intra-op thread (in a process of its own, beside another)."""
     torch.set_num_threads(1)
@@ -144,22 +149,27 @@ def train_voice(corpus_dir: str | Path, out_dir: str | Path, seed: int = 0, max_
 def measure_demo_voice(folders: dict[str, Path], listener: str | Path, seed: int = 0, texts: int = 60) -> dict:
     """Measure a trained voice (``train_voice``'s folders) with ``listener`` on the held-out split (every figure) and
     the validation split (codec and one-sample TTS WER, where settings are compared); writes voice_results.json."""
-    from audiollm.tts.voice_eval import measure_voice
+    from audiollm.beside import Beside, sharing_cores, stop_on_error
+    from audiollm.tts.voice_eval import measure_replies, measure_voice
 
     out = Path(folders["tts"]).parent
     predictions = Path(listener).parent / "eval" / "predictions.jsonl"
+    voices = list(TTS_VOICES.values())
     measure = functools.partial(measure_voice, folders["tts"], Path(listener), texts=texts, seed=seed,
-                                sampling=SAMPLING, tts_voices=list(TTS_VOICES.values()))
-    from audiollm.beside import Beside, sharing_cores, stop_on_error
-
-    # Validation in a second process beside the held-out split, one thread each: the two halves share nothing, and
-    # models this small gain less from a second thread than from a second process.
-    beside = Beside(on_one_thread, out / "validation.log", functools.partial(measure, full=False),
-                    folders["validation"], out / "validation")
+                                sampling=SAMPLING, tts_voices=voices)
+    # A second process beside the held-out split, one thread each (models this small gain less from a second thread
+    # than from a second process): validation, then the held-out spoken replies, the held-out half's longest part.
+    # Validation alone left that core idle for 140 of the 192 s.
+    jobs = [functools.partial(measure, folders["validation"], out / "validation", full=False)]
+    if predictions.is_file():
+        jobs.append(functools.partial(measure_replies, folders["tts"], Path(listener), predictions,
+                                      "heldout_voice_chat", out / "heldout", texts, voices, seed=seed,
+                                      sampling=SAMPLING))
+    beside = Beside(on_one_thread, out / "validation.log", in_turn, jobs)
     with sharing_cores(beside) as share, stop_on_error(beside):
-        share()  # one thread here while validation runs beside; all of them again afterwards
-        heldout = measure(folders["heldout"], out / "heldout", reply_task="heldout_voice_chat",
-                          predictions=predictions if predictions.is_file() else None)
-    results = {"heldout": heldout, "validation": beside.result()}
+        share()  # one thread here while the other process runs; all of them again afterwards
+        heldout = measure(folders["heldout"], out / "heldout")
+    validation, *replies = beside.result()
+    results = {"heldout": heldout | (replies[0] if replies else {}), "validation": validation}
     (out / "voice_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

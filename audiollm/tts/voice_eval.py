@@ -140,6 +140,27 @@ def spectrogram_figure(tts, row: dict, sampling, path: Path) -> None:
     plt.close(fig)
 
 
+def load_models(tts_dir: Path, listener_dir: Path, sampling: dict | None, seed: int):
+    """The TTS, the listener that measures it, and the TTS's sampling settings (``sampling``: changes to the layout's
+    defaults, e.g. temperature, top_k)."""
+    from audiollm.tts.generate import load_tts
+    from audiollm.tts.sampling import default_sampling
+    from eval.speech import load_transcriber
+
+    tts = load_tts(tts_dir)
+    return (tts, load_transcriber(str(listener_dir), batch_size=16),
+            default_sampling(tts.vocab.layout, **(sampling or {}), seed=seed))
+
+
+def measure_replies(tts_dir: Path, listener_dir: Path, predictions: Path, reply_task: str, out: Path, texts: int,
+                    voices: list[str], seed: int = 0, sampling: dict | None = None) -> dict:
+    """``spoken_replies`` on its own (the figures ``measure_voice`` adds with ``predictions``), so that it can run in
+    a process of its own: every sample is seeded per text, so the figures do not depend on what ran before."""
+    out.mkdir(parents=True, exist_ok=True)
+    tts, listener, sampling = load_models(tts_dir, listener_dir, sampling, seed)
+    return spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out, voices)
+
+
 def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
                   predictions: Path | None = None, reply_task: str | None = None, full: bool = True,
                   sampling: dict | None = None, tts_voices: list[str] | None = None) -> dict:
@@ -147,17 +168,13 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
     best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures.
     ``sampling``: changes to the layout's default sampling settings (temperature, top_k...). ``tts_voices``: the
     espeak voices the TTS learnt ("en+f1"), for the reference figures spoken in them."""
-    from audiollm.tts.generate import load_tts
-    from audiollm.tts.sampling import default_sampling
-    from eval.speech import load_transcriber
     from eval.tts_eval import codec_resynthesis_wer, tts_intelligibility
 
     out.mkdir(parents=True, exist_ok=True)
-    tts, listener = load_tts(tts_dir), load_transcriber(str(listener_dir), batch_size=16)
+    tts, listener, sampling = load_models(tts_dir, listener_dir, sampling, seed)
     rows = read_rows(manifest)
     unique = list(dict.fromkeys(r["text"] for r in rows))[:texts]
     clips = rows[:texts]
-    sampling = default_sampling(tts.vocab.layout, **(sampling or {}), seed=seed)
     codec = codec_resynthesis_wer(tts.codec, [r["audio"] for r in clips], [r["text"] for r in clips], listener,
                                   originals=True, seed=seed)
     spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed,
