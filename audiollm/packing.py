@@ -84,10 +84,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # GQA: (B, H, S, D)
     rows = []
     for b, row_starts in enumerate(starts):
-        ends = row_starts[1:] + [query.shape[2]]
-        pieces = [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
-                                                 value[b : b + 1, :, s:e], dropout_p=dropout, is_causal=causal,
-                                                 scale=scaling) for s, e in zip(row_starts, ends)]
+        sizes = [e - s for s, e in zip(row_starts, row_starts[1:] + [query.shape[2]])]
+        # split, not a slice per piece: a slice's backward writes its gradient into a zero tensor of the whole
+        # sequence, so n pieces cost n full-size tensors; split's backward is one cat.
+        q, k, v = (t[b : b + 1].split(sizes, dim=2) for t in (query, key, value))
+        pieces = [F.scaled_dot_product_attention(*qkv, dropout_p=dropout, is_causal=causal, scale=scaling)
+                  for qkv in zip(q, k, v)]
         rows.append(torch.cat(pieces, dim=2))  # (1, H, S, D)
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
