@@ -146,6 +146,13 @@ def render_eval_order(data: dict) -> str:
             + table(["batches", "items/s", "vs file order", "prompt positions / real", "mel frames / real"], rows))
 
 
+def render_packed_attention(data: dict) -> str:
+    rows = [[r["kind"], r["pieces"], r["positions"], r["sliced_s"], r["split_s"], f"{r['speedup']:.2f}x",
+             r["gradients_agree"]] for r in data["results"]]
+    return (f"{data['heads']} heads of {data['head_dim']}, one thread, median of {data['repeats']}:\n\n"
+            + table(["batch", "pieces", "positions", "sliced s", "split s", "speedup", "same gradients"], rows))
+
+
 def render_gpu_mfu(data: dict) -> str:
     r = data["results"]
     rows = [[r["shape"], r["device"], r["dtype"], r["tokens"], r["tokens_per_s"], r["step_s"], r["achieved_tflops"],
@@ -196,6 +203,8 @@ SECTIONS = [
     ("SFT batches: token budget vs fixed size", "batching", "batching.json", render_batching),
     ("DPO: live vs precomputed reference, padded vs packed", "dpo", "dpo.json", render_dpo),
     ("Evaluation: batches by length vs file order", "eval_order", "eval_order.json", render_eval_order),
+    ("Packed attention: split vs sliced pieces", "packed_attention", "packed_attention.json",
+     render_packed_attention),
     ("GPU throughput and MFU", "gpu_mfu", "gpu_mfu*.json", render_gpu_mfu),
     ("Real-size SFT smoke run", "real_size_smoke", "real_size_smoke*.json", render_real_size_smoke),
     ("Speech generation: flat rvq vs CSM", "tts_csm", "tts_csm*.json", render_tts_csm),

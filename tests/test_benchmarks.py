@@ -13,7 +13,9 @@ import shutil
 import pytest
 import torch
 
-from benchmarks import batching, dpo, encoder, eval_order, features, gpu_mfu, real_size_smoke, report, train_step
+from benchmarks import (
+    batching, dpo, encoder, eval_order, features, gpu_mfu, packed_attention, real_size_smoke, report, train_step,
+)
 from benchmarks.common import interleaved_medians, peak_memory_bytes
 
 
@@ -47,6 +49,7 @@ def results(tmp_path_factory):
     dpo.main(["--quick", "--json", str(folder / "dpo.json")])
     batching.main(["--quick", "--json", str(folder / "batching.json")])
     eval_order.main(["--quick", "--json", str(folder / "eval_order.json")])
+    packed_attention.main(["--quick", "--json", str(folder / "packed_attention.json")])
     gpu_mfu.main(["--tiny", "--json", str(folder / "gpu_mfu_tiny.json")])
     real_size_smoke.main(["--out", str(folder / "smoke_run"), "--tiny", "--steps", "2", "--batch", "2", "--json",
                           str(folder / "real_size_smoke_tiny.json")])
@@ -98,6 +101,12 @@ def test_eval_order_quick(results):
     rows = data["results"]
     assert rows["by-length"]["positions_per_real"] <= rows["file-order"]["positions_per_real"]
     assert all(r["items_per_s"] > 0 for r in rows.values())
+
+
+def test_packed_attention_quick(results):
+    rows = load(results / "packed_attention.json")["results"]
+    assert [r["kind"] for r in rows] == ["encoder", "llm"]
+    assert all(r["gradients_agree"] is True and r["pieces"] == 4 and r["split_s"] > 0 for r in rows)
 
 
 def test_gpu_mfu_tiny(results, tmp_path):
