@@ -163,7 +163,13 @@ def check_training_args(args) -> None:
 
     The collator reads the raw manifest columns (messages, audios), so the trainer must not drop them; and
     non-reentrant checkpointing works with a frozen encoder or embeddings (reentrant needs an input with grad).
+    The seed is set here, before the stage builds its model: the Trainer seeds only once it is built, and a
+    stage draws weights before that (a CTC head, new token rows, a whole codec). Without it those came from
+    torch's per-process random seed, and two runs of one recipe trained different models.
     """
+    from transformers import set_seed
+
+    set_seed(args.seed)
     args.remove_unused_columns = False
     if args.activation_checkpointing and not args.activation_checkpointing_kwargs:
         args.activation_checkpointing_kwargs = {"use_reentrant": False}

@@ -104,3 +104,20 @@ def test_stage_trains_a_codec_that_load_codec_reads(tmp_path, speech_like):
     assert skipped and {s["id"] for s in skipped} == {f"{manifest}:7"} and skipped[0]["kind"] == "unreadable"
     codec = load_codec(out)
     assert codec.decode(codec.encode(speech_like(0.5))).shape == (16 * SPF,)
+
+
+def test_two_runs_of_one_recipe_train_the_same_codec(tmp_path, speech_like):
+    """The seed is set before the codec's weights are drawn (not only once the Trainer is built), so the second run
+    in this process, whose random state the first one moved, trains the same weights."""
+    from safetensors.torch import load_file
+
+    from stages.codec import main
+
+    manifest = write_clips(tmp_path, speech_like)
+    sizes = [w for k, v in TINY_MELCODEC.items() for w in (f"--{k}", *map(str, v if isinstance(v, list) else [v]))]
+    for run in ("a", "b"):
+        main(["--train_files", manifest, "--output_dir", str(tmp_path / run), "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--segment_seconds", "0.5", "--max_bad_fraction", "0.5",
+              "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true", *sizes])
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
