@@ -273,7 +273,7 @@ def statement_rows(s: Speaker, n: int) -> list[dict]:
 
     Why: taught only true replies, the demo's listener wrote down 0.33 of the validation replies spoken by espeak
     after SFT and DPO (it wrote "three minus one is two" as "three minus two is one"); with half of the answer rows
-    made statements instead, 0.98."""
+    made statements instead, 0.77 and 0.98 in two runs (0.97-0.98 after pretraining)."""
     facts = {fact_answer(*fact)[0] for fact in all_facts()}
     rng, rows = s.rng("pretrain:statements"), []
     for _ in range(n):
