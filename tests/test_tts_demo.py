@@ -10,7 +10,7 @@ import soundfile as sf
 
 from audiollm.build import build_tiny
 from audiollm.tts.demo import TTS_VOICES, train_voice, tts_corpus, voice_manifests
-from audiollm.tts.voice_eval import agreement, measure_replies, measure_voice, read_rows
+from audiollm.tts.voice_eval import agreement, measure_replies, measure_voice
 from tests.conftest import build_untrained_tts
 
 VOICES = {"train": ["en+f1", "en+m1"], "heldout": ["en+f4", "en+m7"], "validation": ["steph", "m6"]}
@@ -89,8 +89,9 @@ def test_every_voice_figure_is_measured(corpus, tmp_path):
     predictions.write_text("".join(json.dumps({"task": task, "audios": [question], "prediction": "seven",
                                                "reference": "seven"}) + "\n"
                                    for task in ("heldout_voice_chat", "heldout_voice_chat", "heldout_analysis")))
-    figures = measure_voice(tts, tmp_path / "listener", manifests["heldout"], tmp_path / "out", texts=2,
-                            predictions=predictions, reply_task="heldout_voice_chat")
+    figures = measure_voice(tts, tmp_path / "listener", manifests["heldout"], tmp_path / "out", texts=2)
+    figures |= measure_replies(tts, tmp_path / "listener", predictions, "heldout_voice_chat", tmp_path / "out", 2,
+                               list(TTS_VOICES.values()))
     for key in ("original_wer", "codec_resynthesis_wer", "tts_wer", "tts_wer_best_of_4"):
         assert figures[key] >= 0.0 and len(figures["ci95"][key]) == 2, key
     for key in ("cloning_sex_agreement", "no_prompt_sex_agreement", "cloning_pitch_agreement",
@@ -100,10 +101,6 @@ def test_every_voice_figure_is_measured(corpus, tmp_path):
     assert figures["reply_text_accuracy"] == 1.0 and figures["replies"] == 2  # the written answers were right
     assert figures["texts"] == figures["clips"] == 2 and figures["prompt_voices"] == VOICES["heldout"]
     assert (tmp_path / "out" / "sample_answer.wav").is_file() and (tmp_path / "out" / "sample_question.wav").is_file()
-    voices = sorted({r["voice"] for r in read_rows(manifests["heldout"])})  # what measure_voice speaks them in
-    alone = measure_replies(tts, tmp_path / "listener", predictions, "heldout_voice_chat", tmp_path / "replies", 2,
-                            voices)  # in a process of its own in the demo: the same figures, whatever ran before
-    assert alone and alone == {key: figures[key] for key in alone}
     quick = measure_voice(tts, tmp_path / "listener", manifests["validation"], tmp_path / "val", texts=2, full=False,
                           tts_voices=list(TTS_VOICES.values()))
     assert "tts_wer_best_of_4" not in quick and "cloning_sex_agreement" not in quick

@@ -130,7 +130,7 @@ def random_statement(rng: random.Random) -> str:
 
     What it is for: a listener taught to write down only true replies learns to write down what it expects, not what
     it hears; it turned "three minus one is two" into "three minus two is one". Callers keep out the sentences that
-    are a fact's right answer (``audiollm.synth.corpus.pretrain_rows``).
+    are a fact's right answer (``audiollm.synth.corpus.statement_rows``).
     """
     kind = rng.choice(tuple(QUESTION_FORMS))
     if kind == "count":

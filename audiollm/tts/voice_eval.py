@@ -154,18 +154,18 @@ def load_models(tts_dir: Path, listener_dir: Path, sampling: dict | None, seed: 
 
 def measure_replies(tts_dir: Path, listener_dir: Path, predictions: Path, reply_task: str, out: Path, texts: int,
                     voices: list[str], seed: int = 0, sampling: dict | None = None) -> dict:
-    """``spoken_replies`` on its own (the figures ``measure_voice`` adds with ``predictions``), so that it can run in
-    a process of its own: every sample is seeded per text, so the figures do not depend on what ran before."""
+    """The spoken-reply figures (``spoken_replies``) of a TTS and listener on disk, apart from ``measure_voice`` so
+    that the demo runs them in its second process: every sample is seeded per text, so nothing that ran before in
+    a process changes them."""
     out.mkdir(parents=True, exist_ok=True)
     tts, listener, sampling = load_models(tts_dir, listener_dir, sampling, seed)
     return spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out, voices)
 
 
 def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, texts: int, seed: int = 0,
-                  predictions: Path | None = None, reply_task: str | None = None, full: bool = True,
-                  sampling: dict | None = None, tts_voices: list[str] | None = None) -> dict:
+                  full: bool = True, sampling: dict | None = None, tts_voices: list[str] | None = None) -> dict:
     """The voice figures on one split (``manifest``: its {"audio", "text", "voice", "sex"} rows). ``full`` adds
-    best-of-4, cloning and (with ``predictions``) spoken replies to the codec and one-sample TTS figures.
+    best-of-4 and cloning to the codec and one-sample TTS figures (spoken replies: ``measure_replies``).
     ``sampling``: changes to the layout's default sampling settings (temperature, top_k...). ``tts_voices``: the
     espeak voices the TTS learnt ("en+f1"), for the reference figures spoken in them."""
     from eval.tts_eval import codec_resynthesis_wer, tts_intelligibility
@@ -203,8 +203,5 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
         items["tts_voice_codec"] = reference["items"]
     if full:
         spectrogram_figure(tts, clips[0], sampling, out / "spectrograms.png")
-    if full and predictions is not None:
-        voices = list(tts_voices or sorted({r["voice"] for r in rows}))
-        figures |= spoken_replies(tts, listener, predictions, reply_task, texts, sampling, out, voices)
     (out / "voice_items.json").write_text(json.dumps(items, indent=1))
     return figures
