@@ -275,6 +275,17 @@ def test_statements_are_random_reply_shaped_training_sentences_never_a_facts_ans
     assert wrong_sums and any(NUMBER_WORDS.index(t.split()[0]) > 4 for t in wrong_sums)  # past the taught range
 
 
+def test_replies_manifest_repeats_the_training_reply_rows_of_pretraining(corpus):
+    """replies.jsonl is the pretraining ASR rows that speak taught answers and statements, again (SFT replays them
+    at their own weight): every one is a training row of pretrain.jsonl, and no other split has such a file."""
+    replies, pretrain = read_jsonl(corpus / "replies.jsonl"), read_jsonl(corpus / "pretrain.jsonl")
+    summary = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))["splits"]
+    assert len(replies) == sum(summary["train"]["manifests"]["replies.jsonl"].values()) == 4 + 4  # tiny: answers 4
+    assert all(r in pretrain for r in replies) and all(r["task"] == "asr" for r in replies)
+    assert {r["text"] for r in replies} & set(taught_answers(0))  # the taught answers are among them
+    assert not list(corpus.glob("*_replies.jsonl"))
+
+
 def test_labels_describe_the_clips(corpus):
     clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
     for row in [r for s in ("", "heldout_", "validation_") for r in read_jsonl(corpus / f"{s}pretrain.jsonl")]:

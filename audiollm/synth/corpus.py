@@ -13,6 +13,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     dpo.jsonl        the SFT prompt turns + "chosen" (right) / "rejected" (misheard, one number off, another word,
                      or rambling)
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
+    replies.jsonl    the pretraining ASR rows that speak a reply-shaped sentence (taught answers and random
+                     statements), again: SFT replays them at a weight of their own (stages/configs/sft_demo.yaml)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, rate and pitch, the vowel moves of its own
@@ -47,7 +49,7 @@ from audiollm.synth.questions import (
 )
 from audiollm.synth.render import render
 from audiollm.synth.splits import (
-    SPLITS, CorpusError, question_splits, split_counts, text_split,
+    SPLITS, TRAIN_ONLY, CorpusError, question_splits, split_counts, text_split,
 )
 from audiollm.synth.voices import (
     ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS, VOWEL_SHARE,
@@ -238,9 +240,11 @@ def taught_answers(seed: int) -> list[str]:
             if set(question_splits(fact_sentences(*fact), seed).values()) == {"train"}]
 
 
-def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
-    """ASR rows (the words spoken; in training also spoken answers, ``taught_answers`` in turn) and one row per
-    clip for each classification task, labels in turn.
+def pretrain_rows(s: Speaker, counts: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """(pretraining rows, reply rows). Pretraining: ASR rows (the words spoken; in training also the reply rows)
+    and one row per clip for each classification task, labels in turn. Replies (training only): spoken answers,
+    ``taught_answers`` in turn, and ``statement_rows``; ``replies.jsonl`` holds them again so that SFT can replay
+    them at a weight of their own.
 
     Why answers: word lists alone taught the listener no "comes", "plus" or "is", so it could not write down a
     spoken reply ("before twenty comes nineteen" came out as "four twenty car nineteen", even from espeak). A
@@ -251,11 +255,12 @@ def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
     for _ in range(counts["asr"]):
         text = s.draw(rng, words_text)
         rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text, "transcript": text})
-    answers, rng = taught_answers(s.seed), s.rng("pretrain:answers")
+    answers, rng, replies = taught_answers(s.seed), s.rng("pretrain:answers"), []
     for i in range(counts.get("answers", 0)):  # training only (TRAIN_ONLY)
         text = answers[i % len(answers)]
-        rows.append({"audio": s.clip(rng, text), "task": "asr", "text": text, "transcript": text})
-    rows += statement_rows(s, counts.get("statements", 0))
+        replies.append({"audio": s.clip(rng, text), "task": "asr", "text": text, "transcript": text})
+    replies += statement_rows(s, counts.get("statements", 0))
+    rows += replies
     for task, labels in LABELS.items():
         rng = s.rng(f"pretrain:{task}")
         for i in range(counts[task]):
@@ -263,7 +268,7 @@ def pretrain_rows(s: Speaker, counts: dict[str, int]) -> list[dict]:
             how = labels[label]
             text = s.draw(rng, lambda r: words_text(r, how.get("language", "en")))
             rows.append({"audio": s.clip(rng, text, **how), "task": task, "text": label, "transcript": text})
-    return rows
+    return rows, list(replies)
 
 
 def statement_rows(s: Speaker, n: int) -> list[dict]:
@@ -322,7 +327,7 @@ def plan_split(split: str, seed: int, size: str, vowel_share: float = VOWEL_SHAR
     """Every row of one split (shuffled per manifest) and the clips they need, without synthesising anything."""
     counts = split_counts(size, split)
     s = Speaker(split, seed, vowel_share)
-    rows = {"pretrain": pretrain_rows(s, counts["pretrain"])}
+    rows = dict(zip(("pretrain", "replies"), pretrain_rows(s, counts["pretrain"])))
     for manifest in ("sft", "dpo"):
         rows[manifest] = chat_rows(s, manifest, counts[manifest])
     for manifest, manifest_rows in rows.items():
@@ -416,10 +421,13 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
                 write_jsonl(tmp / manifest_name(split, manifest), rows[manifest])
         for split, rows in typed.items():
             write_jsonl(tmp / manifest_name(split, "text"), rows)
+        write_jsonl(tmp / "replies.jsonl", plans["train"][0]["replies"])  # rows of pretrain.jsonl, again
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
         summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share}
         for split, rows in typed.items():
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
+        summary["splits"]["train"]["manifests"]["replies.jsonl"] = {
+            kind: split_counts(size, "train")["pretrain"][kind] for kind in TRAIN_ONLY}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _require_empty(out)
