@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -72,20 +71,6 @@ def test_agreement_compares_normalised_answers():
     assert agreement(["Female.", "male", "high"], ["female", "female", "High"]) == pytest.approx(2 / 3)
 
 
-def test_pitch_of_a_voice_and_semitones_between_two():
-    """median_f0 finds a harmonic tone's fundamental (what cloning's pitch figure compares); silence has none."""
-    from audiollm.tts.voice_eval import mean_semitones, median_f0
-
-    t = np.arange(16000) / 16000  # 1 s at 16 kHz
-    low, high = (sum(np.sin(2 * np.pi * k * f * t) / k for k in (1, 2, 3)).astype(np.float32) * 0.3
-                 for f in (110.0, 220.0))
-    f0_low, f0_high = median_f0(low, 16000), median_f0(high, 16000)
-    assert f0_low == pytest.approx(110.0, rel=0.03) and f0_high == pytest.approx(220.0, rel=0.03)
-    assert np.isnan(median_f0(np.zeros(16000, np.float32), 16000))
-    assert mean_semitones([f0_low, 200.0], [f0_high, float("nan")]) == pytest.approx(12.0, abs=0.5)  # an octave
-    assert np.isnan(mean_semitones([float("nan")], [100.0]))
-
-
 def test_train_voice_writes_a_codec_and_a_tts(corpus, tmp_path):
     from audiollm.tts.codecs import load_codec
     from audiollm.tts.generate import load_tts
@@ -113,7 +98,6 @@ def test_every_voice_figure_is_measured(corpus, tmp_path):
                 "prompt_sex_accuracy", "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4",
                 "spoken_reply_ceiling"):
         assert 0.0 <= figures[key] <= 1.0, key
-    assert "cloning_f0_semitones" in figures and "no_prompt_f0_semitones" in figures  # nan if nothing is voiced
     assert figures["reply_text_accuracy"] == 1.0 and figures["replies"] == 2  # the written answers were right
     assert figures["texts"] == figures["clips"] == 2 and figures["prompt_voices"] == VOICES["heldout"]
     assert (tmp_path / "out" / "sample_answer.wav").is_file() and (tmp_path / "out" / "sample_question.wav").is_file()

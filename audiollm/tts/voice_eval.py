@@ -3,9 +3,7 @@
     codec_resynthesis_wer   the split's clips through the codec, transcribed (the ceiling of any TTS on it)
     tts_wer                 one sample per text; tts_wer_best_of_4: the listener picks among 4 (LLaSA's scaling)
     cloning_*               the listener's speaker-sex and pitch answers on TTS output prompted with a clip of the
-                            split, against its answers on that clip; the same without a prompt. cloning_f0_semitones:
-                            how far the output's median pitch (F0) is from the prompt's, measured by pYIN instead of
-                            the listener (which may not hear an unseen voice's sex)
+                            split, against its answers on that clip; the same without a prompt
     spoken_reply_accuracy   spoken questions -> the listener's answers (the demo's eval predictions) -> the TTS
                             speaks them -> the listener transcribes -> scored like voice chat;
                             spoken_reply_ceiling: the same answers spoken by espeak in the voices the TTS learnt
@@ -31,9 +29,6 @@ from eval.speech import to_listener_rate
 BEST_OF = 4
 CLONING_PROMPTS = 24  # prompt clips, half of each held-out voice's first clips
 QUESTIONS = {"sex": PROMPT_POOLS["sex"][0], "pitch": PROMPT_POOLS["pitch"][0]}
-# pYIN's search range (Hz): espeak's voices speak at about 70-290 Hz (held-out clips: male 73-120, female 157-284).
-F0_RANGE = (60.0, 500.0)
-F0_HOP = 512  # samples between pitch frames: 32 ms at 16 kHz, plenty for a median, half pYIN's cost at its 256
 
 
 def read_rows(manifest: Path) -> list[dict]:
@@ -74,25 +69,7 @@ def cloning(tts, listener, rows: list[dict], texts: list[str], sampling) -> dict
         results[f"no_prompt_{name}_agreement"] = agreement(ask(listener, plain, rate, question), on_prompt)
     results["prompt_sex_accuracy"] = agreement(ask(listener, prompts, rate, QUESTIONS["sex"]),
                                                [r["sex"] for r in rows])  # does the listener hear the prompts right
-    prompt_f0 = [median_f0(w, rate) for w in prompts]
-    for name, outputs in (("cloning", cloned), ("no_prompt", plain)):
-        results[f"{name}_f0_semitones"] = mean_semitones(prompt_f0, [median_f0(w, rate) for w in outputs])
     return results
-
-
-def median_f0(wav: np.ndarray, sample_rate: int) -> float:
-    """Median fundamental frequency (Hz) of a waveform's voiced frames by pYIN (librosa); nan if none is voiced."""
-    import librosa
-
-    f0, voiced, _ = librosa.pyin(wav, fmin=F0_RANGE[0], fmax=F0_RANGE[1], sr=sample_rate, frame_length=1024,
-                                 hop_length=F0_HOP)
-    return float(np.median(f0[voiced])) if voiced.any() else float("nan")
-
-
-def mean_semitones(a: list[float], b: list[float]) -> float:
-    """Mean |12 log2(a / b)| over the pairs where both pitches were found (an octave is 12; nan if no pair)."""
-    pairs = [(x, y) for x, y in zip(a, b) if np.isfinite(x) and np.isfinite(y)]
-    return float(np.mean([abs(12 * np.log2(x / y)) for x, y in pairs])) if pairs else float("nan")
 
 
 def spoken_by_espeak(texts: list[str], voices: list[str], out: Path) -> list[np.ndarray]:
