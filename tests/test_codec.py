@@ -38,6 +38,29 @@ def test_model_shapes_and_loss(tmp_path):
     assert model.decode(model.encode(wav, levels=2)).shape == (2, 4 * SPF)
 
 
+def test_spectral_envelope_keeps_the_envelope_and_drops_the_ripple(tmp_path):
+    """The encoder's envelope input (``envelope_coefficients``): a slow curve over the mel bins stays, a fast ripple
+    (what harmonics draw across low mel bins) goes; all coefficients give the input back."""
+    from audiollm.tts.melcodec import spectral_envelope
+
+    bins = torch.arange(80, dtype=torch.float64)
+    slow, ripple = (torch.cos(torch.pi / 80 * (bins + 0.5) * q) for q in (3, 40))
+    log_mel = (slow + 0.5 * ripple + 2.0)[None, :, None].repeat(1, 1, 5)  # (1, 80, 5)
+    assert torch.allclose(spectral_envelope(log_mel, 28), (slow + 2.0)[None, :, None].expand(1, 80, 5), atol=1e-9)
+    assert torch.allclose(spectral_envelope(log_mel, 80), log_mel, atol=1e-9)
+    torch.manual_seed(0)
+    model = MelCodecModel(MelCodecConfig(**TINY_MELCODEC, envelope_coefficients=12))
+    wav = 0.1 * torch.randn(2, 4 * SPF)
+    assert torch.isfinite(model(wav).loss)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = MelCodecModel.from_pretrained(tmp_path)
+    assert loaded.config.envelope_coefficients == 12 and torch.equal(loaded.encode(wav), model.encode(wav))
+    plain = MelCodecModel(MelCodecConfig(**TINY_MELCODEC))
+    plain.load_state_dict(model.state_dict())  # the same weights reading the full log-mel encode otherwise
+    assert not torch.equal(plain.eval().encode(wav), model.encode(wav))
+
+
 def test_adapter_frames_levels_and_codebooks(folder, speech_like):
     codec = load_codec(folder)
     assert (codec.sample_rate, codec.samples_per_frame, codec.level_rates, codec.codebook_size) == (16000, SPF,

@@ -40,6 +40,8 @@ class CodecModelArguments:
                                          "codes per level = their product (4 4 4 4: 256)."})
     quantizer_dropout: float | None = field(default=None, metadata={"help": "Share of rows trained on fewer levels."})
     griffin_lim_iters: int | None = field(default=None, metadata={"help": "Griffin-Lim iterations when decoding."})
+    envelope_coefficients: int | None = field(default=None, metadata={"help": "Cepstral coefficients of the "
+                                              "log-mel the encoder reads (its envelope, without pitch); 0: all."})
 
     def config(self) -> MelCodecConfig:
         sizes = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_name_or_path" and v is not None}

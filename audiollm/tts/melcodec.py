@@ -2,6 +2,7 @@
 -> Griffin-Lim. It is the demo's codec (no trained codec can be downloaded offline) and a baseline for real ones.
 
     wav (16 kHz) --STFT n_fft 1024, hop 256--> |X| (513, T) --mel filterbank--> log-mel (80, T)        62.5 Hz
+      [--first k cepstral coefficients--> its envelope, the harmonics (pitch) gone: envelope_coefficients]
       --encoder: convs, then `stride` frames stacked--> (hidden, T/stride)                              31.25 Hz
       --RVQ: num_quantizers levels of codebook_size codes--> codes (num_quantizers, T/stride)
       --decoder: convs, frames unstacked--> log|X| (513, T) --Griffin-Lim (librosa)--> wav
@@ -54,6 +55,9 @@ class MelCodecConfig(PreTrainedConfig):
     fsq_levels: list[int] | tuple[int, ...] = (4, 4, 4, 4)  # values per FSQ dimension: 4^4 = 256 codes per level
     quantizer_dropout: float = 0.5  # share of rows trained with a random number of levels 1..num_quantizers
     griffin_lim_iters: int = 64  # decode: more iterations, cleaner phase (32 -> 64 is audible; 128 barely)
+    # The encoder reads the log-mel smoothed to its first k cepstral (DCT) coefficients: the spectral envelope
+    # without the harmonics, i.e. without the speaker's pitch, which the decoder does not reproduce anyway. 0: off.
+    envelope_coefficients: int = 0
 
     @property
     def codebook_size(self) -> int:
@@ -170,6 +174,8 @@ class MelCodecModel(PreTrainedModel):
     def latents(self, wav: torch.Tensor) -> torch.Tensor:
         """(B, n) -> (B, hidden, n / (hop * stride)): the encoder's output, before quantising."""
         _, log_mel = self.spectrogram(wav)
+        if self.config.envelope_coefficients:
+            log_mel = spectral_envelope(log_mel, self.config.envelope_coefficients)
         h = self.encoder((log_mel - MEL_CENTER) / MEL_SCALE)  # (B, H, T)
         b, ch, t = h.shape
         h = h.reshape(b, ch, t // self.config.stride, self.config.stride).permute(0, 1, 3, 2)
@@ -234,6 +240,16 @@ class MelCodecModel(PreTrainedModel):
         return librosa.griffinlim(mag, n_iter=c.griffin_lim_iters, hop_length=c.hop_length, n_fft=c.n_fft,
                                   win_length=c.n_fft, center=True, length=(mag.shape[-1] - 1) * c.hop_length,
                                   random_state=0).astype(np.float32)
+
+
+def spectral_envelope(log_mel: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n_mels, T) log-mel -> the same, keeping only its first ``k`` DCT-II coefficients along the mel axis
+    (low quefrency: the envelope; the harmonics' ripple lies higher)."""
+    n = log_mel.shape[1]
+    bins = torch.arange(n, dtype=log_mel.dtype, device=log_mel.device)
+    dct = torch.cos(torch.pi / n * (bins[None, :] + 0.5) * bins[:k, None])  # (k, n), rows orthogonal
+    dct = dct * torch.sqrt(torch.tensor(2.0 / n, dtype=log_mel.dtype)) / torch.where(bins[:k, None] == 0, 2**0.5, 1.0)
+    return torch.einsum("kn,bkt->bnt", dct, torch.einsum("kn,bnt->bkt", dct, log_mel))
 
 
 __all__ = ["MelCodecConfig", "MelCodecModel"]
