@@ -247,8 +247,8 @@ def spectral_envelope(log_mel: torch.Tensor, k: int) -> torch.Tensor:
     (low quefrency: the envelope; the harmonics' ripple lies higher)."""
     n = log_mel.shape[1]
     bins = torch.arange(n, dtype=log_mel.dtype, device=log_mel.device)
-    dct = torch.cos(torch.pi / n * (bins[None, :] + 0.5) * bins[:k, None])  # (k, n), rows orthogonal
-    dct = dct * torch.sqrt(torch.tensor(2.0 / n, dtype=log_mel.dtype)) / torch.where(bins[:k, None] == 0, 2**0.5, 1.0)
+    dct = torch.cos(torch.pi / n * (bins[None, :] + 0.5) * bins[:k, None]) * (2.0 / n) ** 0.5  # (k, n)
+    dct[0] /= 2**0.5  # orthonormal rows: projecting onto them and back keeps exactly their span
     return torch.einsum("kn,bkt->bnt", dct, torch.einsum("kn,bnt->bkt", dct, log_mel))
 
 
