@@ -23,7 +23,7 @@ from audiollm.data_check_cli import add_check_parser
 from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
 from audiollm.serve import add_serve_parser
-from audiollm.synth.voices import VOWEL_SHARE
+from audiollm.synth.voices import FORMANT_RANGE, VOWEL_SHARE
 from audiollm.tts.cli import add_tts_commands
 from eval.cli import add_eval_parser, add_eval_tts_parser
 
@@ -138,6 +138,9 @@ def add_data_parser(subparsers) -> None:
                    help=f"each English training clip in an accent of its own: each vowel moves to a neighbouring one "
                    f"with probability P, the same way all through the clip (default {VOWEL_SHARE}; 0: the accent "
                    "voices' own vowels)")
+    s.add_argument("--formant-range", type=float, nargs=2, default=FORMANT_RANGE, metavar=("LOW", "HIGH"),
+                   help="each training clip in a vocal tract of its own: the voice's formant frequencies times a "
+                   f"factor drawn from LOW-HIGH (default {FORMANT_RANGE[0]} {FORMANT_RANGE[1]}; 1 1: as shipped)")
     s.set_defaults(run=run_data_synth, parser=s)
     add_check_parser(jobs)
 
@@ -145,7 +148,8 @@ def add_data_parser(subparsers) -> None:
 def run_data_synth(args) -> int:
     from audiollm.synth.corpus import synth
 
-    summary = synth(args.out, seed=args.seed, size=args.size, vowel_share=args.vowel_share)
+    summary = synth(args.out, seed=args.seed, size=args.size, vowel_share=args.vowel_share,
+                    formant_range=tuple(args.formant_range))
     for split, info in summary["splits"].items():
         print(f"{split}: {info['clips']} clips, {info['audio_seconds']:.0f} s of audio")
     print(f"wrote {args.out}")

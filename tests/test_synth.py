@@ -87,6 +87,69 @@ def test_espeak_errors_name_voice_and_text(tts, voice, text, rate, pitch, messag
     assert tts.synth("one", "en").size > 0  # a failed call leaves the synthesiser usable
 
 
+def spectral_centroid(wav: np.ndarray) -> float:
+    """Mean spectral centroid (Hz) over the loud frames: where the formants put the energy."""
+    centroid = librosa.feature.spectral_centroid(y=wav, sr=SAMPLE_RATE, n_fft=1024, hop_length=256)[0]
+    rms = librosa.feature.rms(y=wav, frame_length=1024, hop_length=256)[0]
+    n = min(len(centroid), len(rms))
+    return float(np.mean(centroid[:n][rms[:n] > 0.3 * rms.max()]))
+
+
+@pytest.mark.parametrize("voice", ["en-US+m3", "en+klatt3", "fr+f2"])  # both synthesisers, another language
+def test_formant_scale_moves_the_formants_and_keeps_the_pitch(tts, voice):
+    text = SENTENCE if voice.startswith("en") else "trois plus quatre"
+    wavs = {scale: tts.synth(text, voice, formant_scale=scale) for scale in (0.9, 1.0, 1.1)}
+    centroids = [spectral_centroid(wavs[scale]) for scale in (0.9, 1.0, 1.1)]
+    assert centroids[0] < centroids[1] < centroids[2], centroids  # measured 1957 / 2051 / 2137 Hz for en-US+m3
+    f0 = {scale: median_f0(wav) for scale, wav in wavs.items()}
+    assert all(abs(f0[scale] / f0[1.0] - 1) < 0.05 for scale in (0.9, 1.1)), f0
+    for wav in wavs.values():
+        assert np.isfinite(wav).all() and np.abs(wav).max() <= 1.0
+    with pytest.raises(EspeakError, match=re.escape("formant_scale must be 0.5-2.0, got 3.0")):
+        tts.synth(text, voice, formant_scale=3.0)
+
+
+def test_scaled_voice_is_the_language_file_then_the_variant_with_all_formants_written_out():
+    text = espeak.scaled_voice("en-029+m6", 1.1)
+    lines = text.splitlines()
+    assert lines[0] == "name English (Caribbean)" and "name male6" not in lines  # the variant's name is dropped
+    formants = [line.split() for line in lines if line.startswith("formant")]
+    assert [int(f[1]) for f in formants] == list(range(espeak.FORMANTS))
+    assert formants[0][2:] == ["110", "90", "120"]  # m6: formant 0 100 90 120, times 1.1
+    assert formants[7][2:] == ["110", "-1", "-1"]  # m6 leaves formant 7 at espeak's own: 100 %, scaled
+    assert espeak.scaled_voice("en-029", 1.0).count("formant 1 98 100 100") == 1  # no variant: the language's
+    assert lines.index("pitch 82 117") > lines.index("phonemes en-wi")  # the variant's settings come last
+    with pytest.raises(EspeakError, match="unknown language voice 'xx'"):
+        espeak.scaled_voice("xx+m6", 1.1)
+
+
+SPEAK_ONCE = """
+import ctypes, sys
+from audiollm.synth import espeak
+with espeak._Engine.lock:
+    lib = espeak._engine().lib
+if sys.argv[1] == "file":
+    path = espeak._voice_file(espeak.scaled_voice(sys.argv[2], 1.0), "test")
+    assert lib.espeak_ng_SetVoiceByFile(path.encode()) == 0
+    lib.espeak_SetVoiceByName = lambda name: 0  # synth() must not reselect the voice by name
+sys.stdout.buffer.write(espeak.Espeak().synth("what is three plus four", sys.argv[2]).tobytes())
+"""
+
+
+@pytest.mark.parametrize("voice", ["en-US+m1", "en-029+klatt5", "en-029+fast", "en-029"])
+def test_a_voice_file_composed_at_scale_one_speaks_as_the_named_voice_sample_for_sample(voice):
+    import subprocess
+    import sys
+
+    def speak(how):  # each in a fresh process: espeak's wave generator keeps state between utterances
+        run = subprocess.run([sys.executable, "-c", SPEAK_ONCE, how, voice], capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()
+        return np.frombuffer(run.stdout, dtype=np.float32)
+
+    by_name, by_file = speak("name"), speak("file")
+    assert by_name.size > 8_000 and np.array_equal(by_name, by_file)
+
+
 def test_spoken_questions_have_right_answers():
     import random
 
@@ -334,6 +397,19 @@ def test_vowel_share_gives_english_training_clips_accents_of_their_own_and_chang
         assert not any(c.vowels for c in plan_split(split, 0, "small", vowel_share=0.5)[1])
     with pytest.raises(CorpusError, match="vowel_share must be within 0-1"):
         synth(tmp_path / "corpus", vowel_share=1.5)
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_formant_range_gives_each_training_clip_a_vocal_tract_of_its_own_and_changes_nothing_else(tmp_path):
+    _, clips = plan_split("train", 0, "small")
+    _, scaled = plan_split("train", 0, "small", formant_range=(0.9, 1.1))
+    scales = [c.formant_scale for c in scaled]
+    assert all(0.9 <= x <= 1.1 for x in scales) and len(set(scales)) > 150  # drawn per clip (0.001 steps)
+    assert [replace(c, formant_scale=1.0) for c in scaled] == clips  # the same utterances, voices, rates, pitches
+    for split in ("heldout", "validation"):  # the shipped voices in the splits that measure
+        assert all(c.formant_scale == 1.0 for c in plan_split(split, 0, "small", formant_range=(0.9, 1.1))[1])
+    with pytest.raises(CorpusError, match="formant_range must be"):
+        synth(tmp_path / "corpus", formant_range=(1.1, 0.9))
     assert not (tmp_path / "corpus").exists()
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER, count_audio_markers
 from audiollm.synth.accents import draw_accent
-from audiollm.synth.espeak import SAMPLE_RATE
+from audiollm.synth.espeak import FORMANT_SCALE_MAX, FORMANT_SCALE_MIN, SAMPLE_RATE
 from audiollm.synth.questions import (
     NUMBER_WORDS, all_facts, fact_answer, fact_sentences, off_by_one, random_statement, spoken_question,
 )
@@ -52,7 +52,8 @@ from audiollm.synth.splits import (
     SPLITS, TRAIN_ONLY, CorpusError, question_splits, split_counts, text_split,
 )
 from audiollm.synth.voices import (
-    ACCENTS, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS, VOWEL_SHARE,
+    ACCENTS, FORMANT_RANGE, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS,
+    VOWEL_SHARE,
 )
 
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -100,6 +101,7 @@ class Clip:
     rate: int  # words per minute
     pitch: int  # espeak 0-100
     vowels: dict[str, str] = field(default_factory=dict)  # vowel moves of the clip's own accent (synth/accents.py)
+    formant_scale: float = 1.0  # on the voice's formant frequencies (its own vocal tract; synth/voices.py)
 
 
 @dataclass
@@ -115,9 +117,11 @@ class Exchange:
 class Speaker:
     """Draws what one split says and who says it, and records every clip it creates."""
 
-    def __init__(self, split: str, seed: int, vowel_share: float = VOWEL_SHARE):
+    def __init__(self, split: str, seed: int, vowel_share: float = VOWEL_SHARE,
+                 formant_range: tuple[float, float] = FORMANT_RANGE):
         self.split, self.seed = split, seed
         self.vowel_share = vowel_share if split == "train" else 0.0  # made-up accents: training clips only
+        self.formant_range = formant_range if split == "train" else (1.0, 1.0)  # and made-up vocal tracts
         self.clips: list[Clip] = []
 
     def rng(self, name: str) -> random.Random:
@@ -153,7 +157,10 @@ class Speaker:
         vowels = {}
         if language == "en" and self.vowel_share:  # its own generator: the share never changes what is said
             vowels = draw_accent(self.rng(f"accent {path}"), self.vowel_share)
-        self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels))
+        scale = 1.0
+        if self.formant_range != (1.0, 1.0):  # its own generator too
+            scale = round(self.rng(f"formants {path}").uniform(*self.formant_range), 3)
+        self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels, scale))
         return path
 
 
@@ -322,11 +329,11 @@ def typed_rows(seed: int, split: str = "train") -> list[dict]:
     return rows
 
 
-def plan_split(split: str, seed: int, size: str, vowel_share: float = VOWEL_SHARE
-               ) -> tuple[dict[str, list[dict]], list[Clip]]:
+def plan_split(split: str, seed: int, size: str, vowel_share: float = VOWEL_SHARE,
+               formant_range: tuple[float, float] = FORMANT_RANGE) -> tuple[dict[str, list[dict]], list[Clip]]:
     """Every row of one split (shuffled per manifest) and the clips they need, without synthesising anything."""
     counts = split_counts(size, split)
-    s = Speaker(split, seed, vowel_share)
+    s = Speaker(split, seed, vowel_share, formant_range)
     rows = dict(zip(("pretrain", "replies"), pretrain_rows(s, counts["pretrain"])))
     for manifest in ("sft", "dpo"):
         rows[manifest] = chat_rows(s, manifest, counts[manifest])
@@ -394,9 +401,11 @@ def _require_empty(out: Path) -> None:
                           "choose a new --out or delete this one")
 
 
-def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_share: float = VOWEL_SHARE) -> dict:
+def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_share: float = VOWEL_SHARE,
+          formant_range: tuple[float, float] = FORMANT_RANGE) -> dict:
     """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary. ``vowel_share``: how
-    much of each English training clip's vowel system its own accent moves (``audiollm.synth.accents``).
+    much of each English training clip's vowel system its own accent moves (``audiollm.synth.accents``);
+    ``formant_range``: the (low, high) factor on each training clip's formant frequencies (``synth/voices.py``).
 
     The corpus is assembled in a hidden sibling folder and renamed into place, so a failed build leaves nothing.
     """
@@ -405,14 +414,18 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
     _require_empty(out)
     if not 0.0 <= vowel_share <= 1.0:
         raise CorpusError(f"vowel_share must be within 0-1 (a probability per vowel), got {vowel_share}")
-    plans = {split: plan_split(split, seed, size, vowel_share) for split in SPLITS}
+    low, high = formant_range
+    if not FORMANT_SCALE_MIN <= low <= high <= FORMANT_SCALE_MAX:
+        raise CorpusError(f"formant_range must be (low, high) with {FORMANT_SCALE_MIN} <= low <= high <= "
+                          f"{FORMANT_SCALE_MAX}, got {formant_range}")
+    plans = {split: plan_split(split, seed, size, vowel_share, formant_range) for split in SPLITS}
     clips = [c for split in SPLITS for c in plans[split][1]]
     typed = {split: typed_rows(seed, split) for split in SPLITS}
     check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed["train"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        plan = [(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels) for c in clips]
+        plan = [(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels, c.formant_scale) for c in clips]
         samples, espeak, word_starts = render(plan, tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
@@ -423,7 +436,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
             write_jsonl(tmp / manifest_name(split, "text"), rows)
         write_jsonl(tmp / "replies.jsonl", plans["train"][0]["replies"])  # rows of pretrain.jsonl, again
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
-        summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share}
+        summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share,
+                                                                    "formant_range": list(formant_range)}
         for split, rows in typed.items():
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["splits"]["train"]["manifests"]["replies.jsonl"] = {

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
+import tempfile
 import threading
 
 import numpy as np
@@ -37,6 +39,9 @@ PITCH_MIN, PITCH_MAX = 0, 100  # espeak's pitch scale; 50 is the voice's own pit
 PITCH_DEFAULT = 50
 RANGE_DEFAULT = 50  # pitch range (intonation) 0-100; set every call so one caller's setting never leaks
 VOLUME_DEFAULT = 100  # percent
+FORMANTS = 9  # a voice file's "formant <n> <frequency %> <height %> <width %>" lines, n = 0-8; 100 % by default
+FORMANT_SCALE_MIN, FORMANT_SCALE_MAX = 0.5, 2.0  # formant_scale accepted (a vocal tract half to twice as long)
+VOICE_PATH_MAX = 59  # characters of a voice file's path that espeak_ng_SetVoiceByFile reads (measured: 58 loads, 60 not)
 
 # speak_lib.h constants (ESPEAK_API_REVISION 12, espeak-ng 1.52).
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # no audio device; espeak_Synth returns after the callback received everything
@@ -81,6 +86,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     # espeak_ERROR espeak_SetVoiceByName(const char *name)
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     lib.espeak_SetVoiceByName.restype = ctypes.c_int
+    # espeak_ng_STATUS espeak_ng_SetVoiceByFile(const char *filename): a voice file given by its path
+    lib.espeak_ng_SetVoiceByFile.argtypes = [ctypes.c_char_p]
+    lib.espeak_ng_SetVoiceByFile.restype = ctypes.c_int
     # espeak_ERROR espeak_SetParameter(espeak_PARAMETER parameter, int value, int relative)
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.espeak_SetParameter.restype = ctypes.c_int
@@ -112,6 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 class _Engine:
     """The process's one libespeak-ng: loaded, declared and initialised on first use."""
+
+    voice_dir: tempfile.TemporaryDirectory | None = None  # composed voice files (formant_scale); gone at exit
 
     lock = threading.Lock()  # espeak is global state: one utterance at a time per process
     lib: ctypes.CDLL | None = None
@@ -167,6 +177,54 @@ def voice_variants() -> tuple[str, ...]:
     return tuple(sorted(os.listdir(os.path.join(espeakng_loader.get_data_path(), "voices", "!v"))))
 
 
+@functools.lru_cache(maxsize=1)
+def _language_files() -> dict[str, str]:
+    """Language voice name ("en-US", "fr") -> its file under the data's ``lang/`` folder."""
+    import espeakng_loader
+
+    root = os.path.join(espeakng_loader.get_data_path(), "lang")
+    return {name: os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names}
+
+
+def scaled_voice(voice: str, formant_scale: float) -> str:
+    """The text of a voice file that speaks as ``voice`` ("en-US+m1") with every formant frequency multiplied by
+    ``formant_scale``: the same speaker with a vocal tract 1/formant_scale as long (vocal tract length perturbation,
+    done where the formants are made). Pitch, rate and everything else the voice sets are kept.
+
+    It is the language file's lines, then the variant's, so that the variant's settings win as when espeak loads
+    ``language+variant``; and like espeak, which forgets the language's formants when it loads a variant, the
+    formants come from the variant if there is one. Scaled, all nine are written out (height and width -1 keep
+    espeak's own for those the file leaves out; a line for one, even at 100 %, changes a wave-generator voice's
+    sound). With a scale of 1 the audio is the named voice's, sample for sample (tests/test_synth.py).
+    """
+    import espeakng_loader
+
+    language, _, variant = voice.partition("+")
+    if language not in _language_files():
+        raise EspeakError(f"voice {voice!r}: unknown language voice {language!r}")
+    paths = [_language_files()[language]]
+    if variant:
+        if variant not in voice_variants():
+            raise EspeakError(f"voice {voice!r}: unknown voice variant {variant!r}")
+        paths.append(os.path.join(espeakng_loader.get_data_path(), "voices", "!v", variant))
+    formants = {}  # n -> [frequency %, height %, width %, ...]
+    lines = []
+    for i, path in enumerate(paths):
+        with open(path, encoding="utf-8") as f:
+            for line in f.read().splitlines():
+                words = line.split()
+                if words[:1] == ["formant"] and len(words) >= 3 and 0 <= int(words[1]) < FORMANTS:
+                    if i == len(paths) - 1:  # the variant's, or the language's when there is no variant
+                        formants[int(words[1])] = words[2:]
+                elif not (i > 0 and words[:1] in (["name"], ["language"])):  # a variant's own name and use
+                    lines.append(line)
+    if formant_scale != 1.0:  # those left out are at espeak's 100 %; -1 keeps their height and width
+        formants = {n: ["100", "-1", "-1"] for n in range(FORMANTS)} | formants
+    for n, (frequency, *rest) in sorted(formants.items()):
+        lines.append(" ".join(["formant", str(n), str(round(int(frequency) * formant_scale)), *rest]))
+    return "\n".join(lines) + "\n"
+
+
 class Espeak:
     """Text to 16 kHz speech with libespeak-ng.
 
@@ -181,9 +239,11 @@ class Espeak:
         with _Engine.lock:
             _engine()
 
-    def synth(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT) -> np.ndarray:
-        """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text."""
-        return self.synth_words(text, voice, rate, pitch)[0]
+    def synth(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT,
+              formant_scale: float = 1.0) -> np.ndarray:
+        """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text.
+        ``formant_scale`` multiplies the voice's formant frequencies (``scaled_voice``): another vocal tract."""
+        return self.synth_words(text, voice, rate, pitch, formant_scale=formant_scale)[0]
 
     def phonemes(self, text: str, voice: str = "en") -> list[list[str]]:
         """How ``voice`` pronounces ``text``: per word, espeak's ascii phoneme names, stress marks attached to the
@@ -201,7 +261,7 @@ class Espeak:
         return [word.split(PHONEME_SEPARATOR) for clause in clauses for word in clause.split()]
 
     def synth_words(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT,
-                    phonemes: bool = False) -> tuple[np.ndarray, list[float]]:
+                    phonemes: bool = False, formant_scale: float = 1.0) -> tuple[np.ndarray, list[float]]:
         """``synth``, plus where each word starts (seconds into the audio; one per word espeak spoke, which for
         plain words is one per whitespace-separated word of ``text``). With ``phonemes``, ``text`` is espeak
         phoneme names, words separated by spaces (what ``phonemes`` gives, each word joined)."""
@@ -209,11 +269,14 @@ class Espeak:
         if not RATE_MIN <= rate <= RATE_MAX or not PITCH_MIN <= pitch <= PITCH_MAX:
             raise EspeakError(f"{where}: rate must be {RATE_MIN}-{RATE_MAX} words per minute and pitch "
                               f"{PITCH_MIN}-{PITCH_MAX}, got rate {rate}, pitch {pitch}")
+        if not FORMANT_SCALE_MIN <= formant_scale <= FORMANT_SCALE_MAX:
+            raise EspeakError(f"{where}: formant_scale must be {FORMANT_SCALE_MIN}-{FORMANT_SCALE_MAX}, "
+                              f"got {formant_scale}")
         if not text.strip():
             raise EspeakError(f"{where}: nothing to say")
         with _Engine.lock:
             engine = _engine()
-            self._set_voice(engine.lib, voice, where)
+            self._set_voice(engine.lib, voice, where, formant_scale)
             for param, value in ((PARAM_RATE, rate), (PARAM_PITCH, pitch), (PARAM_RANGE, RANGE_DEFAULT),
                                  (PARAM_VOLUME, VOLUME_DEFAULT)):
                 _check(engine.lib.espeak_SetParameter(param, int(value), 0), f"espeak_SetParameter({param})", where)
@@ -229,13 +292,33 @@ class Espeak:
         return resample(np.concatenate(chunks).astype(np.float32) / INT16_SCALE), starts
 
     @staticmethod
-    def _set_voice(lib: ctypes.CDLL, voice: str, where: str) -> None:
+    def _set_voice(lib: ctypes.CDLL, voice: str, where: str, formant_scale: float = 1.0) -> None:
         """Select ``voice``. espeak ignores an unknown variant silently (``en+nope`` speaks plain ``en``) and keeps
-        the previous voice after an unknown language, so both are checked here."""
+        the previous voice after an unknown language, so both are checked here. Another ``formant_scale`` than 1
+        loads a voice file composed for it (``scaled_voice``), written once per process into a folder of its own."""
         variant = voice.partition("+")[2]
         if variant and variant not in voice_variants():
             raise EspeakError(f"{where}: unknown voice variant {variant!r}; known: {', '.join(voice_variants())}")
-        _check(lib.espeak_SetVoiceByName(voice.encode()), "espeak_SetVoiceByName", where)
+        if formant_scale == 1.0:
+            _check(lib.espeak_SetVoiceByName(voice.encode()), "espeak_SetVoiceByName", where)
+            return
+        path = _voice_file(scaled_voice(voice, formant_scale), where)
+        _check(lib.espeak_ng_SetVoiceByFile(path.encode()), "espeak_ng_SetVoiceByFile", where)
+
+
+def _voice_file(text: str, where: str) -> str:
+    """Write a voice file's ``text`` once per process (named by its hash) into a temporary folder; returns its path.
+    espeak-ng reads at most VOICE_PATH_MAX characters of the path, so the names are short."""
+    if _Engine.voice_dir is None:
+        _Engine.voice_dir = tempfile.TemporaryDirectory(prefix="espeak-")
+    path = os.path.join(_Engine.voice_dir.name, hashlib.sha256(text.encode()).hexdigest()[:12])
+    if len(path.encode()) > VOICE_PATH_MAX:
+        raise EspeakError(f"{where}: the voice file {path} has a path longer than the {VOICE_PATH_MAX} characters "
+                          "espeak-ng reads; set TMPDIR to a shorter folder (e.g. /tmp)")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return path
 
 
 def _check(status: int, call: str, where: str) -> None:

@@ -4,9 +4,10 @@ espeak's wave generator keeps state from one utterance to the next (``audiollm.s
 sounds slightly different depending on what the process said before. A fresh process per fixed-size shard makes a
 build byte-identical to any other with the same plan, whatever the core count.
 
-A clip is ``(audio, text, voice, rate, pitch[, vowels])``: its path relative to the output folder, what is said, the
-espeak voice ("en+f1"), words per minute, pitch (0-100) and optionally the vowel moves of an accent of its own
-(``audiollm.synth.accents``; spoken from the voice's own phonemes with those vowels moved).
+A clip is ``(audio, text, voice, rate, pitch[, vowels[, formant_scale]])``: its path relative to the output folder,
+what is said, the espeak voice ("en+f1"), words per minute, pitch (0-100), optionally the vowel moves of an accent
+of its own (``audiollm.synth.accents``; spoken from the voice's own phonemes with those vowels moved) and a factor on
+the voice's formant frequencies (``audiollm.synth.espeak.scaled_voice``; 1 keeps the voice as shipped).
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def _render_worker() -> None:
 
     job = json.load(sys.stdin)
     engine, samples, word_starts = Espeak(), [], []
-    for audio, text, voice, rate, pitch, *vowels in job["clips"]:
-        if vowels and vowels[0]:
-            said = speak_with_accent(engine.phonemes(text, voice), vowels[0])
-            wav, starts = engine.synth_words(said, voice, rate, pitch, phonemes=True)
+    for audio, text, voice, rate, pitch, *extra in job["clips"]:
+        vowels = extra[0] if extra else {}
+        formant_scale = extra[1] if len(extra) > 1 else 1.0
+        if vowels:
+            said = speak_with_accent(engine.phonemes(text, voice), vowels)
+            wav, starts = engine.synth_words(said, voice, rate, pitch, phonemes=True, formant_scale=formant_scale)
         else:
-            wav, starts = engine.synth_words(text, voice, rate, pitch)
+            wav, starts = engine.synth_words(text, voice, rate, pitch, formant_scale=formant_scale)
         wav = np.clip(wav, -1.0, 1.0)  # resampling can overshoot full scale
         path = Path(job["root"]) / audio
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,8 @@ PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
 # against 0.835 / 0.788 / 0.462 and 0.858 / 0.794 / 0.442 without: no gain on the mean of the three. README,
 # "What the voices did".
 VOWEL_SHARE = 0.0
+# Every training clip in a vocal tract of its own: the voice's formant frequencies all multiplied by a factor drawn
+# uniformly from FORMANT_RANGE per clip (audiollm.synth.espeak.scaled_voice; vocal tract length perturbation made
+# at the synthesiser, pitch kept), so that no training voice is heard twice the same and the listener has to learn
+# what the voices share. Held-out and validation clips keep the shipped voices. (1.0, 1.0): off.
+FORMANT_RANGE = (1.0, 1.0)
