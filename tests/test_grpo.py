@@ -18,7 +18,7 @@ from audiollm.model.config import AudioLLMConfig
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.tiny import tiny_audio_config, tiny_text_config, tiny_tokenizer
 from eval.tasks import score_record
-from stages.grpo import AudioRows, main, parse_recipe
+from stages.grpo import AudioRows, as_prompt, main, parse_recipe
 from tests.test_dpo import tone, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +236,22 @@ def test_lora_trains_the_adapter(folder, tmp_path):
     trained = AudioLLMForConditionalGeneration.from_pretrained(out)  # the adapter merged into the saved folder
     start = AudioLLMForConditionalGeneration.from_pretrained(folder["model"])
     assert not torch.equal(trained.get_parameter(NAME), start.get_parameter(NAME))
+
+
+def test_a_group_s_copies_of_a_prompt_are_read_and_featurized_once(folder, tmp_path, monkeypatch):
+    trainer = build_trainer(recipe(folder, tmp_path / "out"))
+    first, second = trainer.train_dataset[0], trainer.train_dataset[1]
+    trainer._rows = [first, dict(first), second, dict(second), dict(first)]  # two groups, as TRL repeats them
+    trainer.model.eval()
+    encode, calls = trainer.eval_prompt_collator.encode, []
+    monkeypatch.setattr(trainer.eval_prompt_collator, "encode", lambda row, i: calls.append(i) or encode(row, i))
+    ids, _, audio = trainer._tokenize_prompts(None)
+    assert calls == [0, 2]  # one encoding (audio read and featurized) per distinct prompt
+    one = [encode(as_prompt(row), i) for i, row in enumerate(trainer._rows)]  # each copy on its own, as before
+    assert ids == [row.input_ids for row in one]
+    expected = AudioRows.of(one, trainer.eval_prompt_collator.stack).model_inputs()
+    assert torch.equal(audio["input_features"], expected["input_features"])
+    assert torch.equal(audio["feature_attention_mask"], expected["feature_attention_mask"])
 
 
 def test_augmentation_reaches_training_prompts_only_and_a_group_hears_one_clip(folder, tmp_path):
