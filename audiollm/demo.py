@@ -32,7 +32,7 @@ STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain",
                  "sft": ("sft", "sft_demo.yaml"), "dpo": ("dpo", "dpo_demo.yaml")}
 # Which manifests of the corpus each stage trains on, in the order of its recipe's mix_weights. Typed questions
 # (text.jsonl) stay in the mixes so that pretraining and SFT do not wipe out what the text stage taught.
-STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl", "speaker.jsonl"],
+STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl"],
               "sft": ["sft.jsonl", "pretrain.jsonl", "text.jsonl", "replies.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
                "dpo_pref_accuracy_after")

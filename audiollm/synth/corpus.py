@@ -15,8 +15,8 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     replies.jsonl    the pretraining ASR rows that speak a reply-shaped sentence (taught answers and random
                      statements), again: SFT replays them at a weight of their own (stages/configs/sft_demo.yaml)
-    speaker.jsonl    the pretraining rows that ask the speaker's sex or pitch, again: pretraining mixes them in at a
-                     weight of their own (stages/configs/pretrain_demo.yaml)
+    speaker.jsonl    the pretraining rows that ask the speaker's sex or pitch, again, for a mix that weighs them
+                     more (measured and not kept in the demo: stages/configs/pretrain_demo.yaml)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, rate and pitch, the vowel moves of its own
@@ -60,8 +60,8 @@ from audiollm.synth.voices import (
 
 MANIFESTS = ("pretrain", "sft", "dpo")
 MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the pool counts as exhausted
-# Speaker questions that pretraining hears again (speaker.jsonl): without the extra rows the demo's listener answered
-# them at chance even on its training voices (stages/configs/pretrain_demo.yaml has the figures).
+# Speaker questions written again to speaker.jsonl, for a pretraining mix that weighs them more: the demo's listener
+# answers them near chance even on its training voices (stages/configs/pretrain_demo.yaml has the figures).
 SPEAKER_TASKS = ("sex", "pitch")
 RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
 
