@@ -349,16 +349,6 @@ def test_replies_manifest_repeats_the_training_reply_rows_of_pretraining(corpus)
     assert not list(corpus.glob("*_replies.jsonl"))
 
 
-def test_speaker_manifest_repeats_every_sex_and_pitch_row_of_pretraining(corpus):
-    """speaker.jsonl is the training split's sex and pitch rows of pretrain.jsonl, again, in the same order
-    (pretraining mixes them in at their own weight), and no other split has such a file."""
-    speaker, pretrain = read_jsonl(corpus / "speaker.jsonl"), read_jsonl(corpus / "pretrain.jsonl")
-    summary = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))["splits"]
-    assert speaker == [r for r in pretrain if r["task"] in ("sex", "pitch")]
-    assert len(speaker) == sum(summary["train"]["manifests"]["speaker.jsonl"].values()) == 4 + 4  # tiny: 4 each
-    assert not list(corpus.glob("*_speaker.jsonl"))
-
-
 def test_labels_describe_the_clips(corpus):
     clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
     for row in [r for s in ("", "heldout_", "validation_") for r in read_jsonl(corpus / f"{s}pretrain.jsonl")]:

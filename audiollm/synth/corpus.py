@@ -15,8 +15,6 @@ What is said is small on purpose, so a tiny model can learn it in minutes: numbe
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     replies.jsonl    the pretraining ASR rows that speak a reply-shaped sentence (taught answers and random
                      statements), again: SFT replays them at a weight of their own (stages/configs/sft_demo.yaml)
-    speaker.jsonl    the pretraining rows that ask the speaker's sex or pitch, again, for a mix that weighs them
-                     more (measured and not kept in the demo: stages/configs/pretrain_demo.yaml)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, rate and pitch, the vowel moves of its own
@@ -60,9 +58,6 @@ from audiollm.synth.voices import (
 
 MANIFESTS = ("pretrain", "sft", "dpo")
 MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the pool counts as exhausted
-# Speaker questions written again to speaker.jsonl, for a pretraining mix that weighs them more: the demo's listener
-# answers them near chance even on its training voices (stages/configs/pretrain_demo.yaml has the figures).
-SPEAKER_TASKS = ("sex", "pitch")
 RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
 
 WORDS_PER_CLIP = (2, 4)  # pretraining utterances
@@ -440,8 +435,6 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
         for split, rows in typed.items():
             write_jsonl(tmp / manifest_name(split, "text"), rows)
         write_jsonl(tmp / "replies.jsonl", plans["train"][0]["replies"])  # rows of pretrain.jsonl, again
-        speaker = [row for row in plans["train"][0]["pretrain"] if row["task"] in SPEAKER_TASKS]
-        write_jsonl(tmp / "speaker.jsonl", speaker)  # rows of pretrain.jsonl, again
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
         summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share,
                                                                     "formant_range": list(formant_range)}
@@ -449,8 +442,6 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["splits"]["train"]["manifests"]["replies.jsonl"] = {
             kind: split_counts(size, "train")["pretrain"][kind] for kind in TRAIN_ONLY}
-        summary["splits"]["train"]["manifests"]["speaker.jsonl"] = {
-            kind: split_counts(size, "train")["pretrain"][kind] for kind in SPEAKER_TASKS}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _require_empty(out)

@@ -41,7 +41,7 @@ RANGE_DEFAULT = 50  # pitch range (intonation) 0-100; set every call so one call
 VOLUME_DEFAULT = 100  # percent
 FORMANTS = 9  # a voice file's "formant <n> <frequency %> <height %> <width %>" lines, n = 0-8; 100 % by default
 FORMANT_SCALE_MIN, FORMANT_SCALE_MAX = 0.5, 2.0  # formant_scale accepted (a vocal tract half to twice as long)
-VOICE_PATH_MAX = 59  # characters of a voice file's path that espeak_ng_SetVoiceByFile reads (measured: 58 loads, 60 not)
+VOICE_PATH_MAX = 59  # characters of a voice file path that espeak_ng_SetVoiceByFile reads (58 loads, 60 not)
 
 # speak_lib.h constants (ESPEAK_API_REVISION 12, espeak-ng 1.52).
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # no audio device; espeak_Synth returns after the callback received everything
@@ -197,6 +197,18 @@ def scaled_voice(voice: str, formant_scale: float) -> str:
     espeak's own for those the file leaves out; a line for one, even at 100 %, changes a wave-generator voice's
     sound). With a scale of 1 the audio is the named voice's, sample for sample (tests/test_synth.py).
     """
+    lines, formants = _voice_parts(voice)
+    if formant_scale != 1.0:  # those left out are at espeak's 100 %; -1 keeps their height and width
+        formants = {n: ["100", "-1", "-1"] for n in range(FORMANTS)} | formants
+    scaled = [" ".join(["formant", str(n), str(round(int(frequency) * formant_scale)), *rest])
+              for n, (frequency, *rest) in sorted(formants.items())]
+    return "\n".join(lines + scaled) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _voice_parts(voice: str) -> tuple[list[str], dict[int, list[str]]]:
+    """``voice``'s language and variant files, read once per process: their lines other than formants (the
+    variant's own name and use left out), and the formants in force, n -> [frequency %, height %, width %, ...]."""
     import espeakng_loader
 
     language, _, variant = voice.partition("+")
@@ -207,8 +219,7 @@ def scaled_voice(voice: str, formant_scale: float) -> str:
         if variant not in voice_variants():
             raise EspeakError(f"voice {voice!r}: unknown voice variant {variant!r}")
         paths.append(os.path.join(espeakng_loader.get_data_path(), "voices", "!v", variant))
-    formants = {}  # n -> [frequency %, height %, width %, ...]
-    lines = []
+    lines, formants = [], {}
     for i, path in enumerate(paths):
         with open(path, encoding="utf-8") as f:
             for line in f.read().splitlines():
@@ -216,13 +227,9 @@ def scaled_voice(voice: str, formant_scale: float) -> str:
                 if words[:1] == ["formant"] and len(words) >= 3 and 0 <= int(words[1]) < FORMANTS:
                     if i == len(paths) - 1:  # the variant's, or the language's when there is no variant
                         formants[int(words[1])] = words[2:]
-                elif not (i > 0 and words[:1] in (["name"], ["language"])):  # a variant's own name and use
+                elif not (i > 0 and words[:1] in (["name"], ["language"])):
                     lines.append(line)
-    if formant_scale != 1.0:  # those left out are at espeak's 100 %; -1 keeps their height and width
-        formants = {n: ["100", "-1", "-1"] for n in range(FORMANTS)} | formants
-    for n, (frequency, *rest) in sorted(formants.items()):
-        lines.append(" ".join(["formant", str(n), str(round(int(frequency) * formant_scale)), *rest]))
-    return "\n".join(lines) + "\n"
+    return lines, formants
 
 
 class Espeak:
