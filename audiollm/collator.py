@@ -32,7 +32,7 @@ from audiollm.augment import Augmentation
 from audiollm.bad_rows import TALLY_KEY, BadRowLog
 from audiollm.chat import AUDIO_TOKEN, DEFAULT_SYSTEM_PROMPT, render_segments
 from audiollm.ctc import ctc_batch
-from audiollm.distill import teacher_batch, text_version
+from audiollm.distill import spoken_turns, teacher_batch, text_version
 from audiollm.row_checks import RowError, check_chat_row
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class ChatCollator:
     return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
     augment: Augmentation | None = None  # training: each clip transformed (audiollm.augment)
     teacher_text: bool = False  # distillation: add each row's text version for the teacher (audiollm.distill)
+    teacher_rows: str = "spoken"  # which rows with transcripts the teacher reads (DistillArguments.kd_rows)
     ctc: bool = False  # add each clip's transcript as CTC targets (audiollm.ctc)
     skipped: Counter = field(default_factory=Counter)
 
@@ -147,7 +148,8 @@ class ChatCollator:
         row_id = row_id_of(row, index)
         check_chat_row(row, row_id, self.data_root, self.generation)
         teacher = None
-        if self.teacher_text and with_teacher and (text_row := text_version(row, row_id)) is not None:
+        if self.teacher_text and with_teacher and (text_row := text_version(row, row_id)) is not None \
+                and (self.teacher_rows == "all" or spoken_turns(row)):
             teacher = self.encode(text_row, index, with_teacher=False)
         messages, audios = row["messages"], list(row.get("audios") or [])
         clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]

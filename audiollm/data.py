@@ -159,7 +159,7 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
         {"role": "assistant", "content": str(row["text"])},
     ]
     chat = {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
-    if "transcript" in row:  # what the clip says, for a distillation teacher (audiollm/distill.py)
+    if "transcript" in row:  # what the clip says: CTC targets (audiollm/ctc.py), text for a kd teacher
         chat["transcripts"] = None if row["transcript"] is None else [str(row["transcript"])]
     return chat
 

@@ -25,6 +25,7 @@ from audiollm.distill import (
     distill_loss,
     freeze,
     run_teacher,
+    spoken_turns,
     text_version,
 )
 from audiollm.packing import PACKED_SDPA, pack_batch
@@ -116,6 +117,24 @@ def kd_rows(speech_like) -> list[dict]:
                                                {"role": "assistant", "content": "red"}],
                    "audios": [speech_like(0.8, seed=9)]})
     return out
+
+
+def test_only_spoken_rows_are_distilled_unless_kd_rows_is_all(tokenizer, speech_like):
+    """A spoken question is distilled; a pretraining speaker question and an analysis question about a clip carry
+    transcripts too (for CTC), but the teacher reading them would be handed or denied the answer: cross-entropy."""
+    spoken = kd_rows(speech_like)[0]
+    speaker = pretrain_to_chat({"id": "p:1", "audio": speech_like(0.6, seed=3), "task": "sex", "text": "male",
+                                "transcript": "one two"})
+    about = {"id": "a", "messages": [{"role": "user", "content": "<audio>Repeat the second word."},
+                                     {"role": "assistant", "content": "two"}],
+             "audios": [speech_like(0.7, seed=4)], "transcripts": ["one two three"]}
+    assert spoken_turns(spoken) and not spoken_turns(speaker) and not spoken_turns(about)
+    assert spoken_turns({"messages": [{"role": "user", "content": " <audio>\n<audio> "}]})
+    rows = [spoken, speaker, about]
+    assert ChatCollator(tokenizer, teacher_text=True)(rows)[KD_COUNTS] == [1, 2, 0]
+    assert ChatCollator(tokenizer, teacher_text=True, teacher_rows="all")(rows)[KD_COUNTS] == [3, 0, 0]
+    with pytest.raises(ValueError, match="kd_rows must be one of"):
+        DistillArguments(loss="kd", kd_rows="voice")
 
 
 def test_collator_adds_the_teacher_rows_and_falls_back_for_rows_without_transcripts(tokenizer, speech_like):
