@@ -11,6 +11,10 @@ Rows carry transcripts as ``"transcripts": ["...", ...]``, one per entry of ``au
     kd rows:  (1 - kd_ce_weight) * T^2 * KL(softmax(t / T) || softmax(s / T)) + kd_ce_weight * CE(s, answer)
     others:   CE(s, answer)                     (counted as ``kd_fallback_rows``)
 
+summed and divided by the batch's labelled tokens (or the Trainer's ``num_items_in_batch`` over the accumulated
+micro-batches), as the cross-entropy is: gradient accumulation and a mix of both kinds of rows weigh every answer
+token alike. T^2 keeps the gradient's size independent of the temperature (Hinton et al. 2015).
+
 Which rows are distilled (``kd_rows``): by default only rows whose every clip is a whole user turn, the user's
 message spoken (voice chat). There the transcript is the same message typed, and the teacher's answer is the one to
 copy. A row that asks about its audio ("<audio>Transcribe the speech.", "<audio>Is the speaker male or female?")
@@ -18,10 +22,6 @@ keeps the cross-entropy: given the transcript, the teacher is handed a transcrip
 spoke. Such rows carry transcripts anyway when the encoder's CTC loss reads them (``ctc_weight``); distilling them
 too made the demo's SFT forget transcription (validation WER 0.31 -> 1.02). ``kd_rows: all`` distils every row with
 transcripts.
-
-summed and divided by the batch's labelled tokens (or the Trainer's ``num_items_in_batch`` over the accumulated
-micro-batches), as the cross-entropy is: gradient accumulation and a mix of both kinds of rows weigh every answer
-token alike. T^2 keeps the gradient's size independent of the temperature (Hinton et al. 2015).
 
 The teacher runs in the same training step under ``no_grad`` rather than being precomputed like DPO's reference:
 DPO needs one log-probability per answer, distillation a whole distribution per answer token (151,936 floats for
