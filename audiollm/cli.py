@@ -146,7 +146,7 @@ def add_data_parser(subparsers) -> None:
 
 
 def run_data_synth(args) -> int:
-    from audiollm.synth.corpus import synth
+    from audiollm.synth.build import synth
 
     summary = synth(args.out, seed=args.seed, size=args.size, vowel_share=args.vowel_share,
                     formant_range=tuple(args.formant_range))

@@ -98,7 +98,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     With ``voice_beside`` the voice trains in a second process from the moment the corpus exists; returns its
     folders too (else None)."""
     from audiollm.build import build_tiny
-    from audiollm.synth.corpus import synth
+    from audiollm.synth.build import synth
     from audiollm.tts.demo import train_voice
 
     if out.exists() and any(out.iterdir()):

@@ -16,7 +16,8 @@ from audiollm.data import load_manifest, pretrain_to_chat
 from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
-from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, check_heldout, plan_split, synth, taught_answers
+from audiollm.synth.build import check_heldout, synth
+from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, plan_split, taught_answers
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.render import render
@@ -419,7 +420,7 @@ def test_formant_range_gives_each_training_clip_a_vocal_tract_of_its_own_and_cha
 
 def test_data_synth_command_passes_the_formant_range_and_refuses_a_reversed_one(tmp_path, monkeypatch, capsys):
     from audiollm import cli
-    from audiollm.synth import corpus
+    from audiollm.synth import build
 
     seen = {}
 
@@ -427,7 +428,7 @@ def test_data_synth_command_passes_the_formant_range_and_refuses_a_reversed_one(
         seen.update(kwargs)
         return {"splits": {}}
 
-    monkeypatch.setattr(corpus, "synth", fake_synth)
+    monkeypatch.setattr(build, "synth", fake_synth)
     assert cli.main(["data", "synth", "--out", str(tmp_path / "c"), "--formant-range", "0.9", "1.1"]) == 0
     assert seen["formant_range"] == (0.9, 1.1)
     monkeypatch.undo()
