@@ -71,8 +71,8 @@ class ChatCollator:
     bad_rows: BadRowLog | None = None  # training: skip and record bad rows instead of raising
     return_row_ids: bool = False  # add the batch's row ids ("row_ids": list[str]), for reports on a bad step
     augment: Augmentation | None = None  # training: each clip transformed (audiollm.augment)
-    teacher_text: bool = False  # distillation: add each row's text version for the teacher (audiollm.distill)
-    teacher_rows: str = "spoken"  # which rows with transcripts the teacher reads (DistillArguments.kd_rows)
+    teacher_rows: str | None = None  # distillation: add the text version of these rows for the teacher, "spoken"
+                                     # or "all" with transcripts (DistillArguments.kd_rows); None: no teacher
     ctc: bool = False  # add each clip's transcript as CTC targets (audiollm.ctc)
     skipped: Counter = field(default_factory=Counter)
 
@@ -90,7 +90,7 @@ class ChatCollator:
                 raise RowError(f"every row of this batch was dropped as longer than max_length={self.max_length}")
             return self.tallied(self.empty_batch())
         batch = self.pad(encoded)
-        if self.teacher_text and not self.generation:
+        if self.teacher_rows and not self.generation:
             batch.update(teacher_batch(encoded, batch["labels"], self.tokenizer.pad_token_id))
         clips = [clip for e in encoded for clip in e.clips]
         if clips:
@@ -144,11 +144,11 @@ class ChatCollator:
 
     def encode(self, row: dict, index: int, with_teacher: bool = True) -> Encoded:
         """Render, tokenize and expand one row. Raises RowError for a marker/audio count mismatch (and, with
-        ``teacher_text``, for transcripts that do not match the audios)."""
+        ``teacher_rows``, for transcripts that do not match the audios)."""
         row_id = row_id_of(row, index)
         check_chat_row(row, row_id, self.data_root, self.generation)
         teacher = None
-        if self.teacher_text and with_teacher and (text_row := text_version(row, row_id)) is not None \
+        if self.teacher_rows and with_teacher and (text_row := text_version(row, row_id)) is not None \
                 and (self.teacher_rows == "all" or spoken_turns(row)):
             teacher = self.encode(text_row, index, with_teacher=False)
         messages, audios = row["messages"], list(row.get("audios") or [])

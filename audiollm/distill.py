@@ -91,6 +91,11 @@ class DistillArguments:
     def enabled(self) -> bool:
         return self.loss == "kd"
 
+    @property
+    def teacher_rows(self) -> str | None:
+        """Which rows the collator writes out as text for the teacher (``kd_rows``); None without distillation."""
+        return self.kd_rows if self.enabled else None
+
 
 # ----------------------------------------------------------------------------------------------- rows -> batch
 

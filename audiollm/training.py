@@ -265,12 +265,11 @@ def make_batch_sampler(train, data_args: DataArguments, args) -> TokenBudgetBatc
 
 
 def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | None = None,
-                  train: bool = True, seed: int = 0, teacher_text: bool = False,
-                  teacher_rows: str = "spoken") -> ChatCollator | PackingCollator:
+                  train: bool = True, seed: int = 0, teacher_rows: str | None = None) -> ChatCollator | PackingCollator:
     """The chat collator with the model's projector stacking and the recipe's length policy, packed on request;
     ``train=False`` for evaluation rows: no augmentation. ``seed`` seeds the augmentation's draws.
-    ``teacher_text``: batches also carry the rows' text versions for a distillation teacher (audiollm.distill), of
-    the rows ``teacher_rows`` picks (``DistillArguments.kd_rows``)."""
+    ``teacher_rows``: batches also carry these rows' text versions for a distillation teacher (audiollm.distill;
+    ``DistillArguments.teacher_rows``); None: no teacher."""
     augment = augmentation(data_args, seed) if train else None
     collator = ChatCollator(
         tokenizer,
@@ -284,8 +283,7 @@ def make_collator(tokenizer, model, data_args: DataArguments, output_dir: str | 
         bad_rows=bad_row_log(data_args, output_dir, run_ceiling=train),
         return_row_ids=True,
         augment=augment,
-        teacher_text=teacher_text and train,
-        teacher_rows=teacher_rows,
+        teacher_rows=teacher_rows if train else None,
         ctc=train and getattr(unwrap(model), "ctc_head", None) is not None,
     )
     max_tokens = packing_tokens(data_args, model)

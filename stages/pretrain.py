@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> None:
 
     train, evals = load_datasets(data_args, args)  # each row gets an instruction from its task's pool
     collator = make_collator(tokenizer, model, data_args, args.output_dir, seed=args.seed,  # bad rows: skipped
-                             teacher_text=kd_args.enabled, teacher_rows=kd_args.kd_rows)  # the teacher's rows
+                             teacher_rows=kd_args.teacher_rows)  # loss: kd: text for the teacher
     preflight(train, collator, data_args, args.seed)  # a mostly broken manifest stops here, not hours later
 
     eval_collator = make_collator(tokenizer, model, data_args, args.output_dir, train=False)  # audio as it is

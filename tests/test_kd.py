@@ -131,14 +131,14 @@ def test_only_spoken_rows_are_distilled_unless_kd_rows_is_all(tokenizer, speech_
     assert spoken_turns(spoken) and not spoken_turns(speaker) and not spoken_turns(about)
     assert spoken_turns({"messages": [{"role": "user", "content": " <audio>\n<audio> "}]})
     rows = [spoken, speaker, about]
-    assert ChatCollator(tokenizer, teacher_text=True)(rows)[KD_COUNTS] == [1, 2, 0]
-    assert ChatCollator(tokenizer, teacher_text=True, teacher_rows="all")(rows)[KD_COUNTS] == [3, 0, 0]
+    assert ChatCollator(tokenizer, teacher_rows="spoken")(rows)[KD_COUNTS] == [1, 2, 0]
+    assert ChatCollator(tokenizer, teacher_rows="all")(rows)[KD_COUNTS] == [3, 0, 0]
     with pytest.raises(ValueError, match="kd_rows must be one of"):
         DistillArguments(loss="kd", kd_rows="voice")
 
 
 def test_collator_adds_the_teacher_rows_and_falls_back_for_rows_without_transcripts(tokenizer, speech_like):
-    batch = ChatCollator(tokenizer, teacher_text=True)(kd_rows(speech_like))
+    batch = ChatCollator(tokenizer, teacher_rows="spoken")(kd_rows(speech_like))
     assert batch[KD_COUNTS] == [3, 1, 0]  # distilled, without transcript, answer mismatch
     assert (batch[KD_LABELS][2] == IGNORE_INDEX).all() and (batch[KD_LABELS][0] == batch["labels"][0]).all()
     teacher_ids, teacher_mask, teacher_labels = (batch[k] for k in TEACHER_KEYS)
@@ -152,9 +152,9 @@ def test_a_transcript_count_mismatch_is_a_bad_row_named_by_its_id(tokenizer, spe
     rows = kd_rows(speech_like)
     rows[0]["transcripts"] = ["one", "two"]
     with pytest.raises(RowError, match="row0: 2 transcript"):
-        ChatCollator(tokenizer, teacher_text=True)(rows)
+        ChatCollator(tokenizer, teacher_rows="spoken")(rows)
     log = BadRowLog(max_fraction=1.0)
-    batch = ChatCollator(tokenizer, teacher_text=True, bad_rows=log)(rows)
+    batch = ChatCollator(tokenizer, teacher_rows="spoken", bad_rows=log)(rows)
     assert log.counts == {"transcript_mismatch": 1} and batch[KD_COUNTS] == [2, 1, 0]
 
 
@@ -177,7 +177,7 @@ def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tokenizer, tiny
     positions, first labels dropped, several packed sequences) changes neither loss nor gradients."""
     model = tiny_model(attn_implementation=PACKED_SDPA).train()
     teacher = freeze(tiny_model(seed=1).language_model)
-    padded = ChatCollator(tokenizer, teacher_text=True)(kd_rows(speech_like))
+    padded = ChatCollator(tokenizer, teacher_rows="spoken")(kd_rows(speech_like))
     packed = pack_batch(padded, tokenizer.pad_token_id, max_tokens)
     assert max_tokens == 0 or packed["input_ids"].shape[0] > 1
     results = [distilled(model, teacher, batch, temperature=2.0, ce_weight=0.3) for batch in (padded, packed)]
@@ -190,7 +190,7 @@ def test_without_teacher_rows_the_loss_is_the_cross_entropy(tokenizer, tiny_mode
     """kd_ce_weight 1 is the cross-entropy on every row: the same loss as the model's own."""
     model = tiny_model().train()
     teacher = freeze(tiny_model(seed=1).language_model)
-    batch = ChatCollator(tokenizer, teacher_text=True)(kd_rows(speech_like))
+    batch = ChatCollator(tokenizer, teacher_rows="spoken")(kd_rows(speech_like))
     loss, _ = distilled(model, teacher, batch, ce_weight=1.0)
     plain = model(**{k: v for k, v in batch.items() if k not in (*TEACHER_KEYS, KD_LABELS, KD_COUNTS)}).loss
     torch.testing.assert_close(loss, plain.detach(), atol=1e-5, rtol=1e-5)
@@ -226,7 +226,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(tokenizer, tiny_model, spee
     assert optimised and not optimised & {id(p) for p in teacher.parameters()}
     before = [p.detach().clone() for p in teacher.parameters()]
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
-    trainer.training_step(model, ChatCollator(tokenizer, teacher_text=True)(rows))
+    trainer.training_step(model, ChatCollator(tokenizer, teacher_rows="spoken")(rows))
     trainer.optimizer.step()
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))

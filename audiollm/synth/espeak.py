@@ -26,6 +26,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from types import MappingProxyType
 
 import numpy as np
 
@@ -199,16 +200,17 @@ def scaled_voice(voice: str, formant_scale: float) -> str:
     """
     lines, formants = _voice_parts(voice)
     if formant_scale != 1.0:  # those left out are at espeak's 100 %; -1 keeps their height and width
-        formants = {n: ["100", "-1", "-1"] for n in range(FORMANTS)} | formants
+        formants = {n: ("100", "-1", "-1") for n in range(FORMANTS)} | dict(formants)
     scaled = [" ".join(["formant", str(n), str(round(int(frequency) * formant_scale)), *rest])
               for n, (frequency, *rest) in sorted(formants.items())]
-    return "\n".join(lines + scaled) + "\n"
+    return "\n".join([*lines, *scaled]) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
-def _voice_parts(voice: str) -> tuple[list[str], dict[int, list[str]]]:
+def _voice_parts(voice: str) -> tuple[tuple[str, ...], MappingProxyType]:
     """``voice``'s language and variant files, read once per process: their lines other than formants (the
-    variant's own name and use left out), and the formants in force, n -> [frequency %, height %, width %, ...]."""
+    variant's own name and use left out), and the formants in force, n -> (frequency %, height %, width %, ...).
+    Read-only, since the cache hands the same objects to every caller."""
     import espeakng_loader
 
     language, _, variant = voice.partition("+")
@@ -226,10 +228,10 @@ def _voice_parts(voice: str) -> tuple[list[str], dict[int, list[str]]]:
                 words = line.split()
                 if words[:1] == ["formant"] and len(words) >= 3 and 0 <= int(words[1]) < FORMANTS:
                     if i == len(paths) - 1:  # the variant's, or the language's when there is no variant
-                        formants[int(words[1])] = words[2:]
+                        formants[int(words[1])] = tuple(words[2:])
                 elif not (i > 0 and words[:1] in (["name"], ["language"])):
                     lines.append(line)
-    return lines, formants
+    return tuple(lines), MappingProxyType(formants)
 
 
 class Espeak:
