@@ -230,7 +230,7 @@ def pretrain_rows(s: Speaker, counts: dict[str, int]) -> tuple[list[dict], list[
     Only the ASR rows carry a ``transcript`` (CTC targets for the encoder, ``audiollm/ctc.py``): with CTC on the
     classification rows' clips too, validation WER after pretraining was 0.294 and 0.227 (seeds 0, 1), without it
     0.179 and 0.176; the whole demo's validation mean of voice chat, analysis and 1 - WER over the two seeds rose
-    from 0.818 to 0.834 (README)."""
+    from 0.818 to 0.834 (docs/demo_history.md)."""
     rng = s.rng("pretrain:asr")
     rows = []
     for _ in range(counts["asr"]):

@@ -37,8 +37,8 @@ PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
 # validation WER (same steps; share of clips moved, share of vowels -> WER: none 0.482, (0.5, 0.3) 0.467,
 # (1.0, 0.5) 0.413, (1.0, 0.8) 0.436, (1.0, 1.0) 0.453), but through the whole demo at 0.5 (two builds, accents
 # drawn apart) validation voice chat / analysis / WER were 0.829 / 0.776 / 0.371 and 0.783 / 0.776 / 0.433,
-# against 0.835 / 0.788 / 0.462 and 0.858 / 0.794 / 0.442 without: no gain on the mean of the three. README,
-# "What the voices did".
+# against 0.835 / 0.788 / 0.462 and 0.858 / 0.794 / 0.442 without: no gain on the mean of the three.
+# docs/demo_history.md, "What the voices did".
 VOWEL_SHARE = 0.0
 # Every training clip in a vocal tract of its own (`audiollm data synth --formant-range LOW HIGH`): the voice's formant
 # frequencies all multiplied by a factor drawn uniformly from the range per clip (audiollm.synth.espeak.scaled_voice;
