@@ -17,7 +17,9 @@ the transforms it wants, each with its probability ``p`` and one range to draw f
       gain: {p: 0.5, db: [-18, 6]}
 
 They run in that order (speed first: it changes the length; noise after the channel, as a microphone hears it;
-gain last). A clip whose peak ends above full scale is scaled down to it, never clipped, so every output is finite
+gain last). A transform that changes what a row asks about would make its answer wrong, so it skips rows whose
+``task`` (pretraining rows carry it; a chat row may) is in ``CHANGES``: a "slow" clip sped up by 10% is no longer
+slow, nor is a "low" voice shifted up a few semitones low. A clip whose peak ends above full scale is scaled down to it, never clipped, so every output is finite
 and within [-1, 1].
 
 Determinism: the draws for a clip depend only on (seed, row id, clip index, epoch), not on the batch it falls in,
@@ -58,6 +60,11 @@ LIMITS = {"speed": (0.5, 2.0), "pitch": (-12.0, 12.0), "reverb": (0.15, 2.0), "l
           "band_stop": (50.0, 7000.0), "eq": (-24.0, 24.0), "resample": (2000.0, SAMPLE_RATE), "mp3": (8.0, 320.0),
           "time_mask": (0.0, 0.5), "noise": (-10.0, 80.0), "gain": (-60.0, 24.0)}
 
+# What each transform changes about the speaker, as the tasks that ask about it (audiollm.prompts): a row with one of
+# these tasks keeps its clip's tempo, pitch and formants. speed moves all three (x 0.9 = 1.8 semitones lower, 10%
+# slower); pitch shift moves pitch and formants, which a speaker's sex is heard by.
+CHANGES = {"speed": ("rate", "pitch", "sex", "age", "emotion"), "pitch": ("pitch", "sex", "age", "emotion")}
+
 
 class AugmentationError(ValueError):
     """A recipe's ``augmentation`` that cannot be used; the message names the transform and key."""
@@ -90,11 +97,12 @@ class Augmentation:
     def epoch(self, value: int) -> None:
         self.shared_epoch.fill_(value)
 
-    def augment(self, wav: np.ndarray, row_id: str, clip: int = 0) -> np.ndarray:
+    def augment(self, wav: np.ndarray, row_id: str, clip: int = 0, task: str | None = None) -> np.ndarray:
+        """One clip transformed; ``task`` (the row's, if it has one) turns off the transforms that change it."""
         rng = random.Random(draw_seed(self.seed, row_id, clip, self.epoch))
         out = wav.astype(np.float32)
         for name, transform in self.chain:
-            if rng.random() < self.spec[name][0]:
+            if rng.random() < self.spec[name][0] and task not in CHANGES.get(name, ()):
                 out = self.apply(name, transform, out, random.Random(rng.getrandbits(64)), f"{row_id} audio {clip}")
         if not np.isfinite(out).all():
             log.warning("%s audio %d: augmentation gave non-finite samples; the clip is used as it was", row_id, clip)

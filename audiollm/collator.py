@@ -154,7 +154,7 @@ class ChatCollator:
         messages, audios = row["messages"], list(row.get("audios") or [])
         clips = [load_audio_source(a, f"{row_id} audio {k}", self.max_audio_seconds) for k, a in enumerate(audios)]
         if self.augment is not None:
-            clips = [self.augment.augment(c, row_id, k) for k, c in enumerate(clips)]
+            clips = [self.augment.augment(c, row_id, k, row.get("task")) for k, c in enumerate(clips)]
         counts = [clip_token_count(len(c), self.stack) for c in clips]
         segments = render_segments(messages, self.system_prompt, self.generation, self.train_on)
         ids, labels, clip = [], [], 0

@@ -6,7 +6,8 @@ collator decodes audio per batch, so nothing is cached as features. Three row fo
     pretrain:   {"audio": "a.wav", "task": "asr", "text": "the transcript"}   (optional "prompt" overrides the pool,
                 optional "transcript": what the clip says, for distillation)
     chat (SFT): {"messages": [{"role": "user", "content": "<audio>..."}, {"role": "assistant", ...}],
-                 "audios": ["a.wav"]}    (optional "transcripts": one per audio, for distillation)
+                 "audios": ["a.wav"]}    (optional "transcripts": one per audio, for distillation; optional
+                "task", as pretraining rows carry it: what the row asks about, which augmentation keeps)
     preference: the chat row plus "chosen" and "rejected" answers (strings or assistant messages);
                 LLaMA-Factory's "rejected_response" is read as "rejected".
 """
@@ -158,7 +159,8 @@ def pretrain_to_chat(row: dict, seed: int = 0) -> dict:
         {"role": "user", "content": f"<audio>{prompt}"},
         {"role": "assistant", "content": str(row["text"])},
     ]
-    chat = {"id": row["id"], "messages": messages, "audios": [row["audio"]]}
+    # The task stays with the row: augmentation leaves alone what a row asks about (audiollm/augment.py).
+    chat = {"id": row["id"], "messages": messages, "audios": [row["audio"]], "task": str(row["task"])}
     if "transcript" in row:  # what the clip says: CTC targets (audiollm/ctc.py), text for a kd teacher
         chat["transcripts"] = None if row["transcript"] is None else [str(row["transcript"])]
     return chat

@@ -180,3 +180,27 @@ def test_a_transform_that_fails_on_a_clip_is_skipped_with_a_warning(caplog):
     out = aug.augment(wav, "rows.jsonl:3")
     assert np.allclose(out, wav * 10 ** (-6 / 20), atol=1e-6)  # gain still ran
     assert "rows.jsonl:3 audio 0: augmentation noise skipped (ZeroDivisionError" in caplog.text
+
+
+def test_a_row_keeps_what_it_asks_about_while_other_rows_are_augmented(tmp_path):
+    from audiollm.data import pretrain_to_chat
+
+    spec = {"speed": {"p": 1.0, "factor": [0.5, 0.8]}, "pitch": {"p": 1.0, "semitones": [4, 6]}}
+    aug, wav = Augmentation(spec, seed=3), speech_like(1.0)
+    for task in ("pitch", "sex"):  # speed and pitch shift would make the answer wrong: the clip as it is
+        assert np.array_equal(aug.augment(wav, "r:1", 0, task), wav)
+    rate = aug.augment(wav, "r:1", 0, "rate")  # pitch shift keeps the tempo: only speed is left out
+    assert len(rate) == len(wav) and not np.allclose(rate, wav)
+    assert len(aug.augment(wav, "r:1", 0, "asr")) > len(wav) * 1.2  # slowed down: what it says is unchanged
+    assert len(aug.augment(wav, "r:1", 0)) > len(wav) * 1.2  # a row without a task is augmented
+
+    # Pretraining rows keep their task as chat rows, so the collator passes it on.
+    chat = pretrain_to_chat({"id": "p.jsonl:1", "audio": "a.wav", "task": "rate", "text": "slow"})
+    assert chat["task"] == "rate"
+    tok = tiny_tokenizer()
+    model = SimpleNamespace(config=SimpleNamespace(projector_stack=1, _attn_implementation="sdpa"))
+    collate = make_collator(tok, model, DataArguments(train_files=["x.jsonl"], augmentation=spec), seed=1)
+    audio_id = tok.convert_tokens_to_ids(AUDIO_TOKEN)
+    row = {**chat, "audios": [speech_like(2.0)]}
+    assert int((collate([row])["input_ids"] == audio_id).sum()) == 50  # 2 s as recorded
+    assert int((collate([{**row, "task": "asr"}])["input_ids"] == audio_id).sum()) > 60  # slowed down
