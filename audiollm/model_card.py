@@ -73,9 +73,11 @@ def write_training_summary(output_dir: str | os.PathLike, previous_dir: str | os
     return path
 
 
-def stage_entry(stage: str, model_args, data_args, args, state, train_rows: int | None = None) -> dict:
+def stage_entry(stage: str, model_args, data_args, args, state, train_rows: int | None = None,
+                distill_args=None) -> dict:
     """One stage's ``training_summary.json`` entry from the stage's argument dataclasses (audiollm.training's
-    ModelArguments and DataArguments, TrainingArguments) and the finished ``trainer.state``."""
+    ModelArguments and DataArguments, TrainingArguments, audiollm.distill's DistillArguments) and the finished
+    ``trainer.state``."""
     trainable = [part for part, on in (("encoder", model_args.train_encoder), ("projector", model_args.train_projector),
                                        ("llm", model_args.train_llm)) if on]
     lora = ({"llm_r": model_args.llm_lora_r, "encoder_r": model_args.encoder_lora_r, "alpha_ratio":
@@ -87,7 +89,18 @@ def stage_entry(stage: str, model_args, data_args, args, state, train_rows: int 
             "learning_rate": args.learning_rate, "trainable": trainable, "lora": lora,
             "ctc": ({"weight": model_args.ctc_weight, "layer": model_args.ctc_layer}
                     if getattr(model_args, "ctc_weight", 0) else None),
+            "mix_weights": getattr(data_args, "mix_weights", None),
+            "augmentation": getattr(data_args, "augmentation", None) or None,
+            "distillation": distillation(distill_args),
             "final_loss": losses[-1] if losses else None}
+
+
+def distillation(distill_args) -> dict | None:
+    """The ``loss: kd`` settings of a stage (audiollm.distill.DistillArguments), None for cross-entropy."""
+    if distill_args is None or not distill_args.enabled:
+        return None
+    return {"temperature": distill_args.kd_temperature, "ce_weight": distill_args.kd_ce_weight,
+            "teacher": distill_args.kd_teacher or "the model's own LLM", "rows": distill_args.kd_rows}
 
 
 def read_training_summary(folders: list[Path]) -> dict | None:
@@ -143,18 +156,25 @@ def _value(value) -> str:
     return str(value)
 
 
-def _file_names(files) -> str:
-    """Data sources by file name or Hub id: a card must not show the trainer's local folders."""
+def _file_names(files, weights=None) -> str:
+    """Data sources by file name or Hub id (a card must not show the trainer's local folders), each with its
+    sampling weight where the stage mixed them."""
     if not files:
         return NOT_RECORDED
-    return ", ".join(f if is_hub_id(f) else Path(f).name for f in files)
+    names = [f if is_hub_id(f) else Path(f).name for f in files]
+    if weights and len(weights) == len(names):
+        names = [f"{name} ({weight:g})" for name, weight in zip(names, weights)]
+    return ", ".join(names)
 
 
 def _trainable(stage: dict) -> str:
     parts = _value(stage.get("trainable"))
     lora, ctc = stage.get("lora"), stage.get("ctc")
     parts = f"{parts}; LoRA {json.dumps(lora)}" if lora else parts
-    return f"{parts}; CTC on the encoder {json.dumps(ctc)}" if ctc else parts
+    parts = f"{parts}; CTC on the encoder {json.dumps(ctc)}" if ctc else parts
+    kd, augmentation = stage.get("distillation"), stage.get("augmentation")
+    parts = f"{parts}; distilled from the text LLM {json.dumps(kd)}" if kd else parts
+    return f"{parts}; audio augmented {json.dumps(augmentation)}" if augmentation else parts
 
 
 def training_section(facts: CardFacts) -> list[str]:
@@ -164,7 +184,7 @@ def training_section(facts: CardFacts) -> list[str]:
         lines += ["| stage | data | rows | steps | epochs | global batch | learning rate | trainable | final loss |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in record["stages"]:
-            lines.append(f"| {_value(s.get('stage'))} | {_file_names(s.get('train_files'))} | "
+            lines.append(f"| {_value(s.get('stage'))} | {_file_names(s.get('train_files'), s.get('mix_weights'))} | "
                          f"{_value(s.get('train_rows'))} | {_value(s.get('steps'))} | {_value(s.get('epochs'))} | "
                          f"{_value(s.get('global_batch'))} | {_value(s.get('learning_rate'))} | {_trainable(s)} | "
                          f"{_value(s.get('final_loss'))} |")

@@ -398,7 +398,8 @@ def save_final(trainer, stage: str, model_args: ModelArguments, data_args: DataA
             tokenizer.save_pretrained(staging)
             copy_processor_files(model_args.model_name_or_path, staging)
             rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
-            entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows)
+            entry = stage_entry(stage, model_args, data_args, trainer.args, trainer.state, rows,
+                                getattr(trainer, "distill_args", None))
             entry["bad_rows_skipped"] = read_bad_rows(out)  # {kind: distinct rows}, over all ranks and workers
             write_training_summary(staging, model_args.model_name_or_path, entry)
     # Close trackers and the process group together: a gloo rank that exits while the group is still open can

@@ -428,6 +428,7 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     stages, is what the exported card's training table shows."""
     from transformers import TrainerState, TrainingArguments
 
+    from audiollm.distill import DistillArguments
     from audiollm.model_card import read_training_summary, stage_entry
     from audiollm.training import DataArguments, ModelArguments
 
@@ -436,11 +437,14 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     state = TrainerState(global_step=120, epoch=2.0, log_history=[{"loss": 1.5, "step": 60}, {"loss": 0.9}])
     first = stage_entry("pretrain", ModelArguments("init", train_projector=True, train_encoder=True, ctc_weight=0.3),
                         DataArguments(["/d/asr.jsonl"]), args, state, train_rows=1920)
-    second = stage_entry("sft", ModelArguments("runs/pretrain", llm_lora_r=16), DataArguments(["/d/chat.jsonl"]),
-                         args, state)
+    second = stage_entry("sft", ModelArguments("runs/pretrain", llm_lora_r=16),
+                         DataArguments(["/d/chat.jsonl", "/d/asr.jsonl"], mix_weights=[0.8, 0.2]), args, state,
+                         distill_args=DistillArguments(loss="kd", kd_temperature=2.0))
     assert first["global_batch"] == 32 and first["trainable"] == ["encoder", "projector"]
     assert first["final_loss"] == 0.9 and first["ctc"] == {"weight": 0.3, "layer": 0} and second["ctc"] is None
-    assert second["lora"] == {"llm_r": 16, "encoder_r": 0, "alpha_ratio": 2.0}
+    assert second["lora"] == {"llm_r": 16, "encoder_r": 0, "alpha_ratio": 2.0} and first["distillation"] is None
+    assert second["distillation"] == {"temperature": 2.0, "ce_weight": 0.0, "teacher": "the model's own LLM",
+                                      "rows": "spoken"}
     stage_one, source = tmp_path / "pretrain", tmp_path / "sft"
     stage_one.mkdir()
     shutil.copytree(tiny("linear"), source)
@@ -450,4 +454,6 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     text = (export(source, tmp_path / "export") / "README.md").read_text()
     assert ('| pretrain | asr.jsonl | 1920 | 120 | 2 | 32 | 2e-05 | encoder, projector; CTC on the encoder '
             '{"weight": 0.3, "layer": 0} | 0.9 |') in text
-    assert '| sft | chat.jsonl | not recorded | 120 | 2 | 32 | 2e-05 | projector; LoRA {"llm_r": 16' in text
+    assert ('| sft | chat.jsonl (0.8), asr.jsonl (0.2) | not recorded | 120 | 2 | 32 | 2e-05 | projector; LoRA '
+            '{"llm_r": 16') in text
+    assert 'distilled from the text LLM {"temperature": 2.0, "ce_weight": 0.0' in text
