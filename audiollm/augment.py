@@ -19,8 +19,8 @@ the transforms it wants, each with its probability ``p`` and one range to draw f
 They run in that order (speed first: it changes the length; noise after the channel, as a microphone hears it;
 gain last). A transform that changes what a row asks about would make its answer wrong, so it skips rows whose
 ``task`` (pretraining rows carry it; a chat row may) is in ``CHANGES``: a "slow" clip sped up by 10% is no longer
-slow, nor is a "low" voice shifted up a few semitones low. A clip whose peak ends above full scale is scaled down to it, never clipped, so every output is finite
-and within [-1, 1].
+slow, nor is a "low" voice shifted up a few semitones low. A clip whose peak ends above full scale is scaled down
+to it, never clipped, so every output is finite and within [-1, 1].
 
 Determinism: the draws for a clip depend only on (seed, row id, clip index, epoch), not on the batch it falls in,
 the dataloader worker or the core count, so a resumed run hears what the uninterrupted one heard. The epoch comes

@@ -99,8 +99,10 @@ def distillation(distill_args) -> dict | None:
     """The ``loss: kd`` settings of a stage (audiollm.distill.DistillArguments), None for cross-entropy."""
     if distill_args is None or not distill_args.enabled:
         return None
+    teacher = distill_args.kd_teacher  # by name only: a card must not show the trainer's local folders
+    teacher = (teacher if is_hub_id(teacher) else Path(teacher).name) if teacher else "the starting model's LLM"
     return {"temperature": distill_args.kd_temperature, "ce_weight": distill_args.kd_ce_weight,
-            "teacher": distill_args.kd_teacher or "the model's own LLM", "rows": distill_args.kd_rows}
+            "teacher": teacher, "rows": distill_args.kd_rows}
 
 
 def read_training_summary(folders: list[Path]) -> dict | None:

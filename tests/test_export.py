@@ -443,7 +443,7 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
     assert first["global_batch"] == 32 and first["trainable"] == ["encoder", "projector"]
     assert first["final_loss"] == 0.9 and first["ctc"] == {"weight": 0.3, "layer": 0} and second["ctc"] is None
     assert second["lora"] == {"llm_r": 16, "encoder_r": 0, "alpha_ratio": 2.0} and first["distillation"] is None
-    assert second["distillation"] == {"temperature": 2.0, "ce_weight": 0.0, "teacher": "the model's own LLM",
+    assert second["distillation"] == {"temperature": 2.0, "ce_weight": 0.0, "teacher": "the starting model's LLM",
                                       "rows": "spoken"}
     stage_one, source = tmp_path / "pretrain", tmp_path / "sft"
     stage_one.mkdir()
