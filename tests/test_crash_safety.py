@@ -172,6 +172,27 @@ def test_kill_9_inside_a_checkpoint_save_then_resume(setup):
     assert not partial.exists()  # the rerun's save replaced what the killed one left
 
 
+@pytest.mark.parametrize("batching", [[], ["--batch_tokens", "300"]], ids=["rows", "token-budget"])
+def test_a_rerun_of_a_finished_run_trains_no_more_steps(setup, batching):
+    """The last checkpoint is the last step: a rerun (a requeued job, or a crash in the final save) resumes there
+    and saves it again as the final model, without training another step. The run ends inside an epoch, where a
+    resumed loop would go on unless the Trainer's restored state stops it."""
+    from tests.test_distributed import weights
+
+    root, recipe = setup
+    done, steps = root / f"finished{len(batching)}", 5  # 2 steps an epoch with rows: it ends in its third epoch
+    cmd = [*stage_cmd("stages/sft.py", recipe, done, 1), "--max_steps", str(steps), "--save_steps", str(steps),
+           *batching]
+    run(cmd, root / "logs" / f"{done.name}.log")
+    last = done / f"checkpoint-{steps}"
+    assert last.is_dir() and json.loads((done / "trainer_state.json").read_text())["global_step"] == steps
+    run(cmd, root / "logs" / f"{done.name}-rerun.log")
+    state = json.loads((done / "trainer_state.json").read_text())
+    assert state["global_step"] == steps and max(e["step"] for e in state["log_history"]) == steps
+    final, saved = weights(done), weights(last)
+    assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)
+
+
 def test_nonfinite_loss_on_one_rank_stops_every_rank(setup):
     root, recipe = setup
     out = root / "nan-zero2"
