@@ -101,10 +101,13 @@ class CtcMixin:
     """Trainer mixin for a model with ``ctc_head``: the CTC loss is scaled like the answer loss and logged.
 
     With the Trainer's ``num_items_in_batch`` the answer loss of a micro-batch is its sum over the whole step's
-    labelled tokens (the Trainer then does not divide by the accumulation steps); the CTC mean of a micro-batch is
-    divided by the step's micro-batch count to match. The logs get ``ctc_loss`` (the mean since the last log) and
-    the chunks with and without a CTC target (no transcript, or a clip over 30 s), so that a manifest without
-    transcripts shows as ``ctc_chunks_without_target``, not as a quiet no-op.
+    labelled tokens (the Trainer then does not divide by the accumulation steps), and on several ranks the Trainer
+    multiplies each rank's loss by the rank count, as the gradient all-reduce averages over ranks. The CTC mean of a
+    micro-batch is divided by both to match: the gradient is then the mean over ranks and micro-batches of their
+    CTC means (without the rank count, 2 ranks trained CTC at twice its weight). The logs get ``ctc_loss`` (the
+    mean since the last log, over every rank) and the chunks with and without a CTC target (no transcript, or a
+    clip over 30 s), so that a manifest without transcripts shows as ``ctc_chunks_without_target``, not as a quiet
+    no-op.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -112,7 +115,7 @@ class CtcMixin:
         if getattr(core, "ctc_head", None) is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            inputs[CTC_DIVISOR] = self.current_gradient_accumulation_steps
+            inputs[CTC_DIVISOR] = self.current_gradient_accumulation_steps * self.ctc_rank_scale()
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         tally = self.__dict__.setdefault("_ctc_tally", {"sum": 0.0, "steps": 0, "with": 0, "without": 0})
         if getattr(core, "last_ctc_loss", None) is not None:
@@ -124,10 +127,23 @@ class CtcMixin:
             tally["without"] += inputs[CTC_LENGTHS].numel() - with_target
         return out
 
+    def ctc_rank_scale(self) -> int:
+        """The factor the Trainer's ``compute_loss`` multiplies the loss by when it averages tokens across ranks
+        (transformers 5.x: the process count over the tensor-parallel size, or ``n_gpu`` under DataParallel)."""
+        if not self.args.average_tokens_across_devices:
+            return 1
+        return self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes // self.get_tp_size()
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         tally = self.__dict__.get("_ctc_tally")
-        if "loss" in logs and tally and tally["steps"]:
-            logs = logs | {"ctc_loss": round(tally["sum"] / tally["steps"], 4), "ctc_chunks": float(tally["with"]),
-                           "ctc_chunks_without_target": float(tally["without"])}
+        if "loss" in logs and tally is not None:  # every rank logs the loss at the same step: sum the tallies
+            total = torch.tensor([tally["sum"], tally["steps"], tally["with"], tally["without"]], dtype=torch.float64,
+                                 device=self.args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(total)
+            loss_sum, steps, with_target, without = total.tolist()
+            if steps:
+                logs = logs | {"ctc_loss": round(loss_sum / steps, 4), "ctc_chunks": with_target,
+                               "ctc_chunks_without_target": without}
             tally.update({"sum": 0.0, "steps": 0, "with": 0, "without": 0})
         super().log(logs, *args, **kwargs)

@@ -384,6 +384,27 @@ def test_resume_zero2_continues_exactly(runs):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
 
 
+def test_ctc_under_zero2_matches_single_process(runs):
+    """Pretraining with CTC on the encoder (``ctc_weight``, the encoder trained) on 2 ZeRO-2 ranks: the same step
+    losses, CTC losses and gradient norms as one process. Each rank computes the CTC of its own clips; the logged
+    figure and the gradient must still be the whole batch's."""
+    rows = [json.loads(line) for line in Path(runs.data["pretrain"]).read_text().splitlines()]
+    data = write_jsonl(runs.root / "pretrain_ctc.jsonl", [{**row, "transcript": row["text"]} for row in rows])
+    recipe = runs.root / "recipes" / "pretrain-ctc.yaml"
+    write_recipe("pretrain", recipe, train_files=[data], ctc_weight=0.3, train_encoder=True)
+    single = runs.train("pretrain", "single", runs.init_model, runs.root / "ctc-single", recipe)
+    sharded = runs.train("pretrain", "zero2", runs.init_model, runs.root / "ctc-zero2", recipe)
+    for key in ("loss", "ctc_loss"):
+        expected, got = step_values(single, key), step_values(sharded, key)
+        assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), (key, got)
+        assert all(v > 0 for v in expected.values()), (key, expected)  # the clips' transcripts gave targets
+        gaps = {step: abs(got[step] - expected[step]) for step in expected}
+        assert max(gaps.values()) <= LOSS_ATOL, f"{key}: 2 ranks vs 1 process, gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+
+
 def test_loss_falls_when_overfitting_one_row(runs):
     """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
     memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
