@@ -94,6 +94,15 @@ def ctc_loss(head: nn.Module, frames: torch.Tensor, frame_lengths: torch.Tensor,
     return (losses / target_lengths[keep]).mean()
 
 
+def summed_over_ranks(values: list[float], device) -> list[float]:
+    """Logged tallies of this process summed over every rank (one all-reduce; as they are in one process). Every
+    rank must call it at the same step: the Trainer calls ``log`` with the loss on all of them."""
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 CTC_DIVISOR = "ctc_divisor"  # the micro-batches a step accumulates, when the answer loss is divided across them
 
 
@@ -137,11 +146,8 @@ class CtcMixin:
     def log(self, logs: dict, *args, **kwargs) -> None:
         tally = self.__dict__.get("_ctc_tally")
         if "loss" in logs and tally is not None:  # every rank logs the loss at the same step: sum the tallies
-            total = torch.tensor([tally["sum"], tally["steps"], tally["with"], tally["without"]], dtype=torch.float64,
-                                 device=self.args.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(total)
-            loss_sum, steps, with_target, without = total.tolist()
+            loss_sum, steps, with_target, without = summed_over_ranks(
+                [tally["sum"], tally["steps"], tally["with"], tally["without"]], self.args.device)
             if steps:
                 logs = logs | {"ctc_loss": round(loss_sum / steps, 4), "ctc_chunks": with_target,
                                "ctc_chunks_without_target": without}

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from audiollm.chat import AUDIO_MARKER
+from audiollm.ctc import summed_over_ranks
 from audiollm.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, shift_labels
 from audiollm.row_checks import RowError
 
@@ -321,7 +322,10 @@ class DistillMixin:
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Training logs get the rows distilled and the rows that fell back to cross-entropy since the last log."""
-        if "loss" in logs and self.kd_rows:
-            logs = logs | {k: float(self.kd_rows[k]) for k in ("kd_rows", "kd_fallback_rows", "kd_mismatch_rows")}
+        if "loss" in logs and self.teacher is not None:  # every rank logs the loss at the same step
+            keys = ("kd_rows", "kd_fallback_rows", "kd_mismatch_rows")
+            totals = summed_over_ranks([self.kd_rows[k] for k in keys], self.args.device)
+            if any(totals):
+                logs = logs | dict(zip(keys, totals))
             self.kd_rows = Counter()
         super().log(logs, *args, **kwargs)

@@ -405,6 +405,28 @@ def test_ctc_under_zero2_matches_single_process(runs):
         assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
 
 
+def test_distillation_under_zero2_matches_single_process(runs):
+    """SFT with ``loss: kd`` (the frozen text LLM reads each spoken question's transcript) on 2 ZeRO-2 ranks: the
+    same step losses, gradient norms and distilled-row counts as one process."""
+    rows = [json.loads(line) for line in Path(runs.data["pretrain"]).read_text().splitlines()]
+    spoken = [{"messages": [{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": row["text"]}],
+               "audios": [row["audio"]], "transcripts": [row["text"]]} for row in rows]
+    data = write_jsonl(runs.root / "sft_spoken.jsonl", spoken)
+    recipe = runs.root / "recipes" / "sft-kd.yaml"
+    write_recipe("sft", recipe, train_files=[data], loss="kd", kd_ce_weight=0.5, kd_temperature=2.0)
+    single = runs.train("sft", "single", runs.init_model, runs.root / "kd-single", recipe)
+    sharded = runs.train("sft", "zero2", runs.init_model, runs.root / "kd-zero2", recipe)
+    expected, got = step_values(single), step_values(sharded)
+    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
+    gaps = {step: abs(got[step] - expected[step]) for step in expected}
+    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    distilled = step_values(single, "kd_rows")
+    assert distilled == step_values(sharded, "kd_rows") and all(v > 0 for v in distilled.values()), distilled
+
+
 def test_loss_falls_when_overfitting_one_row(runs):
     """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
     memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
