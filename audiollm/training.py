@@ -240,6 +240,11 @@ def load_datasets(data_args: DataArguments, args):
     budget = data_args.batch_tokens or data_args.batch_audio_seconds
     if (args.train_sampling_strategy == "group_by_length" or budget) and not data_args.streaming:
         train = add_lengths(train)
+    if data_args.streaming:
+        # Streamed rows: each rank collates its own part of every step's rows. Accelerate's default for an
+        # iterable dataset (rank 0 collates the step's batches and concatenates them to split them) fails on
+        # audio batches, whose widths differ from rank to rank (its "batches of different size" error).
+        args.accelerator_config.dispatch_batches = False
     return train, evals
 
 

@@ -427,6 +427,22 @@ def test_distillation_under_zero2_matches_single_process(runs):
     assert distilled == step_values(sharded, "kd_rows") and all(v > 0 for v in distilled.values()), distilled
 
 
+def test_streamed_rows_under_zero2_match_single_process(runs):
+    """``streaming: true`` (rows read as they come, for manifests larger than memory) on 2 ZeRO-2 ranks: the same
+    step losses and gradient norms as one process, so every step sees the same rows, each once, across ranks."""
+    recipe = runs.root / "recipes" / "pretrain-streamed.yaml"
+    write_recipe("pretrain", recipe, train_files=[runs.data["pretrain"]], streaming=True)
+    single = runs.train("pretrain", "single", runs.init_model, runs.root / "streamed-single", recipe)
+    sharded = runs.train("pretrain", "zero2", runs.init_model, runs.root / "streamed-zero2", recipe)
+    expected, got = step_values(single), step_values(sharded)
+    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
+    gaps = {step: abs(got[step] - expected[step]) for step in expected}
+    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+
+
 def test_loss_falls_when_overfitting_one_row(runs):
     """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
     memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
