@@ -443,6 +443,24 @@ def test_streamed_rows_under_zero2_match_single_process(runs):
         assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
 
 
+def test_packed_rows_and_encoder_under_zero2_match_single_process(runs):
+    """``packing`` with the packed encoder and per-row attention (the demo's settings) on 2 ZeRO-2 ranks: the same
+    step losses and gradient norms as one process, so each rank's packed sequence is its own rows, whole (that
+    packing gives the padded batch's loss is tests/test_packing.py's)."""
+    recipe = runs.root / "recipes" / "sft-packed.yaml"
+    write_recipe("sft", recipe, train_files=[runs.data["sft"]], packing=True, packed_encoder=True,
+                 attn_implementation="sdpa_packed")
+    single = runs.train("sft", "single", runs.init_model, runs.root / "packed-single", recipe)
+    sharded = runs.train("sft", "zero2", runs.init_model, runs.root / "packed-zero2", recipe)
+    expected, got = step_values(single), step_values(sharded)
+    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
+    gaps = {step: abs(got[step] - expected[step]) for step in expected}
+    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+
+
 def test_loss_falls_when_overfitting_one_row(runs):
     """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
     memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
