@@ -461,6 +461,32 @@ def test_packed_rows_and_encoder_under_zero2_match_single_process(runs):
         assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
 
 
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_lora_under_zero_matches_single_process_and_merges(runs, mode):
+    """SFT with LoRA on the LLM on 2 ranks: one process's step losses, and a final folder with the adapter merged
+    into full weights (ZeRO-3: the adapter gathered from the shards) that loads as a stock model."""
+    from audiollm.model.modeling import AudioLLMForConditionalGeneration
+
+    recipe = runs.root / "recipes" / "sft-lora.yaml"
+    write_recipe("sft", recipe, train_files=[runs.data["sft"]], train_llm=False, llm_lora_r=4,
+                 lora_dropout=0.0)  # dropout masks would differ between 1 and 2 processes
+    single = runs.once(("sft-lora", "single"), lambda: runs.train("sft", "single", runs.init_model,
+                                                                   runs.root / "lora-single", recipe))
+    sharded = runs.train("sft", mode, runs.init_model, runs.root / f"lora-{mode}", recipe)
+    expected, got = step_values(single), step_values(sharded)
+    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
+    gaps = {step: abs(got[step] - expected[step]) for step in expected}
+    assert max(gaps.values()) <= LOSS_ATOL, f"{mode} vs 1 process, loss gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    assert (sharded / "adapter").is_dir()
+    merged, base = weights(sharded), weights(runs.init_model)
+    changed = [n for n in merged if n.startswith("language_model") and not torch.equal(merged[n], base[n])]
+    assert changed and all("lora" not in n for n in merged), "the adapter was not merged into full weights"
+    AudioLLMForConditionalGeneration.from_pretrained(sharded)
+
+
 def test_loss_falls_when_overfitting_one_row(runs):
     """One process, one SFT row repeated for 40 steps at a constant 3e-3, projector + LLM trainable: the model
     memorises it (measured: 6.8 -> 0.02), so the last loss is under 5% of the first."""
