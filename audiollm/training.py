@@ -232,7 +232,8 @@ def add_lora(model, model_args: ModelArguments):
 def load_datasets(data_args: DataArguments, args):
     """(train, eval or None) datasets of chat rows from the recipe's manifests, in any of the row formats.
 
-    Length-grouped batching (``train_sampling_strategy: group_by_length``) gets its ``length`` column here.
+    Length-grouped batching (``train_sampling_strategy: group_by_length``) gets its ``length`` column here, and
+    streamed rows turn off accelerate's batch dispatching in ``args`` (below: why), before the trainer exists.
     """
     train = load_mixture(data_args.train_files, data_args.mix_weights, data_args.streaming, args.seed,
                          data_args.prompt_seed, bad_row_log(data_args, args.output_dir))  # unparseable lines

@@ -138,6 +138,20 @@ def step_values(out: Path, key: str = "loss") -> dict[int, float]:
     return {entry["step"]: entry[key] for entry in log_history(out) if key in entry}
 
 
+def assert_matches_single(single: Path, sharded: Path, keys: tuple[str, ...] = ("loss",), what: str = "") -> None:
+    """``sharded`` (2 ranks) logged ``single``'s (1 process) value of each key at every step, within LOSS_ATOL, and
+    its pre-clipping gradient norms within GRAD_NORM_RTOL: DeepSpeed computes the norm over its shards, so a wrong
+    reduction, a missed 1/world_size or a skipped clip shows there first."""
+    for key in keys:
+        expected, got = step_values(single, key), step_values(sharded, key)
+        assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), (what, key, got)
+        gaps = {step: abs(got[step] - expected[step]) for step in expected}
+        assert max(gaps.values()) <= LOSS_ATOL, f"{what} {key}: 2 ranks vs 1 process, gaps {gaps}"
+    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
+    for step, norm in single_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (what, step, norms, single_norms)
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     assert files, f"{folder}: no *.safetensors"
@@ -265,6 +279,13 @@ class Runs:
         out = self.root / f"{stage}-{mode}"
         return self.once((stage, mode), lambda: self.train(stage, mode, self.input_of(stage), out))
 
+    def side_by_side(self, stage: str, recipe: Path, name: str, mode: str = "zero2") -> tuple[Path, Path]:
+        """``recipe`` trained from the init folder in one process and on 2 ranks under ``mode``: (single, sharded)
+        output folders ``name-single`` and ``name-mode``; the single run is made once per name."""
+        single = self.once((name, "single"), lambda: self.train(stage, "single", self.init_model,
+                                                                self.root / f"{name}-single", recipe))
+        return single, self.train(stage, mode, self.init_model, self.root / f"{name}-{mode}", recipe)
+
     def train(self, stage: str, mode: str, model: Path, out: Path, recipe: Path | None = None) -> Path:
         ranks = 1 if mode == "single" else 2
         args = [f"stages/{stage}.py", "--config", str(recipe or self.recipe_path(stage)),
@@ -341,16 +362,7 @@ def test_stage_trains_under_zero(runs, stage, mode):
 def test_zero_losses_match_single_process(runs, stage, mode):
     """Same data, seed and global batch: 2 ranks under ZeRO give the single process's step losses and grad norms
     (within LOSS_ATOL / GRAD_NORM_RTOL, fp32 summation order)."""
-    single, sharded = runs.trained(stage, "single"), runs.trained(stage, mode)
-    expected, got = step_values(single), step_values(sharded)
-    assert got.keys() == expected.keys() == set(range(1, STEPS + 1))
-    gaps = {step: abs(got[step] - expected[step]) for step in expected}
-    assert max(gaps.values()) <= LOSS_ATOL, f"{stage} {mode} vs single: loss gaps {gaps}"
-    # Gradient norms before clipping (max_grad_norm 1.0 clips all of them here): DeepSpeed computes the norm over
-    # its shards; a wrong reduction or a skipped clip shows here first.
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (stage, mode, step, norms, single_norms)
+    assert_matches_single(runs.trained(stage, "single"), runs.trained(stage, mode), what=f"{stage} {mode}")
 
 
 def test_resume_single_process_continues_exactly(runs):
@@ -392,17 +404,9 @@ def test_ctc_under_zero2_matches_single_process(runs):
     data = write_jsonl(runs.root / "pretrain_ctc.jsonl", [{**row, "transcript": row["text"]} for row in rows])
     recipe = runs.root / "recipes" / "pretrain-ctc.yaml"
     write_recipe("pretrain", recipe, train_files=[data], ctc_weight=0.3, train_encoder=True)
-    single = runs.train("pretrain", "single", runs.init_model, runs.root / "ctc-single", recipe)
-    sharded = runs.train("pretrain", "zero2", runs.init_model, runs.root / "ctc-zero2", recipe)
-    for key in ("loss", "ctc_loss"):
-        expected, got = step_values(single, key), step_values(sharded, key)
-        assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), (key, got)
-        assert all(v > 0 for v in expected.values()), (key, expected)  # the clips' transcripts gave targets
-        gaps = {step: abs(got[step] - expected[step]) for step in expected}
-        assert max(gaps.values()) <= LOSS_ATOL, f"{key}: 2 ranks vs 1 process, gaps {gaps}"
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    single, sharded = runs.side_by_side("pretrain", recipe, "ctc")
+    assert all(v > 0 for v in step_values(single, "ctc_loss").values())  # the clips' transcripts gave targets
+    assert_matches_single(single, sharded, ("loss", "ctc_loss"))
 
 
 def test_distillation_under_zero2_matches_single_process(runs):
@@ -414,15 +418,8 @@ def test_distillation_under_zero2_matches_single_process(runs):
     data = write_jsonl(runs.root / "sft_spoken.jsonl", spoken)
     recipe = runs.root / "recipes" / "sft-kd.yaml"
     write_recipe("sft", recipe, train_files=[data], loss="kd", kd_ce_weight=0.5, kd_temperature=2.0)
-    single = runs.train("sft", "single", runs.init_model, runs.root / "kd-single", recipe)
-    sharded = runs.train("sft", "zero2", runs.init_model, runs.root / "kd-zero2", recipe)
-    expected, got = step_values(single), step_values(sharded)
-    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
-    gaps = {step: abs(got[step] - expected[step]) for step in expected}
-    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    single, sharded = runs.side_by_side("sft", recipe, "kd")
+    assert_matches_single(single, sharded)
     distilled = step_values(single, "kd_rows")
     assert distilled == step_values(sharded, "kd_rows") and all(v > 0 for v in distilled.values()), distilled
 
@@ -432,15 +429,8 @@ def test_streamed_rows_under_zero2_match_single_process(runs):
     step losses and gradient norms as one process, so every step sees the same rows, each once, across ranks."""
     recipe = runs.root / "recipes" / "pretrain-streamed.yaml"
     write_recipe("pretrain", recipe, train_files=[runs.data["pretrain"]], streaming=True)
-    single = runs.train("pretrain", "single", runs.init_model, runs.root / "streamed-single", recipe)
-    sharded = runs.train("pretrain", "zero2", runs.init_model, runs.root / "streamed-zero2", recipe)
-    expected, got = step_values(single), step_values(sharded)
-    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
-    gaps = {step: abs(got[step] - expected[step]) for step in expected}
-    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    single, sharded = runs.side_by_side("pretrain", recipe, "streamed")
+    assert_matches_single(single, sharded)
 
 
 def test_packed_rows_and_encoder_under_zero2_match_single_process(runs):
@@ -450,15 +440,8 @@ def test_packed_rows_and_encoder_under_zero2_match_single_process(runs):
     recipe = runs.root / "recipes" / "sft-packed.yaml"
     write_recipe("sft", recipe, train_files=[runs.data["sft"]], packing=True, packed_encoder=True,
                  attn_implementation="sdpa_packed")
-    single = runs.train("sft", "single", runs.init_model, runs.root / "packed-single", recipe)
-    sharded = runs.train("sft", "zero2", runs.init_model, runs.root / "packed-zero2", recipe)
-    expected, got = step_values(single), step_values(sharded)
-    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
-    gaps = {step: abs(got[step] - expected[step]) for step in expected}
-    assert max(gaps.values()) <= LOSS_ATOL, f"2 ranks vs 1 process, loss gaps {gaps}"
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    single, sharded = runs.side_by_side("sft", recipe, "packed")
+    assert_matches_single(single, sharded)
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
@@ -470,16 +453,8 @@ def test_lora_under_zero_matches_single_process_and_merges(runs, mode):
     recipe = runs.root / "recipes" / "sft-lora.yaml"
     write_recipe("sft", recipe, train_files=[runs.data["sft"]], train_llm=False, llm_lora_r=4,
                  lora_dropout=0.0)  # dropout masks would differ between 1 and 2 processes
-    single = runs.once(("sft-lora", "single"), lambda: runs.train("sft", "single", runs.init_model,
-                                                                   runs.root / "lora-single", recipe))
-    sharded = runs.train("sft", mode, runs.init_model, runs.root / f"lora-{mode}", recipe)
-    expected, got = step_values(single), step_values(sharded)
-    assert got.keys() == expected.keys() == set(range(1, STEPS + 1)), got
-    gaps = {step: abs(got[step] - expected[step]) for step in expected}
-    assert max(gaps.values()) <= LOSS_ATOL, f"{mode} vs 1 process, loss gaps {gaps}"
-    norms, single_norms = step_values(sharded, "grad_norm"), step_values(single, "grad_norm")
-    for step, norm in single_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=GRAD_NORM_RTOL), (step, norms, single_norms)
+    single, sharded = runs.side_by_side("sft", recipe, "lora", mode)
+    assert_matches_single(single, sharded, what=mode)
     assert (sharded / "adapter").is_dir()
     merged, base = weights(sharded), weights(runs.init_model)
     changed = [n for n in merged if n.startswith("language_model") and not torch.equal(merged[n], base[n])]
