@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from audiollm.beside import Beside, ShareCores, sharing_cores, stop_on_error
+from audiollm.synth.corpus import WER_NORMALIZER
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def listening_tasks(data: Path) -> dict[str, str]:
     tasks = {}
     for split in ("heldout", "validation"):
         chat = split_chat(data, split)
-        tasks.update({split: f"manifest:{data / f'{split}_pretrain.jsonl'}",
+        tasks.update({split: f"norm={WER_NORMALIZER}:manifest:{data / f'{split}_pretrain.jsonl'}",
                       f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
                       f"{split}_analysis": f"short:manifest:{chat['analysis']}",
                       f"{split}_typed": f"short:manifest:{data / f'{split}_text.jsonl'}"})

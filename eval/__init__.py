@@ -7,8 +7,10 @@ Command line (``audiollm eval`` or ``python -m eval``)::
         [--audio-root [NAME=]DIR] [--judge PATH [--trust-remote-code]] [--bootstrap 1000] [--device] [--dtype]
     audiollm eval --score-only DIR/predictions.jsonl --out DIR2 [--judge PATH]
 
-SOURCE is ``[KIND[@LANG]:][FORMAT:]PATH``; each prefix is optional and recognised by its name:
+SOURCE is ``[norm=NORM:][KIND[@LANG]:][FORMAT:]PATH``; each prefix is optional and recognised by its name:
 
+    NORM    english | basic | words: ASR's text normaliser (default: english for English, else basic); words is
+            the English one word by word, for word lists ("seven eleven" stays two words, not the number 711)
     KIND    asr | mcq | mcq_letter | short | translation | open | preference   (default: from FORMAT or the rows)
     LANG    ISO code of the references: asr's spoken language, translation's target (default: the row's "lang",
             else en). zh/ja ASR is scored by characters; BLEU picks its tokenizer from it.
@@ -20,6 +22,7 @@ SOURCE is ``[KIND[@LANG]:][FORMAT:]PATH``; each prefix is optional and recognise
     aishell=asr@zh:hf:/data/aishell_test         save_to_disk folder, CER
     st=translation@de:manifest:covost_de.jsonl   our manifest rows, BLEU against German references
     dpo=prefs.jsonl                              preference rows, share where chosen beats rejected
+    lists=norm=words:asr:word_lists.jsonl        word lists, WER per spoken word
 
 Outputs in --out: ``predictions.jsonl`` (one row per item: id, prompt, reference, prediction, score, and what
 rescoring needs), ``results.json`` (per task: metric, value, n, 95% bootstrap CI, model, judge; open-ended tasks

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 
 SOURCE_HELP = (
-    "NAME=SOURCE, repeatable. SOURCE is [KIND[@LANG]:][FORMAT:]PATH: KIND one of asr, mcq, mcq_letter, short, "
-    "translation, open, preference (default: from the format or the rows); LANG the references' language "
-    "(asr: spoken, translation: target; default en); FORMAT one of manifest, mmau, airbench_foundation, "
+    "NAME=SOURCE, repeatable. SOURCE is [norm=NORM:][KIND[@LANG]:][FORMAT:]PATH: NORM the ASR normaliser, english, "
+    "basic or words (the English one word by word, for word lists; default: by language); KIND one of asr, mcq, "
+    "mcq_letter, short, translation, open, preference (default: from the format or the rows); LANG the references' "
+    "language (asr: spoken, translation: target; default en); FORMAT one of manifest, mmau, airbench_foundation, "
     "airbench_chat, hf, librispeech (default: detected). Examples: mmau=mmau-test-mini.json, "
     "ls=data/LibriSpeech/test-clean, aishell=asr@zh:hf:data/aishell, covost=translation@de:manifest:st.jsonl"
 )
@@ -122,6 +123,8 @@ def run_eval(args) -> int:
 
 
 def add_eval_tts_parser(subparsers) -> None:
+    from eval.metrics import ASR_NORMALIZERS
+
     p = subparsers.add_parser(
         "eval-tts",
         help="round-trip intelligibility of a TTS: audiollm eval-tts --tts DIR --texts FILE --listener PATH --out DIR",
@@ -143,6 +146,8 @@ def add_eval_tts_parser(subparsers) -> None:
     p.add_argument("--originals", action="store_true", help="with --codec-clips: also the WER of the clips as is")
     p.add_argument("--codec", metavar="DIR", help="codec folder (default: the one the tts folder recorded)")
     p.add_argument("--language", default="en", help="language of the texts: picks the normaliser, CER for zh/ja")
+    p.add_argument("--normalizer", choices=ASR_NORMALIZERS, help="the WER's normaliser instead of the "
+                   "language's: words = the English one word by word, for texts that list words")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (best-of uses SEED + 1) and bootstrap seed")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the 95%% CI")
     p.add_argument("--batch-size", type=int, default=8, help="clips per listener batch (default 8)")
@@ -162,7 +167,7 @@ def run_eval_tts(args) -> int:
     try:
         results = evaluate_tts(args.tts, args.texts, args.listener, args.out, args.best_of, args.codec_clips,
                                args.originals, args.codec, args.language, args.seed, args.bootstrap, args.device,
-                               args.batch_size)
+                               args.batch_size, args.normalizer)
     except EvalError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(summary(results))

@@ -29,6 +29,7 @@ class Item:
     language: ISO 639-1 code of the reference text (ASR: the spoken language; translation: the target language).
     context: text only a judge sees (AIR-Bench chat's ``meta_info`` audio description).
     group: a sub-score key (MMAU's task, AIR-Bench's task_name).
+    normalizer: ASR's text normaliser by name (``eval.metrics.ASR_NORMALIZERS``); None: chosen by language.
     """
 
     id: str
@@ -44,9 +45,11 @@ class Item:
     group: str | None = None
     chosen: str | None = None
     rejected: str | None = None
+    normalizer: str | None = None
 
 
-RECORD_ITEM_FIELDS = ("question", "spoken", "choices", "language", "context", "group", "chosen", "rejected")
+RECORD_ITEM_FIELDS = ("question", "spoken", "choices", "language", "context", "group", "chosen", "rejected",
+                      "normalizer")
 
 
 def audio_label(source) -> str:

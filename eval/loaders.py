@@ -1,7 +1,10 @@
 """Benchmark files on disk -> Items. One loader per format; the format is detected or given in the source spec.
 
-Source spec (the SOURCE of ``--task NAME=SOURCE``): ``[KIND[@LANG]:][FORMAT:]PATH``
+Source spec (the SOURCE of ``--task NAME=SOURCE``): ``[norm=NORM:][KIND[@LANG]:][FORMAT:]PATH``
 
+    NORM     how ASR items are normalised before WER (``eval.metrics.ASR_NORMALIZERS``): english, basic (default:
+             by LANG), or words: the English normaliser word by word, for lists of words, where the English one
+             would read "seven eleven" as the one number 711
     KIND     asr, mcq, mcq_letter, short, translation, open, preference (default: from the format / the rows)
     LANG     language of the references: asr's spoken language, translation's target (default: a row's own
              "lang" field, else en)
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from audiollm.prompts import pick_prompt
 from eval.items import EvalError, Item
-from eval.metrics import choice_letter
+from eval.metrics import ASR_NORMALIZERS, choice_letter
 from eval.tasks import KINDS, check_item
 
 FORMATS = ("manifest", "mmau", "airbench_foundation", "airbench_chat", "hf", "librispeech")
@@ -69,10 +72,11 @@ class Source:
     kind: str | None = None
     format: str | None = None
     language: str | None = None
+    normalizer: str | None = None
 
 
 def parse_task(spec: str) -> Source:
-    """``NAME=[KIND[@LANG]:][FORMAT:]PATH`` -> Source; prefixes are recognised by their names."""
+    """``NAME=[norm=NORM:][KIND[@LANG]:][FORMAT:]PATH`` -> Source; prefixes are recognised by their names."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise EvalError(f"--task {spec!r}: write NAME=SOURCE, e.g. mmau=mmau-test-mini.json or asr=asr@zh:hf:DIR")
@@ -80,7 +84,12 @@ def parse_task(spec: str) -> Source:
     while ":" in source.path:
         head, tail = source.path.split(":", 1)
         kind, _, language = head.partition("@")
-        if kind in KINDS and source.kind is None and source.format is None:
+        if head.startswith("norm=") and source.normalizer is None:
+            source.normalizer, source.path = head.removeprefix("norm="), tail
+            if source.normalizer not in ASR_NORMALIZERS:
+                raise EvalError(f"--task {spec!r}: unknown normaliser {source.normalizer!r}; choose one of "
+                                f"{', '.join(ASR_NORMALIZERS)}")
+        elif kind in KINDS and source.kind is None and source.format is None:
             source.kind, source.language, source.path = kind, language or None, tail
         elif head in FORMATS and source.format is None:
             source.format, source.path = head, tail
@@ -130,6 +139,8 @@ def load_source(source: Source, audio_root: str | None = None, limit: int | None
             item.kind = source.kind
         if item.kind in ("asr", "translation"):  # the only kinds whose scoring depends on the language
             item.language = source.language or item.language or DEFAULT_LANGUAGE
+        if item.kind == "asr":
+            item.normalizer = source.normalizer
         check_item(item, source.path)
     if not items:
         raise EvalError(f"{source.path}: no items")

@@ -6,7 +6,8 @@ summed statistics, so the bootstrap can resample items and recompute the exact c
 
 Rules and where they come from:
 - ASR: Whisper's own text normalisers (``EnglishTextNormalizer`` for English, ``BasicTextNormalizer`` otherwise),
-  jiwer's alignment; characters instead of words for Chinese and Japanese (no spaces between words).
+  jiwer's alignment; characters instead of words for Chinese and Japanese (no spaces between words). ``words``
+  applies the English one to each word on its own, for lists of words (``ASR_NORMALIZERS``).
 - MMAU (official ``evaluation.py``): tokens are ``re.findall(r"\\b\\w+\\b", text.lower())``; right when every token
   of the answer is in the prediction and no token of another choice is, where tokens the answer shares with another
   choice do not count against, and a choice with exactly the answer's tokens is ignored.
@@ -30,12 +31,29 @@ CHAR_LANGUAGES = frozenset({"zh", "ja"})  # scored by characters (CER): no space
 # ------------------------------------------------------------------------------------------------------------ ASR
 
 
+# Whisper's normalisers by name. The English one writes a run of number words as one number: right for read speech
+# ("nineteen eighty four" -> "1984") but not for lists of words, where each spoken word is a unit: "seven eleven
+# fifteen two" becomes "711152", one reference word, so one misheard word costs all four and the run counts once.
+# "words" applies the English normaliser to each word on its own ("7 11 15 2"), keeping its other rules (spellings,
+# "mister", digits against number words).
+ASR_NORMALIZERS = ("english", "words", "basic")
+
+
 @lru_cache(maxsize=None)
-def asr_normalizer(language: str | None = "en") -> Callable[[str], str]:
-    """Whisper's English normaliser for English (or unknown language), its basic normaliser for the rest."""
+def asr_normalizer(language: str | None = "en", name: str | None = None) -> Callable[[str], str]:
+    """The normaliser ``name`` (``ASR_NORMALIZERS``); None: Whisper's English one for English (or unknown
+    language), its basic one for the rest."""
     from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-    return EnglishTextNormalizer() if base_language(language) == "en" else BasicTextNormalizer()
+    name = name or ("english" if base_language(language) == "en" else "basic")
+    if name not in ASR_NORMALIZERS:
+        raise ValueError(f"unknown ASR normaliser {name!r}; choose one of {', '.join(ASR_NORMALIZERS)}")
+    if name == "basic":
+        return BasicTextNormalizer()
+    english = EnglishTextNormalizer()
+    if name == "english":
+        return english
+    return lambda text: " ".join(filter(None, (english(word) for word in text.split())))
 
 
 def base_language(language: str | None) -> str:
@@ -47,15 +65,16 @@ def uses_characters(language: str | None) -> bool:
     return base_language(language) in CHAR_LANGUAGES
 
 
-def asr_counts(reference: str, hypothesis: str, language: str | None = "en") -> tuple[int, int]:
-    """(errors, reference units) after normalisation: units are words, or characters for zh/ja.
+def asr_counts(reference: str, hypothesis: str, language: str | None = "en",
+               normalizer: str | None = None) -> tuple[int, int]:
+    """(errors, reference units) after normalisation (``asr_normalizer``): units are words, or characters for zh/ja.
 
     errors = substitutions + deletions + insertions of jiwer's alignment. An empty normalised reference has 0 units
     and counts every hypothesis unit as an insertion (jiwer would divide by zero in a per-item WER).
     """
     import jiwer
 
-    normalize = asr_normalizer(language)
+    normalize = asr_normalizer(language, normalizer)
     ref, hyp = normalize(reference), normalize(hypothesis)
     if uses_characters(language):  # the basic normaliser leaves spaces around punctuation; they are not characters
         ref_units, hyp_units = list(re.sub(r"\s+", "", ref)), list(re.sub(r"\s+", "", hyp))

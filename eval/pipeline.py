@@ -75,7 +75,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: dict[str, str], out_dir: str |
              device: str | None = None, dtype: str | None = None, by_length: bool = True) -> dict:
     """Generate answers for every task, then score them; returns the results dict written to results.json.
 
-    tasks: {name: SOURCE} with SOURCE as in ``eval.loaders`` (``[KIND[@LANG]:][FORMAT:]PATH``).
+    tasks: {name: SOURCE} with SOURCE as in ``eval.loaders`` (``[norm=NORM:][KIND[@LANG]:][FORMAT:]PATH``).
     judge: a local causal-LM folder (or a ready ``Judge``) for open-ended tasks; without one they are unscored.
     by_length: batches of similar prompt length, longest first (predictions.jsonl keeps the task's order either
         way); False batches in file order.

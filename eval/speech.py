@@ -159,8 +159,10 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return wav if orig_sr == target_sr else librosa.resample(wav, orig_sr=orig_sr, target_sr=target_sr)
 
 
-def transcript_wer(texts: Sequence[str], transcripts: Sequence[str], language: str | None = "en") -> dict:
-    """Corpus WER (CER for zh/ja) of transcripts against the texts the speech was meant to say.
+def transcript_wer(texts: Sequence[str], transcripts: Sequence[str], language: str | None = "en",
+                   normalizer: str | None = None) -> dict:
+    """Corpus WER (CER for zh/ja) of transcripts against the texts the speech was meant to say, after the
+    normaliser ``normalizer`` (``eval.metrics.ASR_NORMALIZERS``; None: by language).
 
     Returns {"wer", "errors", "words", "n", "items": [{"text", "transcript", "errors", "words"}]}; "words" counts
     characters for zh/ja.
@@ -169,7 +171,7 @@ def transcript_wer(texts: Sequence[str], transcripts: Sequence[str], language: s
         raise EvalError(f"{len(texts)} texts but {len(transcripts)} transcripts")
     items = []
     for text, transcript in zip(texts, transcripts):
-        errors, words = metrics.asr_counts(text, transcript, language)
+        errors, words = metrics.asr_counts(text, transcript, language, normalizer)
         items.append({"text": text, "transcript": transcript, "errors": errors, "words": words})
     errors, words = sum(i["errors"] for i in items), sum(i["words"] for i in items)
     return {"wer": metrics.error_rate(errors, words), "errors": errors, "words": words, "n": len(items),
@@ -177,8 +179,8 @@ def transcript_wer(texts: Sequence[str], transcripts: Sequence[str], language: s
 
 
 def intelligibility(transcriber, wavs: Sequence[np.ndarray], texts: Sequence[str],
-                    language: str | None = "en") -> dict:
+                    language: str | None = "en", normalizer: str | None = None) -> dict:
     """Transcribe 16 kHz mono waveforms and score them against ``texts`` (see ``transcript_wer``)."""
-    result = transcript_wer(texts, transcriber.transcribe(list(wavs), language), language)
+    result = transcript_wer(texts, transcriber.transcribe(list(wavs), language), language, normalizer)
     result["transcriber"] = transcriber.name
     return result

@@ -1,7 +1,8 @@
 """Task kinds: how an item becomes a prompt, how a prediction is scored, and how item scores make a task's value.
 
 Kinds (``KINDS``):
-    asr          WER after Whisper's normalisers (CER for zh/ja); value = total errors / total reference units
+    asr          WER after Whisper's normalisers (CER for zh/ja; a source may name one, e.g. ``words`` for word
+                 lists); value = total errors / total reference units
     mcq          MMAU's rule: every token of the right choice in the prediction, no token of another choice
     mcq_letter   AIR-Bench foundation's rule: the response's letter (A-D) equals the right choice's letter; value =
                  right / parsed, as the official score_foundation.py (an unparsed response is left out of the
@@ -114,7 +115,7 @@ def score_record(record: dict) -> tuple[float | None, list[float] | None]:
     """
     kind, prediction, reference = record["kind"], record.get("prediction") or "", record.get("reference")
     if kind == "asr":
-        errors, units = metrics.asr_counts(reference, prediction, record.get("language"))
+        errors, units = metrics.asr_counts(reference, prediction, record.get("language"), record.get("normalizer"))
         return metrics.error_rate(errors, units), [errors, units]
     if kind == "mcq":
         right = float(metrics.mmau_match(prediction, reference, record["choices"]))
@@ -175,13 +176,22 @@ def metric_name(kind: str, records: list[dict]) -> str:
     return "cer" if chars == {True} else "wer" if chars == {False} else "wer_cer"
 
 
+def normalizer_name(record: dict) -> str:
+    """How an ASR record was normalised, for the report: ``whisper EnglishTextNormalizer``, ``whisper
+    BasicTextNormalizer``, or the English one ``word by word``."""
+    name = record.get("normalizer") or ("english" if metrics.base_language(record.get("language")) == "en"
+                                        else "basic")
+    return {"english": "whisper EnglishTextNormalizer", "basic": "whisper BasicTextNormalizer",
+            "words": "whisper EnglishTextNormalizer, word by word"}[name]
+
+
 def details(kind: str, records: list[dict], stats: np.ndarray) -> dict:
     """What else a reader needs to trust a value: normaliser, BLEU signature, unparsed counts, totals."""
     if kind == "asr":
         languages = sorted({metrics.base_language(r.get("language")) for r in records})
-        names = sorted({type(metrics.asr_normalizer(lang)).__name__ for lang in languages})
+        names = sorted({normalizer_name(r) for r in records})
         return {"errors": int(stats[:, 0].sum()), "reference_units": int(stats[:, 1].sum()),
-                "languages": languages, "normalizer": ", ".join(f"whisper {n}" for n in names)}
+                "languages": languages, "normalizer": ", ".join(names)}
     if kind == "translation":
         return {"signature": metrics.bleu_signature(bleu_tokenizer_of(records))}
     if kind == "mcq_letter":

@@ -17,6 +17,8 @@ model) transcribes it -> WER against the text.
   ``speak_stream`` takes to yield its first chunk.
 - Codec resynthesis: each clip encoded and decoded by the TTS's codec, then transcribed. A TTS speaking that codec
   cannot be more intelligible than its codec's resynthesis, so this WER is the ceiling to read tts_wer against.
+- WER after the harness's normaliser by language, or ``normalizer`` by name (``eval.metrics.ASR_NORMALIZERS``:
+  ``words`` for texts that list words, so that "seven eleven" is two words, not the number 711).
 - 95% CIs are percentile bootstraps over items of the corpus WER (``eval.metrics.bootstrap_ci``), as ``audiollm
   eval`` reports them.
 """
@@ -116,23 +118,24 @@ def wer_entry(items: list[dict], n_resamples: int, seed: int) -> dict:
 
 
 def scored_items(texts: Sequence[str], transcripts: Sequence[str], wavs: Sequence[np.ndarray], sample_rate: int,
-                 language: str | None) -> list[dict]:
+                 language: str | None, normalizer: str | None = None) -> list[dict]:
     """{"text", "transcript", "errors", "words", "seconds"} per item (``seconds``: audio length)."""
-    items = transcript_wer(texts, transcripts, language)["items"]
+    items = transcript_wer(texts, transcripts, language, normalizer)["items"]
     return [item | {"seconds": len(wav) / sample_rate} for item, wav in zip(items, wavs)]
 
 
 def listen(transcriber, wavs: Sequence[np.ndarray], sample_rate: int, texts: Sequence[str],
-           language: str | None) -> list[dict]:
+           language: str | None, normalizer: str | None = None) -> list[dict]:
     """Transcribe waveforms at ``sample_rate`` (resampled to 16 kHz) and score them against ``texts``."""
     transcripts = transcriber.transcribe(to_listener_rate(wavs, sample_rate), language)
-    return scored_items(texts, transcripts, wavs, sample_rate, language)
+    return scored_items(texts, transcripts, wavs, sample_rate, language, normalizer)
 
 
 # ------------------------------------------------------------------------------------------------------ the TTS
 
 
-def one_sample_each(tts, texts: Sequence[str], transcriber, sampling, language: str | None) -> list[dict]:
+def one_sample_each(tts, texts: Sequence[str], transcriber, sampling, language: str | None,
+                    normalizer: str | None = None) -> list[dict]:
     """One sample per text, timed (``synthesis_s``: wall seconds of ``speak``), transcribed and scored."""
     from audiollm.tts.generate import speak
 
@@ -143,24 +146,26 @@ def one_sample_each(tts, texts: Sequence[str], transcriber, sampling, language: 
             start = time.perf_counter()
             wavs.append(speak(tts, text, sampling=sampling).wav)
             seconds.append(time.perf_counter() - start)
-        scored = listen(transcriber, wavs, tts.codec.sample_rate, part, language)
+        scored = listen(transcriber, wavs, tts.codec.sample_rate, part, language, normalizer)
         items += [item | {"synthesis_s": s} for item, s in zip(scored, seconds)]
     return items
 
 
-def best_of_each(tts, texts: Sequence[str], transcriber, best_of: int, sampling, language: str | None) -> list[dict]:
+def best_of_each(tts, texts: Sequence[str], transcriber, best_of: int, sampling, language: str | None,
+                 normalizer: str | None = None) -> list[dict]:
     """Per text, ``best_of`` candidates in one batch; the listener keeps the one with the lowest WER against the
     text. Items add ``chosen`` (candidate index) and ``scores`` (-WER per candidate); ``synthesis_s`` includes
     the verifier's transcription, the method's real cost."""
     from audiollm.tts.generate import ListenerVerifier, speak
 
-    verifier = ListenerVerifier(transcriber, language)
+    verifier = ListenerVerifier(transcriber, language, normalizer=normalizer)
     items = []
     for text in texts:
         start = time.perf_counter()
         result = speak(tts, text, best_of=best_of, verifier=verifier, sampling=sampling)
         elapsed = time.perf_counter() - start
-        [item] = scored_items([text], [verifier.heard[result.chosen]], [result.wav], result.sample_rate, language)
+        [item] = scored_items([text], [verifier.heard[result.chosen]], [result.wav], result.sample_rate, language,
+                              normalizer)
         items.append(item | {"synthesis_s": elapsed, "chosen": result.chosen, "scores": list(result.scores)})
     return items
 
@@ -184,7 +189,7 @@ def real_time_factor(items: list[dict]) -> float:
 
 def tts_intelligibility(tts, texts: Sequence[str], transcriber, best_of: int = 1, seed: int = 0,
                         language: str | None = "en", sampling=None, n_resamples: int = 1000,
-                        first_audio_texts: int = FIRST_AUDIO_TEXTS) -> dict:
+                        first_audio_texts: int = FIRST_AUDIO_TEXTS, normalizer: str | None = None) -> dict:
     """Round-trip WER of a loaded TTS (``audiollm.tts.generate.TTSModel``) on ``texts`` with ``transcriber``.
 
     sampling: an ``audiollm.tts.sampling.Sampling`` (default: the layout's); its seed is replaced by ``seed``.
@@ -200,11 +205,12 @@ def tts_intelligibility(tts, texts: Sequence[str], transcriber, best_of: int = 1
         raise EvalError(f"best_of must be >= 1, got {best_of}")
     sampling = replace(sampling or default_sampling(tts.vocab.layout), seed=seed)
     speak(tts, texts[0], sampling=sampling)  # warm-up: first-call costs (kernels, allocator) are not the TTS's speed
-    items = one_sample_each(tts, texts, transcriber, sampling, language)
+    items = one_sample_each(tts, texts, transcriber, sampling, language, normalizer)
     times = first_audio_times(tts, texts[:max(first_audio_texts, 0)], sampling)
     results = {
         "tts": str(getattr(tts.model, "name_or_path", "") or ""), "codec": str(tts.codec.folder),
-        "transcriber": transcriber.name, "language": language, "texts": len(texts), "sampling": asdict(sampling),
+        "transcriber": transcriber.name, "language": language, "normalizer": normalizer, "texts": len(texts),
+        "sampling": asdict(sampling),
         "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
         "tts_wer": wer_entry(items, n_resamples, seed), "items": items,
         "real_time_factor": real_time_factor(items),
@@ -213,7 +219,7 @@ def tts_intelligibility(tts, texts: Sequence[str], transcriber, best_of: int = 1
         "best_of": best_of,
     }
     if best_of > 1:
-        best = best_of_each(tts, texts, transcriber, best_of, replace(sampling, seed=seed + 1), language)
+        best = best_of_each(tts, texts, transcriber, best_of, replace(sampling, seed=seed + 1), language, normalizer)
         results |= {"tts_wer_best_of_n": wer_entry(best, n_resamples, seed), "items_best_of_n": best,
                     "real_time_factor_best_of_n": real_time_factor(best)}
     return results
@@ -237,7 +243,7 @@ def read_clip(source, index: int, rate: int, sample_rate: int) -> np.ndarray:
 
 def codec_resynthesis_wer(codec, clips: Sequence, texts: Sequence[str], transcriber, language: str | None = "en",
                           originals: bool = False, sample_rate: int = SAMPLE_RATE, n_resamples: int = 1000,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, normalizer: str | None = None) -> dict:
     """WER of ``clips`` after encoding and decoding them with ``codec`` (an ``audiollm.tts.codecs.Codec``).
 
     clips: audio paths, or (n,) waveforms at ``sample_rate``; texts: what each clip says. With ``originals`` the
@@ -253,10 +259,11 @@ def codec_resynthesis_wer(codec, clips: Sequence, texts: Sequence[str], transcri
         wavs = [read_clip(clip, start + i, rate, sample_rate) for i, clip in enumerate(clips[start : start + CHUNK])]
         # The codec pads to whole frames; the padding is not speech the clip had.
         decoded = [codec.decode(codec.encode(wav))[: len(wav)] for wav in wavs]
-        resynthesised += listen(transcriber, decoded, rate, part, language)
+        resynthesised += listen(transcriber, decoded, rate, part, language, normalizer)
         if originals:
-            heard += listen(transcriber, wavs, rate, part, language)
+            heard += listen(transcriber, wavs, rate, part, language, normalizer)
     results = {"codec": str(codec.folder), "transcriber": transcriber.name, "language": language,
+               "normalizer": normalizer,
                "clips": len(clips), "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
                "resynthesis_wer": wer_entry(resynthesised, n_resamples, seed), "items": resynthesised}
     if originals:
@@ -270,7 +277,7 @@ def codec_resynthesis_wer(codec, clips: Sequence, texts: Sequence[str], transcri
 def evaluate_tts(tts_dir: str, texts_file: str, listener: str, out_dir: str | os.PathLike, best_of: int = 1,
                  codec_clips: str | None = None, originals: bool = False, codec_dir: str | None = None,
                  language: str | None = "en", seed: int = 0, n_resamples: int = 1000, device: str | None = None,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, normalizer: str | None = None) -> dict:
     """``audiollm eval-tts``: read the inputs (all checked before any model loads), score, write results.json and
     report.md to ``out_dir``; returns the results ({"tts": ..., "codec_resynthesis": ... or None})."""
     from audiollm.tts.generate import load_tts
@@ -282,8 +289,9 @@ def evaluate_tts(tts_dir: str, texts_file: str, listener: str, out_dir: str | os
     transcriber = load_transcriber(listener, device, batch_size)
     # The codec run first: it is the cheaper one, and a clip that cannot be decoded stops the run early.
     codec = codec_resynthesis_wer(tts.codec, clips[0], clips[1], transcriber, language, originals,
-                                  n_resamples=n_resamples, seed=seed) if clips else None
-    spoken = tts_intelligibility(tts, texts, transcriber, best_of, seed, language, n_resamples=n_resamples)
+                                  n_resamples=n_resamples, seed=seed, normalizer=normalizer) if clips else None
+    spoken = tts_intelligibility(tts, texts, transcriber, best_of, seed, language, n_resamples=n_resamples,
+                                 normalizer=normalizer)
     results = {"tts": spoken | {"tts": str(Path(tts_dir).resolve()), "texts_file": str(texts_file)},
                "codec_resynthesis": codec | {"manifest": str(codec_clips)} if codec else None}
     out = Path(out_dir)
@@ -308,7 +316,7 @@ def render_report(results: dict) -> str:
     lines = [
         "# TTS intelligibility", "",
         f"TTS `{spoken['tts']}` · codec `{spoken['codec']}` · listener `{spoken['transcriber']}` · language "
-        f"{spoken['language']} · sampling seed {spoken['sampling']['seed']} · 95% CI: percentile bootstrap, "
+        f"{spoken['language']} · normaliser {spoken.get('normalizer') or 'by language'} · sampling seed {spoken['sampling']['seed']} · 95% CI: percentile bootstrap, "
         f"{spoken['bootstrap']['resamples']} resamples", "",
         "| measure | WER ↓ | 95% CI | errors / words | n |", "|---|---|---|---|---|",
         *_wer_row("TTS, one sample", spoken["tts_wer"]),

@@ -50,6 +50,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         ("m=mmau:/data/x.json", Source("m", "/data/x.json", format="mmau")),
         ("st=translation@de:st.jsonl", Source("st", "st.jsonl", "translation", None, "de")),
         ("odd=/data/a:b/c.json", Source("odd", "/data/a:b/c.json")),  # an unknown prefix is part of the path
+        ("w=norm=words:asr:manifest:w.jsonl", Source("w", "w.jsonl", "asr", "manifest", normalizer="words")),
     ],
 )
 def test_parse_task(spec, expected):
@@ -60,6 +61,11 @@ def test_parse_task(spec, expected):
 def test_parse_task_refuses_malformed_specs(spec):
     with pytest.raises(EvalError, match="NAME=SOURCE"):
         parse_task(spec)
+
+
+def test_parse_task_refuses_an_unknown_normaliser():
+    with pytest.raises(EvalError, match="unknown normaliser 'word'.*english, words, basic"):
+        parse_task("w=norm=word:w.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------- our manifests
@@ -97,6 +103,12 @@ def test_manifest_rows(manifest):
     assert build_messages(chat) == chat.messages  # chat prompts are sent as written
     assert (pref.kind, pref.chosen, pref.rejected, pref.reference) == ("preference", "a dog", "a cat", "a dog")
     assert asr.id == "eval.jsonl:1"  # rows without an id are named file:line
+    assert asr.normalizer is None  # by language
+
+
+def test_a_source_normaliser_reaches_its_asr_items_only(manifest):
+    asr, sex, *_ = load_source(parse_task(f"m=norm=words:{manifest}"))
+    assert (asr.normalizer, sex.normalizer) == ("words", None)
 
 
 def test_manifest_kind_override_and_mismatch(manifest, tmp_path):

@@ -10,7 +10,7 @@ import sacrebleu
 from eval import metrics
 from eval.judge import Judge
 from eval.report import NO_JUDGE_REASON, summarize_task
-from eval.tasks import aggregator, score_record
+from eval.tasks import aggregator, details, score_record
 
 # shared/ sits beside the checkout
 MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mmau-test-mini.json"
@@ -32,6 +32,29 @@ MMAU_JSON = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "mma
 )
 def test_asr_counts_english(reference, hypothesis, expected):
     assert metrics.asr_counts(reference, hypothesis, "en") == expected
+
+
+def test_word_lists_keep_each_number_word_a_word():
+    # Whisper's English normaliser reads a run of number words as one number: one misheard word costs the run.
+    reference, hypothesis = "seven eleven fifteen two", "seven eleven fifteen three"
+    assert metrics.asr_normalizer("en")(reference) == "711152"
+    assert metrics.asr_counts(reference, hypothesis, "en") == (1, 1)
+    assert metrics.asr_counts(reference, hypothesis, "en", "words") == (1, 4)
+    assert metrics.asr_counts("eighteen red eleven", "eighteen eleven", "en") == (3, 3)  # "18 red 11" vs "1811"
+    assert metrics.asr_counts("eighteen red eleven", "eighteen eleven", "en", "words") == (1, 3)
+    # its other rules stay: spellings, titles, "is" for "'s", digits against number words, fillers dropped
+    assert metrics.asr_counts("Mr. Smith's colour, um, 7", "mister smith's color seven", "en", "words") == (0, 5)
+    assert metrics.asr_counts("Mr. Smith", "mister smith", "en", "basic") == (1, 2)
+    with pytest.raises(ValueError, match="unknown ASR normaliser"):
+        metrics.asr_counts("a", "a", "en", "word")
+
+
+def test_a_record_is_scored_and_reported_with_its_normaliser():
+    records = [{"kind": "asr", "prediction": "one two four", "reference": "one two three", "normalizer": "words"}]
+    assert score_record(records[0]) == (pytest.approx(1 / 3), [1, 3])
+    assert score_record(records[0] | {"normalizer": None}) == (1.0, [1, 1])  # "124" against "123"
+    stats = np.array([score_record(records[0])[1]])
+    assert details("asr", records, stats)["normalizer"] == "whisper EnglishTextNormalizer, word by word"
 
 
 def test_asr_other_languages_use_the_basic_normaliser():

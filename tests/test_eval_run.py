@@ -371,6 +371,8 @@ def test_transcript_wer_uses_whisper_normaliser():
                             ["hello world", "mister smith has 21 dogs"])
     assert (result["wer"], result["errors"], result["words"], result["n"]) == (0.0, 0, 7, 2)
     assert transcript_wer(["你好世界"], ["你好事界"], "zh")["wer"] == 0.25
+    lists = transcript_wer(["six seven eight nine"], ["six seven eight five"], normalizer="words")
+    assert (lists["errors"], lists["words"]) == (1, 4)  # "6789" against "6785" is (1, 1) by language
 
 
 def tiny_openai_whisper(path: Path) -> Path:

@@ -81,6 +81,17 @@ def test_wer_ci_and_best_of_with_known_transcripts(tts):
     assert results["time_to_first_audio_s"] > 0 and results["time_to_first_audio_texts"] == 2
 
 
+def test_word_lists_are_scored_and_chosen_word_by_word(tts):
+    # By language, "six seven" and "six seven eight five" are each one wrong number against "6789" (a tie); word
+    # by word they miss 2 and 1 of 4 words, and the verifier keeps the second.
+    listener = Scripted(["six seven eight five"], ["six seven", "six seven eight five"])
+    results = tts_intelligibility(tts, ["six seven eight nine"], listener, best_of=2, normalizer="words",
+                                  first_audio_texts=0)
+    assert (results["tts_wer"]["errors"], results["tts_wer"]["words"]) == (1, 4)
+    assert results["items_best_of_n"][0]["scores"] == pytest.approx([-0.5, -0.25])
+    assert results["items_best_of_n"][0]["chosen"] == 1 and results["normalizer"] == "words"
+
+
 def test_codec_resynthesis_with_known_transcripts(tts, tmp_path):
     clips = [make_speech_like(0.5, 0), make_speech_like(0.8, 1)]
     texts = ["hello world", "good morning"]

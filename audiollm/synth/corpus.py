@@ -30,6 +30,10 @@ MAX_DRAWS = 10_000  # tries to draw an utterance of the wanted split before the 
 RAMBLE_SHARE = 0.3  # rejected answers that ramble instead of being plausibly wrong
 
 WORDS_PER_CLIP = (2, 4)  # pretraining utterances
+# The corpus's texts are words spoken one after another ("eight seventeen four", "six seven eight nine"), so each
+# word is a unit of WER. Whisper's English normaliser alone reads a run of number words as one number ("6789"):
+# one misheard word would cost the whole run, and the run would count once (eval.metrics.ASR_NORMALIZERS).
+WER_NORMALIZER = "words"
 WORDS_PER_ANALYSIS = (2, 5)  # clips asked about ("how many words")
 
 LANGUAGES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish"}

@@ -248,15 +248,18 @@ class ListenerVerifier:
     ``listener``: a path ``eval.speech.load_transcriber`` loads (Whisper .pt, HF Whisper folder, audio-LLM folder)
     or any object with ``transcribe(wavs, language)``. It hears only the candidates and is scored only against
     ``text``, never against a reference transcript (LLaSA's protocol). ``heard`` holds the last call's transcripts,
-    so a caller can report the chosen candidate's without transcribing it again.
+    so a caller can report the chosen candidate's without transcribing it again. ``normalizer``: the WER's text
+    normaliser (``eval.metrics.ASR_NORMALIZERS``; None: by language).
     """
 
     def __init__(self, listener: str | os.PathLike | object, language: str | None = "en",
-                 speaker_similarity: Callable[[np.ndarray, int], float] | None = None, speaker_weight: float = 1.0):
+                 speaker_similarity: Callable[[np.ndarray, int], float] | None = None, speaker_weight: float = 1.0,
+                 normalizer: str | None = None):
         from eval.speech import load_transcriber
 
         self.transcriber = load_transcriber(listener) if isinstance(listener, (str, os.PathLike)) else listener
         self.language, self.similarity, self.weight = language, speaker_similarity, speaker_weight
+        self.normalizer = normalizer
         self.heard: list[str] = []
 
     def __call__(self, wavs: Sequence[np.ndarray], sample_rate: int, text: str) -> list[float]:
@@ -265,7 +268,7 @@ class ListenerVerifier:
         self.heard = self.transcriber.transcribe(to_listener_rate(wavs, sample_rate), self.language)
         scores = []
         for wav, transcript in zip(wavs, self.heard):
-            wer = transcript_wer([text], [transcript], self.language)["wer"]
+            wer = transcript_wer([text], [transcript], self.language, self.normalizer)["wer"]
             extra = self.weight * self.similarity(wav, sample_rate) if self.similarity else 0.0
             scores.append(-wer + extra)
         return scores

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from audiollm.prompts import PROMPT_POOLS
+from audiollm.synth.corpus import WER_NORMALIZER
 from eval import metrics
 from eval.speech import to_listener_rate
 
 BEST_OF = 4
+NORMALIZER = WER_NORMALIZER  # the texts are the corpus's: words one after another, each a unit of WER
 CLONING_PROMPTS = 24  # prompt clips, half of each held-out voice's first clips
 QUESTIONS = {"sex": PROMPT_POOLS["sex"][0], "pitch": PROMPT_POOLS["pitch"][0]}
 
@@ -94,7 +96,7 @@ def spoken_replies(tts, listener, predictions: Path, task: str, limit: int, samp
 
     records = [r for r in map(json.loads, predictions.read_text(encoding="utf-8").splitlines())
                if r["task"] == task][:limit]
-    verifier = ListenerVerifier(listener, "en")
+    verifier = ListenerVerifier(listener, "en", normalizer=NORMALIZER)
     best = [speak(tts, r["prediction"], best_of=BEST_OF, verifier=verifier, sampling=sampling).wav for r in records]
     wavs = [speak(tts, r["prediction"], sampling=sampling).wav for r in records]
     rate = tts.codec.sample_rate
@@ -176,9 +178,9 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
     unique = list(dict.fromkeys(r["text"] for r in rows))[:texts]
     clips = rows[:texts]
     codec = codec_resynthesis_wer(tts.codec, [r["audio"] for r in clips], [r["text"] for r in clips], listener,
-                                  originals=True, seed=seed)
+                                  originals=True, seed=seed, normalizer=NORMALIZER)
     spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed,
-                                 sampling=sampling)
+                                 sampling=sampling, normalizer=NORMALIZER)
     figures = {"original_wer": codec["original_wer"]["value"],
                "codec_resynthesis_wer": codec["resynthesis_wer"]["value"], "tts_wer": spoken["tts_wer"]["value"],
                "real_time_factor": spoken["real_time_factor"], "time_to_first_audio_s": spoken["time_to_first_audio_s"],
@@ -197,7 +199,7 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
         figures |= cloning(tts, listener, prompts, unique[-len(prompts):], sampling)
     if tts_voices:
         reference = codec_resynthesis_wer(tts.codec, spoken_by_espeak(unique, tts_voices, out / "espeak_texts"), unique,
-                                          listener, originals=True, seed=seed)
+                                          listener, originals=True, seed=seed, normalizer=NORMALIZER)
         figures |= {"tts_voice_original_wer": reference["original_wer"]["value"],
                     "tts_voice_codec_wer": reference["resynthesis_wer"]["value"]}
         items["tts_voice_codec"] = reference["items"]
