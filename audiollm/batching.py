@@ -23,6 +23,7 @@ from functools import partial
 import numpy as np
 
 from audiollm.crash_safety import CrashSafeTrainer
+from audiollm.ctc import summed_over_ranks
 
 log = logging.getLogger(__name__)
 JITTER = 0.1  # relative noise on lengths when ordering a bucket's rows each epoch
@@ -108,16 +109,18 @@ class TokenBudgetBatchSampler:
                 "padding_fraction": 1 - tokens / positions, "buckets": len(self.buckets),
                 "over_budget_rows": self.over_budget}
 
-    def take_stats(self) -> dict:
+    def take_stats(self, total=None) -> dict:
         """Mean tokens per batch and padding fraction (estimated lengths) since the last call; then reset.
 
-        Counted as the DataLoader draws batches, which it does a few ahead of training (prefetch): a log covers
-        about the batches trained since the previous one."""
+        total: sums [batches, tokens, positions] over ranks (every rank must call it at the same step), so that
+        the figures are the step's, not rank 0's; None: this rank's. Counted as the DataLoader draws batches,
+        which it does a few ahead of training (prefetch): a log covers about the batches trained since the
+        previous one."""
         seen, self.seen = self.seen, {"batches": 0, "tokens": 0.0, "positions": 0.0}
-        if not seen["batches"]:
+        batches, tokens, positions = (total or list)([seen["batches"], seen["tokens"], seen["positions"]])
+        if not batches:
             return {}
-        return {"tokens_per_batch": seen["tokens"] / seen["batches"],
-                "padding_fraction": 1 - seen["tokens"] / seen["positions"]}
+        return {"tokens_per_batch": tokens / batches, "padding_fraction": 1 - tokens / positions}
 
 
 class TokenBudgetMixin:
@@ -133,9 +136,10 @@ class TokenBudgetMixin:
         super().__init__(*args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Training logs get the sampler's ``tokens_per_batch`` and ``padding_fraction`` since the last log."""
+        """Training logs get the sampler's ``tokens_per_batch`` and ``padding_fraction`` since the last log, over
+        every rank's batches (the Trainer logs the loss on every rank at the same step)."""
         if self.train_batch_sampler is not None and "loss" in logs:
-            logs = logs | self.train_batch_sampler.take_stats()
+            logs = logs | self.train_batch_sampler.take_stats(partial(summed_over_ranks, device=self.args.device))
         super().log(logs, *args, **kwargs)
 
     def get_train_dataloader(self):
@@ -157,7 +161,6 @@ class TokenBudgetMixin:
         if getattr(shard, "batch_sampler", None) is self.train_batch_sampler:
             shard.num_processes, shard.process_index = 1, 0
         return loader
-
 
 
 class TokenBudgetTrainer(TokenBudgetMixin, CrashSafeTrainer):

@@ -75,7 +75,7 @@ def write_training_summary(output_dir: str | os.PathLike, previous_dir: str | os
 
 def stage_entry(stage: str, model_args, data_args, args, state, train_rows: int | None = None,
                 distill_args=None) -> dict:
-    """One stage's ``training_summary.json`` entry from the stage's argument dataclasses (audiollm.training's
+    """One stage's ``training_summary.json`` entry from the stage's argument dataclasses (audiollm.stage_args'
     ModelArguments and DataArguments, TrainingArguments, audiollm.distill's DistillArguments) and the finished
     ``trainer.state``."""
     trainable = [part for part, on in (("encoder", model_args.train_encoder), ("projector", model_args.train_projector),

@@ -17,7 +17,8 @@ from audiollm.ctc import CtcMixin
 from audiollm.distill import DistillArguments, DistillMixin, freeze
 from audiollm.model.config import STOCK_MODEL_TYPE, AudioLLMConfig
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
-from audiollm.training import ModelArguments, zero3_paused
+from audiollm.stage_args import ModelArguments
+from audiollm.training import zero3_paused
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ from audiollm.collator import IGNORE_INDEX
 from audiollm.crash_safety import CrashSafeTrainerMixin
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.preference import PreferenceCollator
+from audiollm.stage_args import DataArguments, ModelArguments, without_fields
 from audiollm.training import (
-    DataArguments,
-    ModelArguments,
     bad_row_log,
     check_training_args,
     latest_checkpoint,
@@ -37,7 +36,6 @@ from audiollm.training import (
     save_final,
     skip_cpu_shm_allreduce_op,
     unwrap,
-    without_fields,
 )
 
 # Fields DPOConfig declares too (argparse refuses one flag twice): the recipe sets them once, DPOConfig keeps them.

@@ -35,9 +35,8 @@ from audiollm.collator import ChatCollator, Encoded
 from audiollm.crash_safety import CrashSafeTrainerMixin
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.rewards import reward_functions
+from audiollm.stage_args import DataArguments, ModelArguments, without_fields
 from audiollm.training import (
-    DataArguments,
-    ModelArguments,
     augmentation,
     bad_row_log,
     check_training_args,
@@ -47,7 +46,6 @@ from audiollm.training import (
     save_final,
     skip_cpu_shm_allreduce_op,
     unwrap,
-    without_fields,
 )
 
 log = logging.getLogger(__name__)

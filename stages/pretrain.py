@@ -14,9 +14,8 @@ from trl import TrlParser
 from audiollm.augment import CollatorEpochs
 from audiollm.distill import DistillArguments
 from audiollm.teacher import StageTrainer, make_teacher
+from audiollm.stage_args import DataArguments, ModelArguments
 from audiollm.training import (
-    DataArguments,
-    ModelArguments,
     check_training_args,
     latest_checkpoint,
     load_datasets,

@@ -11,7 +11,8 @@ from audiollm.audio import SAMPLE_RATE
 from audiollm.augment import RANGES, Augmentation, AugmentationError, CollatorEpochs
 from audiollm.chat import AUDIO_TOKEN
 from audiollm.tiny import tiny_tokenizer
-from audiollm.training import DataArguments, make_collator
+from audiollm.stage_args import DataArguments
+from audiollm.training import make_collator
 
 # One setting per transform, at p = 1 so that it always runs.
 EVERY = {"speed": {"p": 1.0, "factor": [0.9, 1.1]}, "reverb": {"p": 1.0, "rt60_s": [0.2, 0.6]},

@@ -74,7 +74,8 @@ def test_streamed_manifests_get_a_preflight_over_their_first_rows(tmp_path, bad_
     from transformers import TrainingArguments
 
     from audiollm.build import build_tiny
-    from audiollm.training import DataArguments, ModelArguments, load_datasets, load_model, make_collator, preflight
+    from audiollm.stage_args import DataArguments, ModelArguments
+    from audiollm.training import load_datasets, load_model, make_collator, preflight
 
     build_tiny(tmp_path / "init")
     model, tokenizer = load_model(ModelArguments(model_name_or_path=str(tmp_path / "init")))

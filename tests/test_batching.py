@@ -16,7 +16,8 @@ from audiollm.audio import SAMPLE_RATE
 from audiollm.batching import TokenBudgetBatchSampler, TokenBudgetTrainer, batch_sizes, bucket_bounds
 from audiollm.build import save_model_folder
 from audiollm.packing import PACKED_SDPA
-from audiollm.training import DataArguments, make_batch_sampler, make_collator
+from audiollm.stage_args import DataArguments
+from audiollm.training import make_batch_sampler, make_collator
 
 LENGTHS = np.random.default_rng(0).integers(50, 650, size=203)  # LibriSpeech-like: 2-26 s of audio tokens
 

@@ -225,7 +225,8 @@ class RunsCode:
 
 def test_pickles_that_run_code_are_refused(tmp_path):
     from audiollm.build import BuildError, build_tiny, encoder_from_openai_pt
-    from audiollm.training import ModelArguments, load_model
+    from audiollm.stage_args import ModelArguments
+    from audiollm.training import load_model
 
     marker = tmp_path / "code-ran"
     evil_pt = tmp_path / "whisper.pt"

@@ -149,7 +149,7 @@ def test_an_inner_layers_frames_are_those_of_the_encoder_cut_after_it(tiny_model
 
 
 def test_ctc_needs_a_trained_encoder_without_lora():
-    from audiollm.training import ModelArguments
+    from audiollm.stage_args import ModelArguments
 
     with pytest.raises(ValueError, match="train_encoder"):
         ModelArguments(model_name_or_path="m", ctc_weight=0.3)

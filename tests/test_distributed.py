@@ -444,6 +444,23 @@ def test_packed_rows_and_encoder_under_zero2_match_single_process(runs):
     assert_matches_single(single, sharded)
 
 
+def test_token_budget_batches_under_zero2_match_single_process(runs):
+    """``batch_audio_seconds`` on 2 ZeRO-2 ranks: each rank trains its own share of the sampler's batches, once
+    (accelerate would shard a batch sampler again; audiollm/batching.py makes its wrapper a passthrough). The 8
+    clips (0.40-0.75 s) fill 4 batches of at most 1.6 s an epoch (3, 2, 2 and 1 clips), so one process accumulating
+    4 batches and 2 ranks accumulating 2 each train the same rows per step: the same losses and gradient norms.
+    Sharded twice, each rank would see half its batches, and other rows would make each step."""
+    budget = {"train_files": [runs.data["pretrain"]], "batch_audio_seconds": 1.6, "length_buckets": 16}
+    recipes = {mode: runs.root / "recipes" / f"pretrain-budget-{mode}.yaml" for mode in ("single", "zero2")}
+    write_recipe("pretrain", recipes["single"], **budget, gradient_accumulation_steps=4)
+    write_recipe("pretrain", recipes["zero2"], **budget, gradient_accumulation_steps=2)
+    single, sharded = (runs.train("pretrain", mode, runs.init_model, runs.root / f"budget-{mode}", recipes[mode])
+                       for mode in ("single", "zero2"))
+    assert_matches_single(single, sharded)
+    for run in (single, sharded):  # an epoch a step: 4 batches in one process, 2 on each rank
+        assert step_values(run, "epoch") == {step: float(step) for step in range(1, STEPS + 1)}, run
+
+
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_lora_under_zero_matches_single_process_and_merges(runs, mode):
     """SFT with LoRA on the LLM on 2 ranks: one process's step losses, and a final folder with the adapter merged
@@ -484,7 +501,8 @@ def plain_recipe(argv: list[str]):
     from trl import TrlParser
 
     from audiollm.distill import DistillArguments
-    from audiollm.training import DataArguments, ModelArguments, check_training_args
+    from audiollm.stage_args import DataArguments, ModelArguments
+    from audiollm.training import check_training_args
 
     model_args, data_args, _, args = TrlParser((ModelArguments, DataArguments, DistillArguments, TrainingArguments)) \
         .parse_args_and_config(argv)

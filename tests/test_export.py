@@ -267,7 +267,8 @@ def test_dtype_on_disk(tiny, tmp_path, dtype, expected):
 
 def make_adapter(base: Path, adapter_dir: Path):
     """LoRA on the LLM with the projector in modules_to_save (as stages do), with non-zero trained weights."""
-    from audiollm.training import ModelArguments, add_lora
+    from audiollm.stage_args import ModelArguments
+    from audiollm.training import add_lora
 
     model = AudioLLMForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     peft_model = add_lora(model, ModelArguments(model_name_or_path=str(base), llm_lora_r=4, train_projector=True))
@@ -430,7 +431,7 @@ def test_stage_entry_chains_into_the_card(tiny, tmp_path):
 
     from audiollm.distill import DistillArguments
     from audiollm.model_card import read_training_summary, stage_entry
-    from audiollm.training import DataArguments, ModelArguments
+    from audiollm.stage_args import DataArguments, ModelArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / "unused"), use_cpu=True, per_device_train_batch_size=4,
                              gradient_accumulation_steps=8, learning_rate=2e-5, report_to="none")

@@ -189,7 +189,8 @@ def test_the_published_sft_folder_loads_and_replaces_an_older_one(tmp_path):
     save: its weights, its summary, and it loads as the next stage's input."""
     from safetensors.torch import load_file
 
-    from audiollm.training import ModelArguments, load_model
+    from audiollm.stage_args import ModelArguments
+    from audiollm.training import load_model
 
     out = tmp_path / "run"
     argv = stage_argv("sft", tmp_path, out)

@@ -23,7 +23,8 @@ from audiollm.packing import (
     plan_rows,
     unpack_rows,
 )
-from audiollm.training import DataArguments, make_collator
+from audiollm.stage_args import DataArguments
+from audiollm.training import make_collator
 
 ANSWERS = ["one two three", "a red cat and a blue dog said hello", "yes", "the moon"]
 
@@ -173,7 +174,8 @@ def test_packed_encoder_gives_each_clip_its_padded_encoding_and_gradients(tiny_m
 
 def test_packed_encoder_switch_reaches_the_model(tokenizer, tiny_model, tmp_path):
     from audiollm.build import save_model_folder
-    from audiollm.training import ModelArguments, load_model
+    from audiollm.stage_args import ModelArguments
+    from audiollm.training import load_model
 
     save_model_folder(tiny_model(), tokenizer, tmp_path / "model")
     for switch in (False, True):
