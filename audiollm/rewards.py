@@ -3,8 +3,8 @@
 Each has TRL's reward-function signature: ``reward(completions, **columns) -> list[float | None]``, one value per
 completion. ``completions`` are the sampled answers (strings, or TRL's ``[{"role": "assistant", "content": ...}]``
 for chat prompts); ``columns`` are the prompt rows' fields, one list entry per completion: ``answer`` (the row's
-reference answer, the content of its last assistant turn), ``choices`` for multiple choice, ``language`` for
-transcription. A reward returns None for a row it cannot score (a multiple-choice reward on a row without
+reference answer, the content of its last assistant turn), ``choices`` for multiple choice, ``language`` and
+``normalizer`` for transcription. A reward returns None for a row it cannot score (a multiple-choice reward on a row without
 choices); TRL leaves None out of the group's mean.
 
 A recipe names its rewards (``rewards: [exact, format]``); a name with a colon is a function of the user's own,
@@ -51,13 +51,16 @@ def mcq(completions: list, answer: list[str], choices: list | None = None, **_) 
             for c, ref, options in zip(completions, answer, choices)]
 
 
-def wer(completions: list, answer: list[str], language: list | None = None, **_) -> list[float]:
-    """1 - WER of the transcription against the reference (the harness's normaliser; characters for zh/ja),
-    floored at 0: insertions can take WER above 1."""
+def wer(completions: list, answer: list[str], language: list | None = None, normalizer: list | None = None,
+        **_) -> list[float]:
+    """1 - WER of the transcription against the reference (the harness's normaliser by language, or the row's
+    ``normalizer``: ``words`` for word lists, ``eval.metrics.ASR_NORMALIZERS``; characters for zh/ja), floored at 0:
+    insertions can take WER above 1."""
     language = language or [None] * len(completions)
+    normalizer = normalizer or [None] * len(completions)
     rewards = []
-    for c, ref, lang in zip(completions, answer, language):
-        errors, units = metrics.asr_counts(ref, answer_part(completion_text(c)), lang or "en")
+    for c, ref, lang, norm in zip(completions, answer, language, normalizer):
+        errors, units = metrics.asr_counts(ref, answer_part(completion_text(c)), lang or "en", norm)
         rewards.append(max(0.0, 1.0 - metrics.error_rate(errors, max(units, 1))))
     return rewards
 

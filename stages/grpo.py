@@ -11,7 +11,7 @@ splitting, and every forward pass (sampling, old and reference log-probs, the lo
 Run:  audiollm train grpo --config stages/configs/grpo.yaml [--key value ...]
 Rows: any SFT row; its last assistant turn is the reference the rewards score against, the turns before it the
       prompt: {"messages": [{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": "seven"}],
-               "audios": ["clip.wav"]}        (other fields reach the rewards: "choices", "language")
+               "audios": ["clip.wav"]}        (other fields reach the rewards: "choices", "language", "normalizer")
 """
 
 from __future__ import annotations

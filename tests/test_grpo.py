@@ -86,6 +86,9 @@ def test_wer_reward_is_one_minus_the_harness_wer_floored_at_zero():
         wer, _ = score_record({"kind": "asr", "prediction": pred, "reference": ref})
         assert got == pytest.approx(max(0.0, 1 - wer))
     assert rewards.wer(preds, refs)[2] == 0.0  # WER 4.0: floored
+    # a row may name its normaliser: by language "one two four" is the wrong number 124, word by word 2 of 3 right
+    assert rewards.wer(["one two four"], ["one two three"]) == [0.0]
+    assert rewards.wer(["one two four"], ["one two three"], normalizer=["words"]) == [pytest.approx(2 / 3)]
 
 
 def test_format_reward_and_answer_tags():
