@@ -103,53 +103,62 @@ def summed_over_ranks(values: list[float], device) -> list[float]:
     return total.tolist()
 
 
-CTC_DIVISOR = "ctc_divisor"  # the micro-batches a step accumulates, when the answer loss is divided across them
+CTC_DIVISOR = "ctc_divisor"  # what a micro-batch's CTC mean is divided by to be its share of the step's mean
 
 
 class CtcMixin:
     """Trainer mixin for a model with ``ctc_head``: the CTC loss is scaled like the answer loss and logged.
 
     With the Trainer's ``num_items_in_batch`` the answer loss of a micro-batch is its sum over the whole step's
-    labelled tokens (the Trainer then does not divide by the accumulation steps), and on several ranks the Trainer
-    multiplies each rank's loss by the rank count, as the gradient all-reduce averages over ranks. The CTC mean of a
-    micro-batch is divided by both to match: the gradient is then the mean over ranks and micro-batches of their
-    CTC means (without the rank count, 2 ranks trained CTC at twice its weight). The logs get ``ctc_loss`` (the
-    mean since the last log, over every rank) and the chunks with and without a CTC target (no transcript, or a
-    clip over 30 s), so that a manifest without transcripts shows as ``ctc_chunks_without_target``, not as a quiet
-    no-op.
+    labelled tokens, counted over every micro-batch and rank (the Trainer then does not divide by the accumulation
+    steps, and multiplies each rank's loss by the rank count, which the gradient all-reduce's average divides out).
+    CTC is counted the same way: ``get_batch_samples`` counts the step's chunks with a target over every
+    micro-batch (and rank, as the Trainer counts tokens), and a micro-batch's CTC mean over its n chunks is scaled
+    by n / that count: the gradient is the step's mean over all its chunks, however they fall on micro-batches and
+    ranks (a mean of micro-batch means would weigh a lone chunk like a batch of them). The logs get ``ctc_loss``
+    (the mean over the chunks with a target since the last log, on every rank) and the chunks with and without a
+    CTC target (no transcript, or a clip over 30 s), so that a manifest without transcripts shows as
+    ``ctc_chunks_without_target``, not as a quiet no-op.
     """
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's step of micro-batches; also counts their chunks with a CTC target over every rank (every
+        rank draws its step here at the same time, so the all-reduce meets)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if getattr(self.accelerator.unwrap_model(self.model), "ctc_head", None) is not None:
+            here = sum(int((batch[CTC_LENGTHS] > 0).sum()) for batch in batches if CTC_LENGTHS in batch)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:  # as the Trainer's tokens
+                here = int(summed_over_ranks([here], device)[0])
+            self._ctc_step_chunks = here
+        return batches, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         core = self.accelerator.unwrap_model(model)
         if getattr(core, "ctc_head", None) is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            inputs[CTC_DIVISOR] = self.current_gradient_accumulation_steps * self.ctc_rank_scale()
+            here = int((inputs[CTC_LENGTHS] > 0).sum()) if CTC_LENGTHS in inputs else 0
+            step = getattr(self, "_ctc_step_chunks", 0)
+            # its share of the step's mean; the Trainer's x rank count and the all-reduce's average cancel
+            inputs[CTC_DIVISOR] = step / here if here and step else 1
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        tally = self.__dict__.setdefault("_ctc_tally", {"sum": 0.0, "steps": 0, "with": 0, "without": 0})
-        if getattr(core, "last_ctc_loss", None) is not None:
-            tally["sum"] += float(core.last_ctc_loss)
-            tally["steps"] += 1
+        tally = self.__dict__.setdefault("_ctc_tally", {"sum": 0.0, "with": 0, "without": 0})
         if CTC_LENGTHS in inputs:
             with_target = int((inputs[CTC_LENGTHS] > 0).sum())
+            if with_target and getattr(core, "last_ctc_loss", None) is not None:
+                tally["sum"] += float(core.last_ctc_loss) * with_target  # the micro-batch's mean x its chunks
             tally["with"] += with_target
             tally["without"] += inputs[CTC_LENGTHS].numel() - with_target
         return out
 
-    def ctc_rank_scale(self) -> int:
-        """The factor the Trainer's ``compute_loss`` multiplies the loss by when it averages tokens across ranks
-        (transformers 5.x: the process count over the tensor-parallel size, or ``n_gpu`` under DataParallel)."""
-        if not self.args.average_tokens_across_devices:
-            return 1
-        return self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes // self.get_tp_size()
-
     def log(self, logs: dict, *args, **kwargs) -> None:
         tally = self.__dict__.get("_ctc_tally")
         if "loss" in logs and tally is not None:  # every rank logs the loss at the same step: sum the tallies
-            loss_sum, steps, with_target, without = summed_over_ranks(
-                [tally["sum"], tally["steps"], tally["with"], tally["without"]], self.args.device)
-            if steps:
-                logs = logs | {"ctc_loss": round(loss_sum / steps, 4), "ctc_chunks": with_target,
-                               "ctc_chunks_without_target": without}
-            tally.update({"sum": 0.0, "steps": 0, "with": 0, "without": 0})
+            loss_sum, with_target, without = summed_over_ranks(
+                [tally["sum"], tally["with"], tally["without"]], self.args.device)
+            if with_target:
+                logs = logs | {"ctc_loss": round(loss_sum / with_target, 4)}
+            if with_target or without:
+                logs = logs | {"ctc_chunks": with_target, "ctc_chunks_without_target": without}
+            tally.update({"sum": 0.0, "with": 0, "without": 0})
         super().log(logs, *args, **kwargs)
