@@ -269,7 +269,8 @@ def report_markdown(results: dict, table: str) -> str:
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
         "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices, accents and word sequences never "
         "occur in training. The validation column is a second split of unseen sentences, voices and accents: the "
-        f"recipes' settings are chosen on it, never on the held-out split.\n\n{table}\n\n## Time per step (s)\n\n"
+        "recipes' settings are chosen on it, never on the held-out split. Every WER counts each spoken word (Whisper's "
+        f"English normaliser word by word: `{WER_NORMALIZER}`, eval/metrics.py).\n\n{table}\n\n## Time per step (s)\n\n"
         f"| step | seconds |\n|---|---|\n{steps}\n\n"
         + (f"## Per voice\n\n{per_voice_markdown(voices)}\n\n" if voices else "")
         + "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "
