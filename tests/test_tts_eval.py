@@ -143,7 +143,7 @@ def test_load_transcriber_recognises_listener_folders(listener, tmp_path):
 
 def test_speak_best_of_with_a_listener_folder(untrained_tts_dir, listener, tmp_path, capsys):
     assert cli(["speak", "--model", str(untrained_tts_dir), "--text", "one two", "--out", str(tmp_path / "a.wav"),
-                "--best-of", "2", "--verifier", str(listener)]) == 0
+                "--best-of", "2", "--verifier", str(listener), "--normalizer", "words"]) == 0
     assert "best of 2" in capsys.readouterr().out and (tmp_path / "a.wav").is_file()
 
 
@@ -160,15 +160,16 @@ def test_cli_writes_results_and_report(untrained_tts_dir, listener, tmp_path, ca
                                    {"audio": "c1.wav", "text": "good morning"}])
     assert cli(["eval-tts", "--tts", str(untrained_tts_dir), "--texts", str(tmp_path / "texts.txt"),
                 "--listener", str(listener), "--best-of", "2", "--codec-clips", str(clips), "--originals",
-                "--bootstrap", "50", "--out", str(tmp_path / "out")]) == 0
+                "--bootstrap", "50", "--normalizer", "words", "--out", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     spoken, codec = results["tts"], results["codec_resynthesis"]
+    assert spoken["normalizer"] == codec["normalizer"] == "words"
     assert [i["text"] for i in spoken["items"]] == ["hello world", "red green"]
     assert spoken["tts_wer"]["n"] == spoken["tts_wer_best_of_n"]["n"] == 2
     assert codec["resynthesis_wer"]["n"] == codec["original_wer"]["n"] == 2
     report = (tmp_path / "out" / "report.md").read_text()
     for line in ("TTS, one sample", "TTS, best of 2", "codec resynthesis (ceiling)", "original clips",
-                 "Real-time factor"):
+                 "Real-time factor", "normaliser words"):
         assert line in report
     assert "tts_wer_best_of_2" in capsys.readouterr().out
 

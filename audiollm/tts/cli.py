@@ -15,6 +15,8 @@ import numpy as np
 
 def add_tts_commands(subparsers) -> None:
     """Add ``speak`` and ``chat`` to the ``audiollm`` command's subparsers."""
+    from eval.metrics import ASR_NORMALIZERS
+
     p = subparsers.add_parser("speak", help="text to speech with a model from `audiollm train tts`")
     p.add_argument("--model", required=True, metavar="DIR", help="tts output folder (with tts_config.json)")
     p.add_argument("--text", required=True)
@@ -28,6 +30,8 @@ def add_tts_commands(subparsers) -> None:
     p.add_argument("--best-of", type=int, default=1, metavar="N", help="sample N, keep the best by --verifier")
     p.add_argument("--verifier", metavar="LISTENER", help="scores --best-of candidates by WER: a Whisper .pt, an HF "
                    "Whisper folder or an audio-LLM folder (audiollm init / training output, stock Qwen2-Audio)")
+    p.add_argument("--normalizer", choices=ASR_NORMALIZERS, help="the verifier's WER normaliser (default: Whisper's "
+                   "English one); words: each spoken word counts, for texts that list words or numbers")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
@@ -67,7 +71,7 @@ def run_speak(args) -> int:
         write_wav(args.out, wav, tts.codec.sample_rate)
         print(f"time to first audio {timing.first_audio_s:.3f} s, real-time factor {timing.rtf:.2f}")
     else:
-        verifier = ListenerVerifier(args.verifier) if args.verifier else None
+        verifier = ListenerVerifier(args.verifier, normalizer=args.normalizer) if args.verifier else None
         result = speak(tts, args.text, best_of=args.best_of, verifier=verifier, sampling=sampling,
                        out_wav=args.out, **clone)
         if result.scores:
