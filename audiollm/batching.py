@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 
 from audiollm.crash_safety import CrashSafeTrainer
-from audiollm.ctc import summed_over_ranks
+from audiollm.ranks import summed_over_ranks
 
 log = logging.getLogger(__name__)
 JITTER = 0.1  # relative noise on lengths when ordering a bucket's rows each epoch

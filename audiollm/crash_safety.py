@@ -41,13 +41,13 @@ import shutil
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from audiollm.bad_rows import BAD_ROWS_FILE, TALLY_KEY, check_ceiling
 from audiollm.preemption import PREEMPTED_EXIT, Preempted, Preemption
+from audiollm.ranks import summed_over_ranks
 from audiollm.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -145,19 +145,14 @@ class CrashSafeTrainerMixin:
         """[ranks whose loss is not finite, *counts] of this micro-step summed over all ranks, in one all-reduce per
         micro-step: every rank learns whether any rank's loss went bad, the run's row counts and who got a signal."""
         bad_here = not math.isfinite(float(loss.detach().float().sum()))
-        totals = torch.tensor([int(bad_here), *counts], dtype=torch.long, device=loss.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        return totals.tolist()
+        return [int(total) for total in summed_over_ranks([int(bad_here), *counts], loss.device)]
 
     def _stop_if_signalled_during_save(self) -> None:
         """A signal that came while the checkpoint was written: stop now, on every rank, with that checkpoint."""
         if self.preemption.agreed:  # the same on every rank, so all of them skip this all-reduce or make it
             return
-        flag = torch.tensor([int(self.preemption.received is not None)], dtype=torch.long, device=self.args.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag)
-        self.preemption.agree(int(flag.item()))
+        [signalled] = summed_over_ranks([int(self.preemption.received is not None)], self.args.device)
+        self.preemption.agree(int(signalled))
         if self.preemption.agreed:
             self.control.should_training_stop = True
 

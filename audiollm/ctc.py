@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from audiollm.ranks import summed_over_ranks
+
 CTC_BLANK = 0
 CTC_CLASSES = 257  # the blank + 256 byte values
 CTC_TARGETS = "ctc_targets"  # (sum of target lengths,) classes 1..256, every clip's bytes in clip order
@@ -92,15 +94,6 @@ def ctc_loss(head: nn.Module, frames: torch.Tensor, frame_lengths: torch.Tensor,
     losses = F.ctc_loss(log_probs, picked.to(frames.device), frame_lengths[keep], target_lengths[keep],
                         blank=CTC_BLANK, reduction="none", zero_infinity=True)  # (C',)
     return (losses / target_lengths[keep]).mean()
-
-
-def summed_over_ranks(values: list[float], device) -> list[float]:
-    """Logged tallies of this process summed over every rank (one all-reduce; as they are in one process). Every
-    rank must call it at the same step: the Trainer calls ``log`` with the loss on all of them."""
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return total.tolist()
 
 
 CTC_DIVISOR = "ctc_divisor"  # what a micro-batch's CTC mean is divided by to be its share of the step's mean

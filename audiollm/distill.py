@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from audiollm.chat import AUDIO_MARKER
-from audiollm.ctc import summed_over_ranks
 from audiollm.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, shift_labels
+from audiollm.ranks import summed_over_ranks
 from audiollm.row_checks import RowError
 
 log = logging.getLogger(__name__)

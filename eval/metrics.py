@@ -39,13 +39,18 @@ CHAR_LANGUAGES = frozenset({"zh", "ja"})  # scored by characters (CER): no space
 ASR_NORMALIZERS = ("english", "words", "basic")
 
 
+def normalizer_name(language: str | None = "en", name: str | None = None) -> str:
+    """The normaliser a WER uses: ``name`` when given, else Whisper's English one for English (or unknown language),
+    its basic one for the rest."""
+    return name or ("english" if base_language(language) == "en" else "basic")
+
+
 @lru_cache(maxsize=None)
 def asr_normalizer(language: str | None = "en", name: str | None = None) -> Callable[[str], str]:
-    """The normaliser ``name`` (``ASR_NORMALIZERS``); None: Whisper's English one for English (or unknown
-    language), its basic one for the rest."""
+    """The normaliser ``normalizer_name(language, name)`` as a function (``ASR_NORMALIZERS``)."""
     from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 
-    name = name or ("english" if base_language(language) == "en" else "basic")
+    name = normalizer_name(language, name)
     if name not in ASR_NORMALIZERS:
         raise ValueError(f"unknown ASR normaliser {name!r}; choose one of {', '.join(ASR_NORMALIZERS)}")
     if name == "basic":

@@ -176,11 +176,10 @@ def metric_name(kind: str, records: list[dict]) -> str:
     return "cer" if chars == {True} else "wer" if chars == {False} else "wer_cer"
 
 
-def normalizer_name(record: dict) -> str:
+def normalizer_label(record: dict) -> str:
     """How an ASR record was normalised, for the report: ``whisper EnglishTextNormalizer``, ``whisper
     BasicTextNormalizer``, or the English one ``word by word``."""
-    name = record.get("normalizer") or ("english" if metrics.base_language(record.get("language")) == "en"
-                                        else "basic")
+    name = metrics.normalizer_name(record.get("language"), record.get("normalizer"))
     return {"english": "whisper EnglishTextNormalizer", "basic": "whisper BasicTextNormalizer",
             "words": "whisper EnglishTextNormalizer, word by word"}[name]
 
@@ -189,7 +188,7 @@ def details(kind: str, records: list[dict], stats: np.ndarray) -> dict:
     """What else a reader needs to trust a value: normaliser, BLEU signature, unparsed counts, totals."""
     if kind == "asr":
         languages = sorted({metrics.base_language(r.get("language")) for r in records})
-        names = sorted({normalizer_name(r) for r in records})
+        names = sorted({normalizer_label(r) for r in records})
         return {"errors": int(stats[:, 0].sum()), "reference_units": int(stats[:, 1].sum()),
                 "languages": languages, "normalizer": ", ".join(names)}
     if kind == "translation":
