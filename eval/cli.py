@@ -38,6 +38,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap in tokens (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam search over K partial answers "
+                   "(default 1: greedy); about K times the decoding time")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N items of each task")
     p.add_argument("--judge", metavar="PATH", help="local causal-LM folder that scores open-ended answers 1-10; "
@@ -75,8 +77,8 @@ def _check(args, parser) -> None:
         parser.error("--score-only rescores saved predictions: it takes no --model or --task")
     if not args.score_only and (not args.model or not args.task):
         parser.error("give --model DIR and at least one --task NAME=SOURCE (or --score-only PREDICTIONS)")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.bootstrap < 1:
-        parser.error("--batch-size, --max-new-tokens and --bootstrap must be >= 1")
+    if min(args.batch_size, args.max_new_tokens, args.bootstrap, args.num_beams) < 1:
+        parser.error("--batch-size, --max-new-tokens, --num-beams and --bootstrap must be >= 1")
 
 
 def _summary(results: dict) -> str:
@@ -114,7 +116,7 @@ def run_eval(args) -> int:
             results = evaluate(
                 args.model, tasks, args.out, args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
                 args.seed, args.judge, args.trust_remote_code, _audio_roots(args.audio_root, parser), args.limit,
-                args.bootstrap, args.device, args.dtype, not args.file_order,
+                args.bootstrap, args.device, args.dtype, not args.file_order, args.num_beams,
             )
     except (EvalError, FileNotFoundError, AudioError, RowError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")

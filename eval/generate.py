@@ -24,21 +24,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class GenerationSettings:
-    """Decoding settings; temperature 0 means greedy (and top_p is then unused)."""
+    """Decoding settings; temperature 0 means greedy (and top_p is then unused). ``num_beams`` > 1 keeps that many
+    partial answers each step and returns the most probable finished one (beam search; with a temperature, beams
+    that sample), at about ``num_beams`` times the decoding cost."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    num_beams: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def kwargs(self) -> dict:
+        beams = {"num_beams": self.num_beams, "early_stopping": True} if self.num_beams > 1 else {}
         if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **beams}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, **beams}
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -72,17 +72,18 @@ def evaluate(model_dir: str | os.PathLike, tasks: dict[str, str], out_dir: str |
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              judge: str | Judge | None = None, judge_trust_remote_code: bool = False,
              audio_root: str | dict | None = None, limit: int | None = None, n_resamples: int = 1000,
-             device: str | None = None, dtype: str | None = None, by_length: bool = True) -> dict:
+             device: str | None = None, dtype: str | None = None, by_length: bool = True, num_beams: int = 1) -> dict:
     """Generate answers for every task, then score them; returns the results dict written to results.json.
 
     tasks: {name: SOURCE} with SOURCE as in ``eval.loaders`` (``[norm=NORM:][KIND[@LANG]:][FORMAT:]PATH``).
     judge: a local causal-LM folder (or a ready ``Judge``) for open-ended tasks; without one they are unscored.
     by_length: batches of similar prompt length, longest first (predictions.jsonl keeps the task's order either
         way); False batches in file order.
+    num_beams: beam search width (1: greedy or plain sampling); each record keeps it with its other settings.
     """
     items = load_tasks(tasks, audio_root, limit)  # every benchmark file is checked before the model loads
     model, tokenizer = load_model(str(model_dir), device, dtype)
-    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed)
+    settings = GenerationSettings(max_new_tokens, temperature, top_p, seed, num_beams)
     model_name = Path(model_dir).resolve().name
     records = []
     for task, task_items in items.items():

@@ -25,7 +25,7 @@ def summarize_task(records: list[dict], judge: str | None, n_resamples: int = 10
     entry = {"kind": kind, "metric": metric_name(kind, records), "higher_is_better": KINDS[kind].higher_is_better,
              "value": None, "n": 0, "ci95": None, "model": records[0].get("model"),
              "judge": judge if kind == "open" else None, "unscored": False, "items": len(records),
-             "items_per_s": _items_per_s(records)}
+             "items_per_s": _items_per_s(records), "generation": records[0].get("generation")}
     scored = [r for r in records if r.get("stats") is not None]
     if kind == "open" and judge is None:
         return entry | {"unscored": True, "reason": NO_JUDGE_REASON}

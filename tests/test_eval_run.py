@@ -181,7 +181,9 @@ def test_predictions_rows(run):
     for record in records:
         assert {"task", "id", "prompt", "reference", "prediction", "score"} <= record.keys()
         assert isinstance(record["prediction"], str)
-        assert record["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+        assert record["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0,
+                                        "num_beams": 1}
+    assert all(entry["generation"] == records[0]["generation"] for entry in results["tasks"].values())
     open_rows = [r for r in records if r["kind"] == "open"]
     assert all(r["score"] is None for r in open_rows) and open_rows[0]["context"] == "A dog barks."
     multi_turn = next(r for r in records if r["task"] == "chat" and r["reference"] == "three")
@@ -247,6 +249,9 @@ def test_cli_errors(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli(["--model", str(tmp_path), "--task", f"m={tmp_path / 'missing.json'}", "--out", str(tmp_path)])
     assert exit_info.value.code == 1 and "missing.json: benchmark file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--model", str(tmp_path), "--task", "m=x.json", "--num-beams", "0", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--num-beams" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------------- judge
@@ -339,6 +344,9 @@ def test_batched_generation_and_preferences_match_one_by_one(bench, tiny_folder)
     sampled = GenerationSettings(max_new_tokens=4, temperature=1.5, top_p=0.9, seed=3)
     assert generate_answers(model, tokenizer, prompts, sampled, 3) == generate_answers(model, tokenizer, prompts,
                                                                                         sampled, 3)  # seeded
+    beams = GenerationSettings(max_new_tokens=4, num_beams=3)  # each prompt's audio features follow its 3 beams
+    assert generate_answers(model, tokenizer, prompts, beams, 2) == generate_answers(model, tokenizer, prompts,
+                                                                                      beams, 1)
     prefs = load_tasks({"p": bench["tasks"]["prefs"]})["p"]
     together = np.array(preference_logps(model, tokenizer, prefs, 2))
     alone = np.array(preference_logps(model, tokenizer, prefs, 1))
@@ -355,12 +363,14 @@ def test_stock_qwen2_audio_folder(bench, tmp_path):
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_audio"
     tasks = {"mmau": bench["tasks"]["mmau"], "pre": bench["tasks"]["pre"]}
     audio_root = {"mmau": str(bench["root"] / "mmau_audio")}
-    results = evaluate(folder, tasks, tmp_path / "out", batch_size=2, max_new_tokens=4, audio_root=audio_root)
+    results = evaluate(folder, tasks, tmp_path / "out", batch_size=2, max_new_tokens=4, audio_root=audio_root,
+                       num_beams=2)  # stock generate() expands the audio features for its beams too
     assert results["model"] == "Qwen2-Audio-tiny"
     assert {name: entry["n"] for name, entry in results["tasks"].items()} == {"mmau": 3, "pre/asr": 2,
                                                                                "pre/short": 1}
     rows = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 6 and all(json.loads(r)["model"] == "Qwen2-Audio-tiny" for r in rows)
+    assert all(json.loads(r)["generation"]["num_beams"] == 2 for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------- speech output
