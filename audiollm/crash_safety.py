@@ -100,16 +100,15 @@ class CrashSafeTrainerMixin:
 
     def train(self, *args, **kwargs):
         """The Trainer's train; after a stop signal (``audiollm.preemption``) the checkpoint is written and the
-        process exits with PREEMPTED_EXIT instead of returning to the stage's final save."""
+        process exits with PREEMPTED_EXIT instead of returning to the stage's final save. However it ends, the
+        signal handlers are put back and the watchdog stops: what the caller does next (``final_save`` holds both
+        again) is not training."""
         try:
             output = super().train(*args, **kwargs)
-        except BaseException:
+        finally:
             self.preemption.release()
             self.watchdog.stop()
-            raise
         if self.preemption.stopped_early(self.state):
-            self.preemption.release()
-            self.watchdog.stop()
             step = self.state.global_step
             log.warning("stopped by a signal after step %d of %d; %s is saved. Exiting with %d: rerun the same "
                         "command (launch/slurm.sbatch requeues the job) to resume", step, self.state.max_steps,
@@ -279,6 +278,7 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
     staging = os.path.join(run_dir, STAGING_DIR, FINAL_STAGING)
     crash_safe = isinstance(trainer, CrashSafeTrainerMixin)
     if crash_safe:
+        trainer.preemption.hold()  # a stop signal now lets the save finish
         trainer.watchdog.beat()  # a peer lost while the weights are gathered must not hang the save
     try:
         if trainer.args.should_save:
@@ -292,7 +292,7 @@ def final_save(trainer, last: tuple[str, ...] = ("config.json",)):
             publish_files(staging, run_dir, last)
         trainer.accelerator.wait_for_everyone()
     finally:
-        if crash_safe:  # the stop-signal handlers were kept through the final save, so that a signal lets it finish
+        if crash_safe:
             trainer.preemption.release()
             trainer.watchdog.stop()
 

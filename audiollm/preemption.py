@@ -8,8 +8,10 @@ the same optimizer step. A signal that comes while a checkpoint is being written
 compare notes once more after it, and stop there without training another step.
 
 The exit status 75 is EX_TEMPFAIL ("try again later"): launch/slurm.sbatch requeues the job on it, and a rerun of
-the same command resumes from the checkpoint. The handlers stay through the final save: a signal then lets the
-save finish and the stage exits 0, the run complete. They are put back after it, or when training ends early.
+the same command resumes from the checkpoint. The handlers are put back whenever ``train`` returns or raises, so
+that code which trains and goes on to other work dies of a signal as usual; the final save installs them again
+for its duration (``audiollm.crash_safety.final_save``): a signal then lets the save finish and the stage exits 0,
+the run complete.
 """
 
 from __future__ import annotations
@@ -39,14 +41,18 @@ class Preemption(TrainerCallback):
         self.previous: dict[int, object] = {}  # the handlers to put back
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.hold()
+
+    def hold(self) -> None:
+        """Note SIGTERM / SIGUSR1 from now on instead of dying of them: while training, and during the final save."""
         if threading.current_thread() is not threading.main_thread():
-            log.warning("training runs outside the main thread: SIGTERM / SIGUSR1 stop it without a checkpoint")
+            log.warning("running outside the main thread: SIGTERM / SIGUSR1 stop it at once, without a checkpoint")
             return
         for signum in SIGNALS:
             self.previous.setdefault(signum, signal.signal(signum, self._note))
 
     def release(self) -> None:
-        """Put the previous handlers back: after the final save, or when training ends early."""
+        """Put the previous handlers back: whenever training ends, and after the final save."""
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()

@@ -36,16 +36,20 @@ class StallWatchdog:
         self.thread: threading.Thread | None = None
 
     def beat(self) -> None:
+        """Progress; the first beat (and the first after ``stop``) starts the watching thread."""
         self.last = time.monotonic()
         if self.thread is None and self.timeout > 0:
-            self.thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
+            self.stopped = threading.Event()  # each thread has its own: a stopped one never watches again
+            self.thread = threading.Thread(target=self._watch, args=(self.stopped,), name="stall-watchdog",
+                                           daemon=True)
             self.thread.start()
 
     def stop(self) -> None:
         self.stopped.set()
+        self.thread = None
 
-    def _watch(self) -> None:
-        while not self.stopped.wait(self.check_every):
+    def _watch(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self.check_every):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
                 self._give_up(idle)

@@ -108,6 +108,31 @@ def test_one_process_stops_after_its_step_with_a_checkpoint_and_resumes(setup, r
     assert_losses_match(out, reference, 1e-6)
 
 
+def test_handlers_are_put_back_when_training_returns_and_held_again_by_the_final_save(setup, monkeypatch):
+    """Code that trains and goes on to other work dies of a signal as usual; the stage's final save notes one
+    (SIGUSR1 while its files are moved in) and finishes, the folder published, the handlers put back after it."""
+    import stages.sft
+    from audiollm import crash_safety
+
+    root, recipe = setup
+    out, before, seen = root / "handlers", signal.getsignal(signal.SIGUSR1), {}
+    save_final, publish_files = stages.sft.save_final, crash_safety.publish_files
+
+    def final_save_after_training(trainer, *args):
+        seen["trainer"], seen["after train"] = trainer, signal.getsignal(signal.SIGUSR1)
+        save_final(trainer, *args)
+
+    def publish_signalled(staged, final, last):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        seen["noted"] = seen["trainer"].preemption.received
+        publish_files(staged, final, last)
+    monkeypatch.setattr(stages.sft, "save_final", final_save_after_training)
+    monkeypatch.setattr(crash_safety, "publish_files", publish_signalled)
+    stages.sft.main(argv(recipe, out) + ["--max_steps", "1", "--save_strategy", "no"])
+    assert seen["after train"] is before and seen["noted"] == signal.SIGUSR1
+    assert (out / "training_summary.json").is_file() and signal.getsignal(signal.SIGUSR1) is before
+
+
 def test_sigusr1_to_torchrun_mid_run_stops_both_ranks_and_the_rerun_resumes(setup, reference):
     """torchrun as launch/slurm.sbatch starts it, signalled from outside once checkpoint-2 is on disk: it forwards
     the signal, both ranks finish the step they are in and save it, and the rerun picks up from there."""

@@ -189,6 +189,21 @@ def test_the_watchdog_ends_a_process_only_without_progress(beats):
     assert (beats - 1) * 0.1 + 0.5 <= took < beats * 0.1 + 2.5, took  # the last beat, then the timeout
 
 
+def test_a_stopped_watchdog_watches_again_from_its_next_beat():
+    """Training stops it when ``train`` returns; the final save's beat must start it again, and stop it after."""
+    from audiollm.watchdog import StallWatchdog
+
+    dog = StallWatchdog(60, check_every=0.01)
+    dog.beat()
+    first = dog.thread
+    dog.stop()
+    first.join(timeout=5)
+    assert not first.is_alive() and dog.thread is None
+    dog.beat()
+    assert dog.thread is not first and dog.thread.is_alive()
+    dog.stop()
+
+
 def test_sigusr1_to_both_nodes_saves_one_checkpoint_and_stops_both(setup):
     """SLURM's early warning as slurm.sbatch delivers it (scancel --signal=USR1 reaches every node's processes):
     both torchruns forward it, both ranks finish the same step, save it and exit; no step is lost."""
