@@ -81,7 +81,8 @@ def recipe_argv(folder, out: Path, data: str | None = None, **overrides) -> list
                   train_llm="true", train_projector="false", disable_tqdm="true", activation_checkpointing="false",
                   save_strategy="no", seed=0)
     recipe.update(overrides)
-    return [token for key, value in recipe.items() for token in (f"--{key}", str(value))]
+    return [token for key, value in recipe.items()
+            for token in (f"--{key}", *map(str, value if isinstance(value, list) else [value]))]
 
 
 def build_trainer(argv: list[str]) -> AudioDPOTrainer:
@@ -247,6 +248,19 @@ def test_precomputed_reference_gives_the_live_reference_loss(folder, tmp_path):
     pre_loss, _ = step_loss(pre, [pre.train_dataset[i] for i in rows])
     assert abs(live_loss - math.log(2)) > 1e-3  # the perturbation moved the policy off its reference
     assert pre_loss == pytest.approx(live_loss, abs=1e-5)
+
+
+def test_chosen_cross_entropy_beside_dpo_is_the_hand_computed_sum(folder, tmp_path):
+    """The demo's ``loss_type: [sigmoid, sft]`` with weights [1, 4]: at the reference, log 2 plus 4 x the chosen
+    answers' mean negative log-likelihood per token (their end-of-turn included), from plain logits."""
+    trainer = build_trainer(recipe_argv(folder, tmp_path / "rpo", loss_type=["sigmoid", "sft"],
+                                        loss_weights=[1.0, 4.0]))
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    loss, _ = step_loss(trainer, rows)
+    batch = trainer.data_collator(rows)
+    chosen = sequence_logps(trainer.model, batch).chunk(2)[0]
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).chunk(2)[0].sum()
+    assert loss == pytest.approx(math.log(2) + 4 * float(-chosen.sum() / tokens), abs=1e-4)
 
 
 @pytest.mark.parametrize("attention, max_tokens", [("sdpa_packed", 0), ("sdpa", 100)])
