@@ -115,8 +115,11 @@ def test_handlers_are_put_back_when_training_returns_and_held_again_by_the_final
     from audiollm import crash_safety
 
     root, recipe = setup
-    out, before, seen = root / "handlers", signal.getsignal(signal.SIGUSR1), {}
+    out, seen = root / "handlers", {}
     save_final, publish_files = stages.sft.save_final, crash_safety.publish_files
+
+    def before(signum, frame):  # the process's own handler: a signal that reaches it was not held
+        seen["leaked"] = signum
 
     def final_save_after_training(trainer, *args):
         seen["trainer"], seen["after train"] = trainer, signal.getsignal(signal.SIGUSR1)
@@ -128,9 +131,13 @@ def test_handlers_are_put_back_when_training_returns_and_held_again_by_the_final
         publish_files(staged, final, last)
     monkeypatch.setattr(stages.sft, "save_final", final_save_after_training)
     monkeypatch.setattr(crash_safety, "publish_files", publish_signalled)
-    stages.sft.main(argv(recipe, out) + ["--max_steps", "1", "--save_strategy", "no"])
-    assert seen["after train"] is before and seen["noted"] == signal.SIGUSR1
-    assert (out / "training_summary.json").is_file() and signal.getsignal(signal.SIGUSR1) is before
+    outer = signal.signal(signal.SIGUSR1, before)
+    try:
+        stages.sft.main(argv(recipe, out) + ["--max_steps", "1", "--save_strategy", "no"])
+        assert seen["after train"] is before and seen["noted"] == signal.SIGUSR1 and "leaked" not in seen
+        assert (out / "training_summary.json").is_file() and signal.getsignal(signal.SIGUSR1) is before
+    finally:
+        signal.signal(signal.SIGUSR1, outer)
 
 
 def test_sigusr1_to_torchrun_mid_run_stops_both_ranks_and_the_rerun_resumes(setup, reference):
