@@ -38,8 +38,8 @@ STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
                "dpo_pref_accuracy_after")
 # The voice's figures (held-out split), in results.json under "voice" (audiollm/tts/voice_eval.py).
-VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "tts_voice_original_wer", "tts_voice_codec_wer", "tts_wer",
-              "tts_wer_best_of_4", "cloning_sex_agreement", "no_prompt_sex_agreement", "cloning_pitch_agreement",
+VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "codec_resynthesis_gap", "tts_voice_original_wer",
+              "tts_voice_codec_wer", "tts_wer", "tts_wer_best_of_4", "cloning_sex_agreement", "no_prompt_sex_agreement", "cloning_pitch_agreement",
               "no_prompt_pitch_agreement", "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4",
               "spoken_reply_ceiling", "reply_text_accuracy", "real_time_factor", "time_to_first_audio_s")
 # Figures per voice (the accent+variant that spoke the clip answered), from the harness's per-item records.
@@ -166,20 +166,28 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
     """The demo's figures, from the eval harness on held-out rows only (voices and word sequences unseen), and
     the same figures on the validation split (other unseen voices and sentences), where recipe choices are made."""
     from eval.pipeline import evaluate
+    from eval.report import paired_gain
 
     tasks = {"preference": f"preference:manifest:{data / 'heldout_dpo.jsonl'}", **listening_tasks(data)}
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
     value = lambda res, task: float(res["tasks"][task]["value"])  # noqa: E731  (the harness may give numpy floats)
+    figures = {split: {key: value(after, task) for key, task in figure_tasks(split).items()}
+               for split in ("heldout", "validation")}
+    # The harness's 95% bootstrap intervals over items; DPO's change is paired over the same 180 pairs.
+    ci95 = {key: after["tasks"][task]["ci95"] for key, task in figure_tasks("heldout").items()}
+    ci95["dpo_pref_accuracy_after"] = after["tasks"]["preference"]["ci95"]
+    gain = paired_gain(out / "eval_sft" / "predictions.jsonl", out / "eval" / "predictions.jsonl", "preference")
+    return {**figures["heldout"], "dpo_pref_accuracy_before": value(before, "preference"),
+            "dpo_pref_accuracy_after": value(after, "preference"), "dpo_pref_gain": gain, "ci95": ci95,
+            "validation": figures["validation"]}
 
-    def figures(split: str) -> dict:
-        return {"asr_wer": value(after, f"{split}/asr"), "classification_accuracy": value(after, f"{split}/short"),
-                "analysis_accuracy": value(after, f"{split}_analysis"),
-                "voice_chat_accuracy": value(after, f"{split}_voice_chat"),
-                "typed_question_accuracy": value(after, f"{split}_typed")}  # the same questions, typed
 
-    return {**figures("heldout"), "dpo_pref_accuracy_before": value(before, "preference"),
-            "dpo_pref_accuracy_after": value(after, "preference"), "validation": figures("validation")}
+def figure_tasks(split: str) -> dict[str, str]:
+    """The demo's listening figures of one split, each with the harness task (``listening_tasks``) it is read from."""
+    return {"asr_wer": f"{split}/asr", "classification_accuracy": f"{split}/short",
+            "analysis_accuracy": f"{split}_analysis", "voice_chat_accuracy": f"{split}_voice_chat",
+            "typed_question_accuracy": f"{split}_typed"}  # the same questions, typed
 
 
 def listening_tasks(data: Path) -> dict[str, str]:
@@ -245,21 +253,33 @@ def write_outputs(out: Path, results: dict) -> None:
 
 
 def results_table(results: dict) -> str:
-    rows = ["| figure | held-out | validation |", "|---|---|---|"]
+    """Held-out figures with their 95% bootstrap intervals over items (voice: over texts or clips), and validation's."""
+    rows = ["| figure | held-out | 95% CI | validation |", "|---|---|---|---|"]
+    ci95 = results.get("ci95", {})
     for key in ("asr_wer", "classification_accuracy", "analysis_accuracy", "voice_chat_accuracy",
                 "typed_question_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
-        checked = results["validation"].get(key)
-        rows.append(f"| {key} | {results[key]:.3f} | {'' if checked is None else f'{checked:.3f}'} |")
+        rows.append(f"| {key} | {results[key]:.3f} | {_interval(ci95.get(key))} | "
+                    f"{_cell(results['validation'].get(key))} |")
+    if "dpo_pref_gain" in results:
+        gain = results["dpo_pref_gain"]
+        rows.append(f"| dpo_pref_gain (paired: {gain['fixed']} pairs fixed, {gain['broken']} broken) | "
+                    f"{gain['gain']:+.3f} | {_interval(gain['ci95'], signed=True)} | |")
     voice = results.get("voice", {})
     for key in VOICE_KEYS if voice else ():
         held, checked = voice["heldout"].get(key), voice["validation"].get(key)
-        rows.append(f"| voice: {key} | {_cell(held)} | {_cell(checked)} |")
-    rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} | |")
+        signed = key == "codec_resynthesis_gap"
+        rows.append(f"| voice: {key} | {_cell(held, signed)} | "
+                    f"{_interval(voice['heldout'].get('ci95', {}).get(key), signed)} | {_cell(checked, signed)} |")
+    rows.append(f"| wall_seconds | {results['wall_seconds']:.0f} | | |")
     return "\n".join(rows)
 
 
-def _cell(value) -> str:
-    return "" if value is None else f"{value:.3f}"
+def _cell(value, signed: bool = False) -> str:
+    return "" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _interval(low_high, signed: bool = False) -> str:
+    return "" if not low_high else f"{_cell(low_high[0], signed)} – {_cell(low_high[1], signed)}"
 
 
 def report_markdown(results: dict, table: str) -> str:

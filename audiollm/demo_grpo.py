@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from audiollm.demo import is_voice_chat, listening_tasks
 from audiollm.tts.demo import run_recipe
+from eval.report import paired_gain
 
 FIGURES = {"voice_chat": "{split}_voice_chat", "analysis": "{split}_analysis", "asr_wer": "{split}/asr",
            "classification": "{split}/short", "typed": "{split}_typed"}
@@ -30,20 +30,6 @@ def voice_chat_prompts(data: Path) -> Path:
     path = data / "voice_chat_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if is_voice_chat(r)), encoding="utf-8")
     return path
-
-
-def paired_gain(before: Path, after: Path, task: str) -> dict:
-    """Mean per-item score change on ``task`` between two prediction files of the same items, with a 95% bootstrap
-    interval over items, and how many items each direction flipped."""
-    from eval.items import read_records
-    from eval.metrics import bootstrap_ci
-
-    scores = [{r["id"]: float(r["score"]) for r in read_records(path) if r["task"] == task} for path in (before, after)]
-    ids = sorted(scores[0])
-    delta = np.array([scores[1][i] - scores[0][i] for i in ids])
-    low, high = bootstrap_ci(delta, lambda sums, n: sums[0] / n)
-    return {"gain": float(delta.mean()), "ci95": [low, high], "fixed": int((delta > 0).sum()),
-            "broken": int((delta < 0).sum()), "items": len(ids)}
 
 
 def figures(results: dict) -> dict:

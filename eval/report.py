@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from eval import metrics
+from eval.items import read_records
 from eval.tasks import KINDS, aggregator, details, metric_name
 
 NO_JUDGE_REASON = "open-ended answers need a judge model: rerun scoring with --judge PATH (a local causal LM)"
@@ -63,6 +64,17 @@ def summarize(records: list[dict], judge: str | None, n_resamples: int = 1000, s
         "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
         "tasks": {name: summarize_task(rows, judge, n_resamples, seed) for name, rows in tasks.items()},
     }
+
+
+def paired_gain(before: str | os.PathLike, after: str | os.PathLike, task: str) -> dict:
+    """Mean per-item score change on ``task`` between two prediction files of the same items, with a 95% bootstrap
+    interval over items, and how many items each direction flipped."""
+    scores = [{r["id"]: float(r["score"]) for r in read_records(path) if r["task"] == task} for path in (before, after)]
+    ids = sorted(scores[0])
+    delta = np.array([scores[1][i] - scores[0][i] for i in ids])
+    low, high = metrics.bootstrap_ci(delta, lambda sums, n: sums[0] / n)
+    return {"gain": float(delta.mean()), "ci95": [low, high], "fixed": int((delta > 0).sum()),
+            "broken": int((delta < 0).sum()), "items": len(ids)}
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> Path:

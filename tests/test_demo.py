@@ -56,6 +56,13 @@ def test_results_hold_every_figure_measured(demo):
             task.replace("/", "_").split("_", 1)[1]]
         assert sum(v["items"].get(figure, 0) for v in voices.values()) == harness["tasks"][task]["n"]
     assert "## Per voice" in (out / "report.md").read_text()
+    # held-out intervals: the harness's own; DPO's change paired over the same pairs
+    assert saved["ci95"]["voice_chat_accuracy"] == harness["tasks"]["heldout_voice_chat"]["ci95"]
+    gain = saved["dpo_pref_gain"]
+    assert gain["gain"] == pytest.approx(saved["dpo_pref_accuracy_after"] - saved["dpo_pref_accuracy_before"])
+    assert gain["items"] == harness["tasks"]["preference"]["n"] and gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
+    codec = saved["voice"]["heldout"]
+    assert codec["codec_resynthesis_gap"] == pytest.approx(codec["codec_resynthesis_wer"] - codec["original_wer"])
     typed = (out / "data" / "heldout_text.jsonl").read_text().splitlines()  # every held-out sentence, typed
     assert harness["tasks"]["heldout_typed"]["n"] == len(typed) > 0
 

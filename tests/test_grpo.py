@@ -293,7 +293,8 @@ def test_grpo_trains_on_two_deepspeed_ranks(folder, tmp_path):
 
 
 def test_demo_measurement_pairs_items_and_reports(tmp_path):
-    from audiollm.demo_grpo import paired_gain, report
+    from audiollm.demo_grpo import report
+    from eval.report import paired_gain
 
     def predictions(path: Path, scores: list[float]) -> Path:
         path.write_text("".join(json.dumps({"task": "heldout_voice_chat", "kind": "short", "id": f"q{i}",

@@ -18,7 +18,7 @@ from audiollm.tts.generate import load_tts
 from eval import metrics
 from eval.items import EvalError
 from eval.speech import AudioLLMTranscriber, load_transcriber
-from eval.tts_eval import codec_resynthesis_wer, read_texts, tts_intelligibility
+from eval.tts_eval import codec_resynthesis_wer, read_texts, tts_intelligibility, wer_gap_entry
 
 from tests.conftest import make_speech_like
 
@@ -99,6 +99,8 @@ def test_codec_resynthesis_with_known_transcripts(tts, tmp_path):
     results = codec_resynthesis_wer(tts.codec, clips, texts, listener, originals=True)
     assert (results["resynthesis_wer"]["value"], results["original_wer"]["value"]) == (0.25, 0.0)
     assert results["resynthesis_wer"]["ci95"] == wer_ci([[0, 2], [1, 2]])
+    # Paired: a resample of both clips gives a gap of 0 (clip 0 twice), 0.25 or 0.5 (clip 1 twice).
+    assert results["resynthesis_gap"] == {"value": 0.25, "ci95": [0.0, 0.5], "n": 2}
     # Decoded clips are cut back to the clip's length (the codec pads to whole frames).
     assert [i["seconds"] for i in results["items"]] == pytest.approx([0.5, 0.8], abs=1e-4)
     assert listener.lengths == [[8000, 12800]] * 2
@@ -107,6 +109,19 @@ def test_codec_resynthesis_with_known_transcripts(tts, tmp_path):
     corrupt.write_bytes(b"RIFF\x00\x00not a wave file")
     with pytest.raises(EvalError, match=r"clips\[1\]: .*corrupt.wav"):
         codec_resynthesis_wer(tts.codec, [clips[0], str(corrupt)], texts, Scripted(["a", "b"]))
+
+
+def test_the_codec_gap_is_paired_over_clips():
+    """A codec that adds one error to every 4-word clip adds 0.25 WER whichever clips a resample draws, though
+    what the clips themselves are heard as (0 or 4 errors each) spreads their own WER's interval wide."""
+    original = [{"errors": e, "words": 4} for e in (0, 4, 0, 4, 0, 4, 0, 4)]
+    codec = [{"errors": i["errors"] + 1, "words": 4} for i in original]
+    gap = wer_gap_entry(codec, original, n_resamples=200, seed=0)
+    assert gap == {"value": 0.25, "ci95": [0.25, 0.25], "n": 8}
+    low, high = wer_ci([[i["errors"], i["words"]] for i in original])
+    assert high - low > 0.5
+    with pytest.raises(EvalError, match="same references"):
+        wer_gap_entry(codec[:2], [{"errors": 0, "words": 3}] * 2, n_resamples=10, seed=0)
 
 
 def test_pipeline_end_to_end_with_a_tiny_listener(tts, listener):

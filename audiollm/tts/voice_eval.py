@@ -1,6 +1,7 @@
 """The demo's voice, measured by the demo's listener on a split's clips and texts (the TTS never trained on them).
 
-    codec_resynthesis_wer   the split's clips through the codec, transcribed (the ceiling of any TTS on it)
+    codec_resynthesis_wer   the split's clips through the codec, transcribed (the ceiling of any TTS on it);
+                            codec_resynthesis_gap: minus the clips' own WER, its 95% interval paired over clips
     tts_wer                 one sample per text; tts_wer_best_of_4: the listener picks among 4 (LLaSA's scaling)
     cloning_*               the listener's speaker-sex and pitch answers on TTS output prompted with a clip of the
                             split, against its answers on that clip; the same without a prompt
@@ -182,10 +183,12 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
     spoken = tts_intelligibility(tts, unique, listener, best_of=BEST_OF if full else 1, seed=seed,
                                  sampling=sampling, normalizer=NORMALIZER)
     figures = {"original_wer": codec["original_wer"]["value"],
-               "codec_resynthesis_wer": codec["resynthesis_wer"]["value"], "tts_wer": spoken["tts_wer"]["value"],
+               "codec_resynthesis_wer": codec["resynthesis_wer"]["value"],
+               "codec_resynthesis_gap": codec["resynthesis_gap"]["value"], "tts_wer": spoken["tts_wer"]["value"],
                "real_time_factor": spoken["real_time_factor"], "time_to_first_audio_s": spoken["time_to_first_audio_s"],
                "ci95": {"original_wer": codec["original_wer"]["ci95"],
                         "codec_resynthesis_wer": codec["resynthesis_wer"]["ci95"],
+                        "codec_resynthesis_gap": codec["resynthesis_gap"]["ci95"],  # paired over the clips
                         "tts_wer": spoken["tts_wer"]["ci95"]},
                "clips": len(clips), "texts": len(unique)}
     items = {"codec": codec["items"], "tts": spoken["items"]}
