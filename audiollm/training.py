@@ -72,10 +72,26 @@ def check_training_args(args) -> None:
     """
     from transformers import set_seed
 
+    refuse_data_parallel(args)
     set_seed(args.seed)
     args.remove_unused_columns = False
     if args.activation_checkpointing and not args.activation_checkpointing_kwargs:
         args.activation_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def refuse_data_parallel(args) -> None:
+    """One process that sees several GPUs would have the Trainer split each batch over them with torch's
+    DataParallel, which cuts every batch tensor into equal parts along its first axis on its own: rows, audio chunks
+    and CTC targets no longer line up (a row's <|AUDIO|> placeholders meet another row's clip), and a packed batch
+    (one row) cannot be split at all. One process per GPU keeps each batch whole."""
+    from transformers.training_args import ParallelMode
+
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise ValueError(
+            f"this process sees {args.n_gpu} GPUs, and one process cannot train on several (torch DataParallel "
+            "splits rows and their audio apart): start one process per GPU, e.g. launch/train.sh STAGE CONFIG "
+            f"{args.n_gpu} (DeepSpeed) or torchrun --nproc_per_node {args.n_gpu} stages/STAGE.py --config CONFIG; "
+            "or train on one GPU with CUDA_VISIBLE_DEVICES=0")
 
 
 def load_model(model_args: ModelArguments):

@@ -725,3 +725,18 @@ def test_slurm_sbatch_starts_one_torchrun_per_node(stubs):
                     "--master-port", str(20000 + 4242 % 20000), "--signals-to-handle",
                     "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "540", "stages/dpo.py", "--config",
                     "stages/configs/dpo.yaml", "--deepspeed", "deepspeed_configs/zero3.json", "--run_name", "a b"]
+
+
+def test_one_process_on_several_gpus_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    """The Trainer's DataParallel would cut rows and their audio apart; the message says how to launch instead."""
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    from audiollm.training import check_training_args
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    check_training_args(args)  # one device: accepted
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 4))
+    assert args.parallel_mode == ParallelMode.NOT_DISTRIBUTED
+    with pytest.raises(ValueError, match=r"sees 4 GPUs.*launch/train.sh STAGE CONFIG 4.*nproc_per_node 4"):
+        check_training_args(args)
