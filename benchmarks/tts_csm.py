@@ -10,7 +10,7 @@ stage's own trainer builders, on the demo voice's training rows, with all 4 resi
 budget: a 12-step pilot measures its seconds per step (median after warm-up), and ``max_steps`` is set so the
 cosine schedule ends at the budget. Sampling temperature is chosen per architecture on the validation split's
 texts (lowest round-trip WER); the held-out split's texts are spoken once with it and transcribed by the demo's
-listener (its export).
+listener (its export). WER counts each spoken word, as the demo does (``norm=words``).
 
 Training speed: audio frames (32 ms each) per second of training. Peak memory: bytes of tensors alive at once in
 one forward + backward on the first training batch (``common.peak_memory_bytes``). Streaming: ``speak_stream``
@@ -155,6 +155,7 @@ def measure(folder: Path, listener, voice: Path, texts: int, validation_texts: i
     """Temperature chosen on validation; held-out WER, RTF and streaming figures with it."""
     from audiollm.tts.generate import load_tts
     from audiollm.tts.sampling import default_sampling
+    from audiollm.tts.voice_eval import NORMALIZER  # each spoken word one unit of WER, as the demo counts
     from eval.tts_eval import tts_intelligibility
 
     tts = load_tts(folder)
@@ -164,11 +165,11 @@ def measure(folder: Path, listener, voice: Path, texts: int, validation_texts: i
     for temperature in TEMPERATURES:
         sampling = default_sampling(tts.vocab.layout, temperature=temperature)
         choice[temperature] = tts_intelligibility(tts, val_texts, listener, seed=seed, sampling=sampling,
-                                                  first_audio_texts=0)["tts_wer"]["value"]
+                                                  first_audio_texts=0, normalizer=NORMALIZER)["tts_wer"]["value"]
     best = min(choice, key=choice.get)
     sampling = default_sampling(tts.vocab.layout, temperature=best, seed=seed)
     held = tts_intelligibility(tts, texts_of(data / "voice_heldout.jsonl", texts), listener, seed=seed,
-                               sampling=sampling, first_audio_texts=0)
+                               sampling=sampling, first_audio_texts=0, normalizer=NORMALIZER)
     return {"validation_wer_by_temperature": {str(k): v for k, v in choice.items()}, "temperature": best,
             "heldout_wer": held["tts_wer"]["value"], "heldout_wer_ci95": held["tts_wer"]["ci95"],
             "heldout_texts": held["texts"], "rtf": held["real_time_factor"],
