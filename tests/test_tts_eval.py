@@ -184,9 +184,12 @@ def test_cli_writes_results_and_report(untrained_tts_dir, listener, tmp_path, ca
     assert codec["resynthesis_wer"]["n"] == codec["original_wer"]["n"] == 2
     report = (tmp_path / "out" / "report.md").read_text()
     for line in ("TTS, one sample", "TTS, best of 2", "codec resynthesis (ceiling)", "original clips",
-                 "Real-time factor", "normaliser words"):
+                 "codec resynthesis − original (paired)", "Real-time factor", "normaliser words"):
         assert line in report
-    assert "tts_wer_best_of_2" in capsys.readouterr().out
+    gap = codec["resynthesis_gap"]
+    assert gap["value"] == pytest.approx(codec["resynthesis_wer"]["value"] - codec["original_wer"]["value"])
+    out = capsys.readouterr().out
+    assert "tts_wer_best_of_2" in out and "codec minus original" in out
 
 
 @pytest.mark.parametrize("content, message", [
