@@ -40,8 +40,9 @@ RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_
 # The voice's figures (held-out split), in results.json under "voice" (audiollm/tts/voice_eval.py).
 VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "codec_resynthesis_gap", "tts_voice_original_wer",
               "tts_voice_codec_wer", "tts_wer", "tts_wer_best_of_4", "cloning_sex_agreement",
-              "no_prompt_sex_agreement", "cloning_pitch_agreement", "no_prompt_pitch_agreement", "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4",
-              "spoken_reply_ceiling", "reply_text_accuracy", "real_time_factor", "time_to_first_audio_s")
+              "no_prompt_sex_agreement", "cloning_pitch_agreement", "no_prompt_pitch_agreement",
+              "spoken_reply_accuracy", "spoken_reply_accuracy_best_of_4", "spoken_reply_ceiling",
+              "reply_text_accuracy", "real_time_factor", "time_to_first_audio_s")
 # Figures per voice (the accent+variant that spoke the clip answered), from the harness's per-item records.
 PER_VOICE_TASKS = {"voice_chat_accuracy": "{split}_voice_chat", "analysis_accuracy": "{split}_analysis",
                    "asr_wer": "{split}/asr"}

@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-
 from audiollm.demo import is_voice_chat, listening_tasks
 from audiollm.tts.demo import run_recipe
 from eval.report import paired_gain
