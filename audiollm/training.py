@@ -7,6 +7,7 @@ through ``TrainingArguments.deepspeed`` and the launcher.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import json
@@ -68,11 +69,14 @@ def check_training_args(args) -> None:
     non-reentrant checkpointing works with a frozen encoder or embeddings (reentrant needs an input with grad).
     The seed is set here, before the stage builds its model: the Trainer seeds only once it is built, and a
     stage draws weights before that (a CTC head, new token rows, a whole codec). Without it those came from
-    torch's per-process random seed, and two runs of one recipe trained different models.
+    torch's per-process random seed, and two runs of one recipe trained different models. The process group, if
+    any, is destroyed at exit (``destroy_process_group``).
     """
     from transformers import set_seed
 
     refuse_data_parallel(args)
+    atexit.unregister(destroy_process_group)  # once, however many stages one process runs (the demo's four)
+    atexit.register(destroy_process_group)
     set_seed(args.seed)
     args.remove_unused_columns = False
     if args.activation_checkpointing and not args.activation_checkpointing_kwargs:
@@ -92,6 +96,17 @@ def refuse_data_parallel(args) -> None:
             "splits rows and their audio apart): start one process per GPU, e.g. launch/train.sh STAGE CONFIG "
             f"{args.n_gpu} (DeepSpeed) or torchrun --nproc_per_node {args.n_gpu} stages/STAGE.py --config CONFIG; "
             "or train on one GPU with CUDA_VISIBLE_DEVICES=0")
+
+
+def destroy_process_group() -> None:
+    """Destroy torch.distributed's process group, if one is up: run at the interpreter's exit (``atexit``, while it is
+    still whole). A rank that exits with its gloo group alive can die of SIGABRT after its work is done ("terminate
+    called without an active exception"): gloo's worker threads still hold tensors when the interpreter tears down.
+    A two-node test run saw it once: rank 1 finished and wrote its shards, then aborted, and its node exited 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def load_model(model_args: ModelArguments):

@@ -740,3 +740,23 @@ def test_one_process_on_several_gpus_is_refused_before_anything_loads(monkeypatc
     assert args.parallel_mode == ParallelMode.NOT_DISTRIBUTED
     with pytest.raises(ValueError, match=r"sees 4 GPUs.*launch/train.sh STAGE CONFIG 4.*nproc_per_node 4"):
         check_training_args(args)
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """A stage's process leaves no gloo group for interpreter teardown (where gloo's threads can abort a rank that
+    has finished its work): a handler registered before the stage's, so run after it, finds the group gone."""
+    script = f"""
+import atexit, os
+import torch.distributed as dist
+from transformers import TrainingArguments
+from audiollm.training import check_training_args
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+check_training_args(TrainingArguments(output_dir={str(tmp_path)!r}, use_cpu=True, report_to="none"))
+check_training_args(TrainingArguments(output_dir={str(tmp_path)!r}, use_cpu=True, report_to="none"))
+print("group alive before exit:", dist.is_initialized(), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-2:] == ["group alive before exit: True", "group alive at exit: False"]
