@@ -173,8 +173,7 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
     after = evaluate(out / "dpo", tasks, out / "eval", batch_size=16, max_new_tokens=16)
     before = evaluate(out / "sft", {"preference": tasks["preference"]}, out / "eval_sft", batch_size=16)
     value = lambda res, task: float(res["tasks"][task]["value"])  # noqa: E731  (the harness may give numpy floats)
-    figures = {split: {key: value(after, task) for key, task in figure_tasks(split).items()}
-               for split in ("heldout", "validation")}
+    figures = split_figures(after)
     # The harness's 95% bootstrap intervals over items; DPO's change is paired over the same 180 pairs.
     ci95 = {key: after["tasks"][task]["ci95"] for key, task in figure_tasks("heldout").items()}
     ci95["dpo_pref_accuracy_after"] = after["tasks"]["preference"]["ci95"]
@@ -189,6 +188,12 @@ def figure_tasks(split: str) -> dict[str, str]:
     return {"asr_wer": f"{split}/asr", "classification_accuracy": f"{split}/short",
             "analysis_accuracy": f"{split}_analysis", "voice_chat_accuracy": f"{split}_voice_chat",
             "typed_question_accuracy": f"{split}_typed"}  # the same questions, typed
+
+
+def split_figures(results: dict) -> dict[str, dict[str, float]]:
+    """{split: {figure: value}} of both splits from the harness's results of ``listening_tasks``."""
+    return {split: {key: float(results["tasks"][task]["value"]) for key, task in figure_tasks(split).items()}
+            for split in ("heldout", "validation")}
 
 
 def listening_tasks(data: Path) -> dict[str, str]:

@@ -15,12 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from audiollm.demo import is_voice_chat, listening_tasks
+from audiollm.demo import figure_tasks, is_voice_chat, listening_tasks, split_figures
 from audiollm.tts.demo import run_recipe
 from eval.report import paired_gain
-
-FIGURES = {"voice_chat": "{split}_voice_chat", "analysis": "{split}_analysis", "asr_wer": "{split}/asr",
-           "classification": "{split}/short", "typed": "{split}_typed"}
 
 
 def voice_chat_prompts(data: Path) -> Path:
@@ -29,12 +26,6 @@ def voice_chat_prompts(data: Path) -> Path:
     path = data / "voice_chat_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if is_voice_chat(r)), encoding="utf-8")
     return path
-
-
-def figures(results: dict) -> dict:
-    value = lambda task: float(results["tasks"][task]["value"])  # noqa: E731
-    return {split: {name: value(task.format(split=split)) for name, task in FIGURES.items()}
-            for split in ("heldout", "validation")}
 
 
 def reward_curve(out: Path) -> tuple[list[list[float]], float]:
@@ -59,14 +50,14 @@ def measure(run: Path, out: Path, overrides: list[str]) -> dict:
     curve, per_second = reward_curve(out)
     gains = {split: paired_gain(out / "eval_sft" / "predictions.jsonl", out / "eval" / "predictions.jsonl",
                                 f"{split}_voice_chat") for split in ("heldout", "validation")}
-    return {"sft": figures(before), "grpo": figures(after), "voice_chat_gain": gains, "reward_curve": curve,
+    return {"sft": split_figures(before), "grpo": split_figures(after), "voice_chat_gain": gains, "reward_curve": curve,
             "completions_per_second": per_second, "train_seconds": seconds, "overrides": overrides}
 
 
 def report(results: dict) -> str:
     lines = ["| split | figure | SFT | GRPO |", "|---|---|---|---|"]
     for split in ("heldout", "validation"):
-        for name in FIGURES:
+        for name in figure_tasks(split):
             before, after = results["sft"][split][name], results["grpo"][split][name]
             lines.append(f"| {split} | {name} | {before:.3f} | {after:.3f} |")
     for split, gain in results["voice_chat_gain"].items():

@@ -307,11 +307,12 @@ def test_demo_measurement_pairs_items_and_reports(tmp_path):
     gain = paired_gain(before, after, "heldout_voice_chat")
     assert gain["gain"] == pytest.approx(2 / 8) and (gain["fixed"], gain["broken"], gain["items"]) == (3, 1, 8)
     assert gain["ci95"][0] <= 0.25 <= gain["ci95"][1]
-    split = {"voice_chat": 0.5, "analysis": 0.6, "asr_wer": 0.4, "classification": 0.7, "typed": 0.9}
+    split = {"voice_chat_accuracy": 0.5, "analysis_accuracy": 0.6, "asr_wer": 0.4, "classification_accuracy": 0.7,
+             "typed_question_accuracy": 0.9}
     text = report({"sft": {"heldout": split, "validation": split}, "grpo": {"heldout": split, "validation": split},
                    "voice_chat_gain": {"heldout": gain}, "reward_curve": [[10, 0.5]], "completions_per_second": 3.0,
                    "train_seconds": 12.0})
-    assert "| heldout | voice_chat | 0.500 | 0.500 |" in text and "+0.250" in text and "3 items fixed" in text
+    assert "| heldout | voice_chat_accuracy | 0.500 | 0.500 |" in text and "+0.250" in text and "3 items fixed" in text
 
 
 def test_evaluation_samples_unaugmented_prompts_and_logs_the_reward(folder, tmp_path):
