@@ -39,9 +39,10 @@ def start_nodes(recipe: Path, out: Path, logs: Path, name: str, *extra: str, scr
             for node in (0, 1)]
 
 
-def kill_node(node) -> None:
-    """SIGKILL to a node's launcher and every process under it, as when the machine dies (torchrun starts its
-    ranks in sessions of their own, so its process group is not enough)."""
+def signal_node(node, signum: int) -> None:
+    """``signum`` to a node's launcher and every process under it (torchrun starts its ranks in sessions of their
+    own, so its process group is not enough). A process that ended between listing and signalling is skipped: a
+    short-lived child once did, between the listing and the SIGSTOP of the frozen-node test."""
     import psutil
 
     try:
@@ -50,9 +51,14 @@ def kill_node(node) -> None:
         return
     for process in tree:
         try:
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
+
+
+def kill_node(node) -> None:
+    """SIGKILL to a node's whole process tree, as when the machine dies."""
+    signal_node(node, signal.SIGKILL)
     node.wait()
 
 
@@ -141,10 +147,7 @@ def test_a_frozen_node_1_stops_node_0_after_ddp_timeout(setup):
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (out / f"checkpoint-{SAVE_EVERY}").is_dir() and nodes[0].poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    import psutil
-
-    for process in [psutil.Process(nodes[1].pid), *psutil.Process(nodes[1].pid).children(recursive=True)]:
-        process.send_signal(signal.SIGSTOP)
+    signal_node(nodes[1], signal.SIGSTOP)
     frozen = time.monotonic()
     try:
         status = nodes[0].wait(timeout=FROZEN_TIMEOUT_S + STOP_BOUND_S)
