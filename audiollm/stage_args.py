@@ -42,6 +42,10 @@ class ModelArguments:
     ctc_layer: int = field(default=0, metadata={"help": "Which encoder output the CTC head reads: 0 = the last "
                            "(what the projector gets), k = layer k's (intermediate CTC: the layers above stay free "
                            "for what the transcript does not say, such as who speaks)."})
+    encoder_dropout: float | None = field(default=None, metadata={"help": "Dropout on the encoder's residual "
+                                          "branches (Whisper's `dropout`) while this stage trains; not saved in "
+                                          "the folder's config. None keeps the config's value (0 in Whisper and "
+                                          "Qwen2-Audio)."})
 
     def __post_init__(self):
         if self.train_llm and self.llm_lora_r:
@@ -50,6 +54,8 @@ class ModelArguments:
             raise ValueError("choose train_encoder (full weights) or encoder_lora_r > 0 (LoRA), not both")
         if self.ctc_weight < 0:
             raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.encoder_dropout is not None and not 0 <= self.encoder_dropout < 1:
+            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
         if self.ctc_weight and (not self.train_encoder or self.uses_lora):
             raise ValueError("ctc_weight > 0 trains the encoder through a CTC head: it needs train_encoder: true "
                              "and no LoRA (the head would not reach a merged adapter folder)")

@@ -125,6 +125,8 @@ def load_model(model_args: ModelArguments):
                   llm=model_args.train_llm)
     model.loss_chunk_tokens = model_args.lean_loss_chunk_tokens
     model.audio_tower.packed = model_args.packed_encoder
+    if model_args.encoder_dropout is not None:
+        model.audio_tower.set_dropout(model_args.encoder_dropout)
     if model_args.ctc_weight:
         add_ctc_head(model, model_args.ctc_weight, model_args.ctc_layer)
     if model_args.packed_encoder and model.config._attn_implementation not in VARLEN_ATTENTION:

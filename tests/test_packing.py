@@ -184,6 +184,29 @@ def test_packed_encoder_switch_reaches_the_model(tokenizer, tiny_model, tmp_path
         assert model.audio_tower.packed is switch
 
 
+def test_encoder_dropout_trains_with_noise_and_saves_nothing(tokenizer, tiny_model, tmp_path):
+    """``encoder_dropout`` makes two training forwards of the same clip differ (every layer and the input drop),
+    leaves evaluation exact, and stays out of the config a stage saves; None keeps the folder's 0."""
+    from audiollm.build import save_model_folder
+    from audiollm.stage_args import ModelArguments
+    from audiollm.training import load_model
+
+    save_model_folder(tiny_model(), tokenizer, tmp_path / "model")
+    features = torch.randn(1, 128, 202, generator=torch.Generator().manual_seed(0))
+    for rate in (None, 0.0, 0.3):
+        model, _ = load_model(ModelArguments(model_name_or_path=str(tmp_path / "model"), encoder_dropout=rate))
+        encoder = model.audio_tower
+        assert [encoder.dropout, *(layer.dropout for layer in encoder.layers)] == [rate or 0.0] * 3
+        assert model.config.audio_config.dropout == 0.0  # a saved folder would not carry the rate
+        encoder.train()
+        first, second = encoder(features)[0], encoder(features)[0]
+        assert torch.equal(first, second) is (not rate)
+        encoder.eval()
+        assert torch.equal(encoder(features)[0], encoder(features)[0])
+    with pytest.raises(ValueError, match="encoder_dropout"):
+        ModelArguments(model_name_or_path="x", encoder_dropout=1.0)
+
+
 def test_packing_takes_padding_out_and_keeps_audio_in_row_order(tokenizer, speech_like):
     collator = ChatCollator(tokenizer)
     examples = rows(speech_like)

@@ -58,6 +58,14 @@ class AudioEncoder(Qwen2AudioEncoder):
         else:
             super()._init_weights(module)
 
+    def set_dropout(self, p: float) -> None:
+        """Dropout ``p`` on the positions-added input and every layer's residual branches (Whisper's ``dropout``;
+        attention and activation dropout untouched), for training only: the config, and so a saved folder, keeps
+        its own value. The layers read their rate from attributes copied at build time, so it is set on each."""
+        self.dropout = p
+        for layer in self.layers:
+            layer.dropout = p
+
     def forward(self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None):
         """(C, n_mels, T) mel chunks, T <= 3000, mask (C, T) -> hidden (C, N, d_model), token lengths (C,).
 
