@@ -46,6 +46,11 @@ VOICE_KEYS = ("original_wer", "codec_resynthesis_wer", "codec_resynthesis_gap", 
 # Figures per voice (the accent+variant that spoke the clip answered), from the harness's per-item records.
 PER_VOICE_TASKS = {"voice_chat_accuracy": "{split}_voice_chat", "analysis_accuracy": "{split}_analysis",
                    "asr_wer": "{split}/asr"}
+# The held-out rows again, every clip re-spoken in a training accent (audiollm/synth/respeak.py): the voices stay
+# unheard, the accent does not. Figure -> harness task.
+ACCENT_SWAP_TASKS = {"asr_wer": "heldout_training_accents_asr",
+                     "analysis_accuracy": "heldout_training_accents_analysis",
+                     "voice_chat_accuracy": "heldout_training_accents_voice_chat"}
 PARTS = ("all", "listening", "voice")  # --part: the whole demo, or one half (voice: on a finished listening run)
 
 
@@ -101,6 +106,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     folders too (else None)."""
     from audiollm.build import build_tiny
     from audiollm.synth.build import synth
+    from audiollm.synth.respeak import respeak
     from audiollm.tts.demo import train_voice
 
     if out.exists() and any(out.iterdir()):
@@ -108,6 +114,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     data = out / "data"
     with clock.step("synthesise a spoken corpus"):
         corpus = synth(data, seed=seed, size=corpus_size)
+        respeak(data, held_out_rows(data), seed)  # the held-out rows in training accents, scored beside them
     beside = Beside(train_voice, out / "voice" / "train.log", data, out / "voice", seed, max_steps) \
         if voice_beside else None
     with sharing_cores(beside) as share, stop_on_error(beside):
@@ -163,6 +170,16 @@ def split_chat(data: Path, split: str) -> dict[str, Path]:
     return paths
 
 
+def held_out_rows(data: Path) -> dict[str, list[dict]]:
+    """The held-out ASR, voice-chat and analysis rows, by the name their re-spoken manifests take
+    (``audiollm.synth.respeak``)."""
+    from audiollm.synth.respeak import read_jsonl
+
+    chat = split_chat(data, "heldout")
+    return {"asr": [r for r in read_jsonl(data / "heldout_pretrain.jsonl") if r["task"] == "asr"],
+            "voice_chat": read_jsonl(chat["voice_chat"]), "analysis": read_jsonl(chat["analysis"])}
+
+
 def evaluate_heldout(out: Path, data: Path) -> dict:
     """The demo's figures, from the eval harness on held-out rows only (voices and word sequences unseen), and
     the same figures on the validation split (other unseen voices and sentences), where recipe choices are made."""
@@ -178,9 +195,11 @@ def evaluate_heldout(out: Path, data: Path) -> dict:
     ci95 = {key: after["tasks"][task]["ci95"] for key, task in figure_tasks("heldout").items()}
     ci95["dpo_pref_accuracy_after"] = after["tasks"]["preference"]["ci95"]
     gain = paired_gain(out / "eval_sft" / "predictions.jsonl", out / "eval" / "predictions.jsonl", "preference")
+    swapped = {key: value(after, task) for key, task in ACCENT_SWAP_TASKS.items() if task in after["tasks"]}
+    ci95 |= {f"{key}_training_accents": after["tasks"][ACCENT_SWAP_TASKS[key]]["ci95"] for key in swapped}
     return {**figures["heldout"], "dpo_pref_accuracy_before": value(before, "preference"),
             "dpo_pref_accuracy_after": value(after, "preference"), "dpo_pref_gain": gain, "ci95": ci95,
-            "validation": figures["validation"]}
+            "validation": figures["validation"], "heldout_training_accents": swapped}
 
 
 def figure_tasks(split: str) -> dict[str, str]:
@@ -206,6 +225,10 @@ def listening_tasks(data: Path) -> dict[str, str]:
                       f"{split}_voice_chat": f"short:manifest:{chat['voice_chat']}",
                       f"{split}_analysis": f"short:manifest:{chat['analysis']}",
                       f"{split}_typed": f"short:manifest:{data / f'{split}_text.jsonl'}"})
+    for name, task in ACCENT_SWAP_TASKS.items():  # absent from corpora built before they were
+        path = data / f"{task}.jsonl"
+        if path.exists():
+            tasks[task] = f"{f'norm={WER_NORMALIZER}' if name == 'asr_wer' else 'short'}:manifest:{path}"
     return tasks
 
 
@@ -266,6 +289,9 @@ def results_table(results: dict) -> str:
                 "typed_question_accuracy", "dpo_pref_accuracy_before", "dpo_pref_accuracy_after"):
         rows.append(f"| {key} | {results[key]:.3f} | {_interval(ci95.get(key))} | "
                     f"{_cell(results['validation'].get(key))} |")
+    for key, value in results.get("heldout_training_accents", {}).items():
+        rows.append(f"| {key}, held-out rows in training accents | {value:.3f} | "
+                    f"{_interval(ci95.get(f'{key}_training_accents'))} | |")
     if "dpo_pref_gain" in results:
         gain = results["dpo_pref_gain"]
         rows.append(f"| dpo_pref_gain (paired: {gain['fixed']} pairs fixed, {gain['broken']} broken) | "
@@ -295,8 +321,11 @@ def report_markdown(results: dict, table: str) -> str:
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
         "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices, accents and word sequences never "
         "occur in training. The validation column is a second split of unseen sentences, voices and accents: the "
-        "recipes' settings are chosen on it, never on the held-out split. Every WER counts each spoken word (Whisper's "
-        f"English normaliser word by word: `{WER_NORMALIZER}`, eval/metrics.py).\n\n{table}\n\n## Time per step (s)\n\n"
+        "recipes' settings are chosen on it, never on the held-out split. The rows \"in training accents\" are the "
+        "held-out rows again with every clip re-spoken in an accent training used, its voice, text, rate and pitch "
+        "kept: they part what the listener misses on new voices from what it misses on new accents. Every WER counts "
+        f"each spoken word (Whisper's English normaliser word by word: `{WER_NORMALIZER}`, eval/metrics.py).\n\n"
+        f"{table}\n\n## Time per step (s)\n\n"
         f"| step | seconds |\n|---|---|\n{steps}\n\n"
         + (f"## Per voice\n\n{per_voice_markdown(voices)}\n\n" if voices else "")
         + "Per-item predictions: `eval/predictions.jsonl`; the harness's own report: `eval/report.md`. "

@@ -65,6 +65,14 @@ def test_results_hold_every_figure_measured(demo):
     assert codec["codec_resynthesis_gap"] == pytest.approx(codec["codec_resynthesis_wer"] - codec["original_wer"])
     typed = (out / "data" / "heldout_text.jsonl").read_text().splitlines()  # every held-out sentence, typed
     assert harness["tasks"]["heldout_typed"]["n"] == len(typed) > 0
+    # the held-out rows re-spoken in training accents: the same rows, scored by the harness beside them
+    swapped = saved["heldout_training_accents"]
+    assert set(swapped) == {"asr_wer", "analysis_accuracy", "voice_chat_accuracy"}
+    for key, task in (("asr_wer", "heldout/asr"), ("analysis_accuracy", "heldout_analysis"),
+                      ("voice_chat_accuracy", "heldout_voice_chat")):
+        assert harness["tasks"][f"heldout_training_accents_{task.split('/')[-1].removeprefix('heldout_')}"][
+            "n"] == harness["tasks"][task]["n"], key
+        assert f"| {key}, held-out rows in training accents |" in (out / "report.md").read_text()
 
 
 def test_every_stage_wrote_a_model_and_its_loss_curve(demo):

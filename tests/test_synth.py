@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -391,6 +392,35 @@ def test_heldout_never_repeats_training_words_or_voices(corpus):
                for s in splits}
     assert accents["heldout"] <= set(ACCENTS["heldout"]) and not accents["heldout"] & accents["train"]
     assert not any(c["vowels"] for c in clips)  # made-up accents are off by default
+
+
+def test_respeak_keeps_held_out_rows_texts_and_voices_in_training_accents(corpus, tmp_path):
+    from audiollm.synth.respeak import moved, respeak
+
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus, data)
+    rows = {"asr": [r for r in read_jsonl(data / "heldout_pretrain.jsonl") if r["task"] == "asr"],
+            "chat": read_jsonl(data / "heldout_sft.jsonl")}
+    paths = respeak(data, rows, seed=0)
+    for name, path in paths.items():  # the same rows, their clips moved
+        again = read_jsonl(path)
+        assert [{k: v for k, v in r.items() if k not in ("audio", "audios")} for r in again] == \
+               [{k: v for k, v in r.items() if k not in ("audio", "audios")} for r in rows[name]]
+        assert all(r["audio"].startswith("audio/heldout_training_accents/") for r in again if "audio" in r)
+    clips = {c["audio"]: c for c in read_jsonl(data / "clips.jsonl")}
+    spoken = read_jsonl(data / "heldout_training_accents_clips.jsonl")
+    assert len(spoken) == len({a for r in rows["chat"] for a in r["audios"]} | {r["audio"] for r in rows["asr"]})
+    for clip in spoken:
+        original = clips[clip["respeaks"]]
+        accent, variant = clip["voice"].split("+")
+        assert accent in ACCENTS["train"] and variant == original["voice"].split("+")[1]
+        assert (clip["text"], clip["rate"], clip["pitch"]) == (original["text"], original["rate"], original["pitch"])
+        assert clip["audio"] == moved(clip["respeaks"])
+        assert len(load_audio(data / clip["audio"])) > SAMPLE_RATE // 4
+    assert (data / spoken[0]["audio"]).read_bytes() != (data / spoken[0]["respeaks"]).read_bytes()
+    assert len({c["voice"].split("+")[0] for c in spoken}) > 1  # drawn per clip
+    with pytest.raises(ValueError, match="not a held-out clip"):
+        moved("audio/train/00001.wav")
 
 
 def test_vowel_share_gives_english_training_clips_accents_of_their_own_and_changes_nothing_else(tmp_path):
