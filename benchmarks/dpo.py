@@ -1,6 +1,7 @@
 """DPO step time and memory: a live reference model vs precomputed reference log-probs, padded vs packed batches.
 
-    python -m benchmarks.dpo                 # tiny + mid-size model, ~3 min on 2 CPU cores
+    python -m benchmarks.dpo                 # tiny + mid-size model, 1-3 s clips, ~3 min on 2 CPU cores
+    python -m benchmarks.dpo --clips librispeech --json benchmarks/results/dpo_librispeech.json
     python -m benchmarks.dpo --quick         # smoke run: tiny model, 1 round
 
 Both trainers are built exactly as ``stages/dpo.py`` builds them (full-LLM DPO, frozen encoder and projector) from
@@ -16,6 +17,10 @@ live; ``Trainer.training_step``), the step's peak memory of activations (common.
 held (MB: the live reference doubles them), the extra build time of the precompute trainer (its scoring pass over
 the dataset, minus the reference copy the live trainer loads instead), and the DPO loss of the same batch at the
 starting weights (must agree: log 2 for sigmoid).
+
+Clips (``--clips``): ``demo`` 1-3 s, uniform, like the CPU demo's; ``librispeech`` and ``short`` draw lengths from
+benchmarks/encoder.py's distributions (LibriSpeech-like: 2-25 s, mean ~12 s), as the batching and evaluation
+benchmarks do. Padding grows with the spread of lengths, so packing gains more on the second.
 
 Models: tiny (``audiollm.tiny`` test size) and mid (benchmarks/train_step.py's: LLM width 512 x 4 layers, Qwen's
 151,936-token vocabulary), random weights.
@@ -37,20 +42,30 @@ from audiollm.audio import SAMPLE_RATE
 from audiollm.build import save_model_folder
 from audiollm.model.modeling import AudioLLMForConditionalGeneration
 from audiollm.tiny import CORPUS_WORDS, tiny_tokenizer
+from benchmarks.encoder import clip_durations
 from benchmarks.common import MB, interleaved_medians, peak_memory_bytes, pick_clock, print_table, write_result
 from benchmarks.train_step import model_config
 from stages.dpo import AudioDPOTrainer, load_reference, make_preference_collator, parse_recipe
 
 VARIANTS = ("live", "packed", "precompute")
-MAX_LENGTH = 512  # tokens per sequence; the rows here take ~60-120
+MAX_LENGTH = 1024  # tokens per sequence: a 30 s clip is 750 audio tokens; the demo's rows take ~60-120
+CLIPS = ("demo", "librispeech", "short")
 
 
-def write_data(folder: Path, pairs: int, seed: int = 0) -> Path:
-    """``pairs`` preference rows with 1-3 s noise clips and answers of 3-20 words; returns the manifest."""
+def clip_seconds(clips: str, pairs: int, seed: int) -> np.ndarray:
+    """Each row's clip length: uniform 1-3 s (``demo``) or one of benchmarks/encoder.py's distributions."""
+    if clips == "demo":
+        return np.random.default_rng(seed + 1).uniform(1.0, 3.0, pairs)
+    return clip_durations(clips, pairs, seed)
+
+
+def write_data(folder: Path, pairs: int, clips: str = "demo", seed: int = 0) -> Path:
+    """``pairs`` preference rows with noise clips (lengths from ``clips``) and answers of 3-20 words; returns the
+    manifest."""
     rng = np.random.default_rng(seed)
     lines = []
-    for i in range(pairs):
-        wav = 0.1 * rng.standard_normal(int(rng.uniform(1.0, 3.0) * SAMPLE_RATE))
+    for i, seconds in enumerate(clip_seconds(clips, pairs, seed)):
+        wav = 0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))
         sf.write(folder / f"clip{i}.wav", wav.astype(np.float32), SAMPLE_RATE)
         chosen, rejected = (" ".join(rng.choice(CORPUS_WORDS, size=int(rng.integers(3, 20)))) for _ in range(2))
         lines.append(json.dumps({"messages": [{"role": "user", "content": "<audio>What does the speaker say?"}],
@@ -92,7 +107,7 @@ def bench_size(args, size: str, work: Path) -> dict:
     torch.manual_seed(0)
     model = AudioLLMForConditionalGeneration._from_config(model_config(size, tokenizer), attn_implementation="sdpa")
     save_model_folder(model, tokenizer, work / size)
-    manifest = write_data(work, args.pairs)
+    manifest = write_data(work, args.pairs, args.clips)
     trainers, build_s = {}, {}
     for variant in VARIANTS:
         trainers[variant], build_s[variant] = build_trainer(work / size, manifest, work / f"out-{variant}",
@@ -123,7 +138,8 @@ def bench_size(args, size: str, work: Path) -> dict:
         results[variant]["speedup_vs_live"] = results["live"]["step_s"] / results[variant]["step_s"]
     padded = [b["attention_mask"] for b in batches["live"]]  # (2B, S) each: positions run vs real tokens
     results["live"]["positions_per_real"] = sum(m.numel() for m in padded) / sum(int(m.sum()) for m in padded)
-    return {"clock": clock_name, "pairs": args.pairs, "batch_pairs": args.batch_size,
+    return {"clock": clock_name, "pairs": args.pairs, "batch_pairs": args.batch_size, "clips": args.clips,
+            "clip_seconds_mean": float(clip_seconds(args.clips, args.pairs, 0).mean()),
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6, "results": results}
 
 
@@ -132,6 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny, mid")
     parser.add_argument("--pairs", type=int, default=8, help="preference rows per epoch")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    parser.add_argument("--clips", default="demo", choices=CLIPS, help="clip lengths (see above)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU-time clock)")
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes.split(","):
             result = report["sizes"][size] = bench_size(args, size, Path(tmp))
             print_table(
-                f"DPO {size}: {result['parameters_m']:.1f} M parameters, {args.pairs} pairs, {args.batch_size} "
+                f"DPO {size}: {result['parameters_m']:.1f} M parameters, {args.pairs} pairs ({args.clips} clips), "
+                f"{args.batch_size} "
                 f"pairs per step, median of {args.repeats} ({result['clock']} time)",
                 ["variant", "step s", "vs live", "peak MB", "weights MB", "extra build s", "loss at start"],
                 [[v, r["step_s"], r.get("speedup_vs_live", 1.0), r["peak_mb"], r["weights_mb"],

@@ -115,7 +115,9 @@ def render_dpo(data: dict) -> str:
         rows = [[v, r["step_s"], f"{r.get('speedup_vs_live', 1.0):.2f}x", r["peak_mb"], r["weights_mb"],
                  r.get("extra_build_s", ""), f"{r['loss']:.6f}"] for v, r in result["results"].items()]
         padding = result["results"]["live"].get("positions_per_real")
-        parts.append(f"**{size}** ({result['parameters_m']:.1f} M parameters), {result['pairs']} pairs, "
+        clips = (f" ({result['clips']} clips, mean {result['clip_seconds_mean']:.1f} s)" if "clips" in result
+                 else "")
+        parts.append(f"**{size}** ({result['parameters_m']:.1f} M parameters), {result['pairs']} pairs{clips}, "
                      f"{result['batch_pairs']} per step ({result['clock']} time)"
                      + (f"; padded batches run {padding:.2f} LLM positions per real token" if padding else "")
                      + ":\n\n"
@@ -201,7 +203,7 @@ SECTIONS = [
     ("Log-mel features", "features", "features.json", render_features),
     ("SFT training step", "train_step", "train_step.json", render_train_step),
     ("SFT batches: token budget vs fixed size", "batching", "batching.json", render_batching),
-    ("DPO: live vs precomputed reference, padded vs packed", "dpo", "dpo.json", render_dpo),
+    ("DPO: live vs precomputed reference, padded vs packed", "dpo", "dpo*.json", render_dpo),
     ("Evaluation: batches by length vs file order", "eval_order", "eval_order.json", render_eval_order),
     ("Packed attention: split vs sliced pieces", "packed_attention", "packed_attention.json",
      render_packed_attention),
