@@ -1,7 +1,8 @@
 """DPO step time and memory: a live reference model vs precomputed reference log-probs, padded vs packed batches.
 
-    python -m benchmarks.dpo                 # tiny + mid-size model, 1-3 s clips, ~3 min on 2 CPU cores
-    python -m benchmarks.dpo --clips librispeech --json benchmarks/results/dpo_librispeech.json
+    python -m benchmarks.dpo                 # tiny + mid-size model, 1-3 s clips, ~6 min on one core
+    python -m benchmarks.dpo --sizes mid --clips librispeech --json benchmarks/results/dpo_librispeech.json
+                                             # ~30 min on one core
     python -m benchmarks.dpo --quick         # smoke run: tiny model, 1 round
 
 Both trainers are built exactly as ``stages/dpo.py`` builds them (full-LLM DPO, frozen encoder and projector) from
