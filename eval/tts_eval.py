@@ -127,7 +127,8 @@ def wer_gap_entry(items: list[dict], baseline: list[dict], n_resamples: int, see
     stats = [[a["errors"], b["errors"], a["words"]] for a, b in zip(items, baseline)]
     gap = lambda sums, n: float((sums[0] - sums[1]) / sums[2]) if sums[2] else 0.0  # noqa: E731
     low_high = metrics.bootstrap_ci(stats, gap, n_resamples, seed)
-    return {"value": gap(np.asarray(stats, dtype=np.float64).reshape(-1, 3).sum(axis=0), len(stats)), "ci95": list(low_high) if low_high else None, "n": len(stats)}
+    totals = np.asarray(stats, dtype=np.float64).reshape(-1, 3).sum(axis=0)  # (3,), zeros when there are no items
+    return {"value": gap(totals, len(stats)), "ci95": list(low_high) if low_high else None, "n": len(stats)}
 
 
 def scored_items(texts: Sequence[str], transcripts: Sequence[str], wavs: Sequence[np.ndarray], sample_rate: int,
