@@ -10,7 +10,7 @@ import soundfile as sf
 
 from audiollm.build import build_tiny
 from audiollm.tts.demo import TTS_VOICES, train_voice, tts_corpus, voice_manifests
-from audiollm.tts.voice_eval import agreement, measure_replies, measure_voice
+from audiollm.tts.voice_eval import EMPTY_ANSWER_SECONDS, agreement, measure_replies, measure_voice, spoken_by_espeak
 from tests.conftest import build_untrained_tts
 
 VOICES = {"train": ["en+f1", "en+m1"], "heldout": ["en+f4", "en+m7"], "validation": ["steph", "m6"]}
@@ -69,6 +69,14 @@ def test_tts_corpus_speaks_the_training_texts_in_each_tts_voice(corpus, tmp_path
 
 def test_agreement_compares_normalised_answers():
     assert agreement(["Female.", "male", "high"], ["female", "female", "High"]) == pytest.approx(2 / 3)
+
+
+def test_an_empty_answer_is_spoken_as_silence(tmp_path):
+    """A listener may answer nothing; espeak refuses an empty text, so the reply ceiling hears silence instead."""
+    wavs = spoken_by_espeak(["three", " ", "four"], ["en+m1"], tmp_path)
+    assert len(wavs) == 3 and wavs[0].size > 1_000 and wavs[2].size > 1_000
+    assert wavs[1].shape == (int(EMPTY_ANSWER_SECONDS * 16_000),) and not wavs[1].any()
+    assert sorted(p.name for p in tmp_path.glob("*.wav")) == ["0000.wav", "0002.wav"]
 
 
 def test_train_voice_writes_a_codec_and_a_tts(corpus, tmp_path):
