@@ -2,6 +2,8 @@
 
     synth (eSpeak NG, held-out voices and word sequences)  ->  init (tiny "demo" model)
     ->  text: the tiny LLM learns the facts in writing, as a released LLM knows them (the SFT module, typed rows)
+    ->  speaker: a first pretraining phase in which half the rows ask the speaker's sex (the ordinary mix never
+        teaches it: docs/demo_history.md, "Who speaks")
     ->  pretrain -> SFT -> DPO   (stages/*.py with stages/configs/*_demo.yaml, the `audiollm train` path)
     ->  eval on the held-out split (the eval/ harness)  ->  export (stock Qwen2-Audio folder)
     ->  the voice (audiollm/tts/demo.py): a codec (stages/codec.py), then a codec-token TTS decoder (stages/tts.py)
@@ -26,14 +28,16 @@ from audiollm.synth.corpus import WER_NORMALIZER
 
 log = logging.getLogger(__name__)
 
-STAGES = ("text", "pretrain", "sft", "dpo")
+STAGES = ("text", "speaker", "pretrain", "sft", "dpo")
 VOICE_TEXTS = 60  # held-out texts (and clips) the voice is measured on; each costs about 2 s of speaking
 # The stage module each demo stage runs (stages/<module>.py) and its recipe (in stages/configs/).
-STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "pretrain": ("pretrain", "pretrain_demo.yaml"),
+STAGE_RECIPES = {"text": ("sft", "sft_text_demo.yaml"), "speaker": ("pretrain", "pretrain_speaker_demo.yaml"),
+                 "pretrain": ("pretrain", "pretrain_demo.yaml"),
                  "sft": ("sft", "sft_demo.yaml"), "dpo": ("dpo", "dpo_demo.yaml")}
 # Which manifests of the corpus each stage trains on, in the order of its recipe's mix_weights. Typed questions
 # (text.jsonl) stay in the mixes so that pretraining and SFT do not wipe out what the text stage taught.
-STAGE_DATA = {"text": ["text.jsonl"], "pretrain": ["pretrain.jsonl", "text.jsonl"],
+STAGE_DATA = {"text": ["text.jsonl"], "speaker": ["pretrain.jsonl", "text.jsonl", "sex.jsonl"],
+              "pretrain": ["pretrain.jsonl", "text.jsonl"],
               "sft": ["sft.jsonl", "pretrain.jsonl", "text.jsonl", "replies.jsonl"], "dpo": ["dpo.jsonl"]}
 RESULT_KEYS = ("asr_wer", "analysis_accuracy", "voice_chat_accuracy", "dpo_pref_accuracy_before",
                "dpo_pref_accuracy_after")
@@ -115,6 +119,7 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     with clock.step("synthesise a spoken corpus"):
         corpus = synth(data, seed=seed, size=corpus_size)
         respeak(data, held_out_rows(data), seed)  # the held-out rows in training accents, scored beside them
+        task_rows(data / "pretrain.jsonl", "sex", data / "sex.jsonl")  # the speaker phase's rows, again
     beside = Beside(train_voice, out / "voice" / "train.log", data, out / "voice", seed, max_steps) \
         if voice_beside else None
     with sharing_cores(beside) as share, stop_on_error(beside):
@@ -150,6 +155,16 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
     run_recipe(module, recipe, ["--model_name_or_path", str(model), "--train_files",
                                 *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
                                 "--seed", str(seed)], max_steps, callbacks)
+
+
+def task_rows(manifest: Path, task: str, out: Path) -> int:
+    """Write the rows of a pretraining ``manifest`` that ask ``task`` to ``out`` (same audio paths, relative to the
+    same folder); returns how many."""
+    from audiollm.synth.respeak import read_jsonl
+
+    rows = [row for row in read_jsonl(manifest) if row["task"] == task]
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return len(rows)
 
 
 def is_voice_chat(row: dict) -> bool:
