@@ -159,8 +159,8 @@ def run_data_synth(args) -> int:
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the whole pipeline on a laptop CPU: synth -> init -> text -> pretrain -> SFT -> DPO -> eval -> export "
-        "-> the voice (codec, TTS)",
+        help="the whole pipeline on a laptop CPU: synth -> init -> text -> speaker -> pretrain -> SFT -> DPO -> eval "
+        "-> export -> the voice (codec, TTS)",
         description="Synthesises a spoken corpus offline, trains a tiny listening model through the three stages, "
         "scores it on a held-out split and exports it; beside the listening stages, in a second process, trains a "
         "codec and a TTS decoder on the corpus's training texts spoken in two voices; then measures the voice with "

@@ -105,7 +105,7 @@ def run_demo(out: str | Path, seed: int = 0, max_steps: int | None = None, corpu
 
 def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, corpus_size: str,
                   voice_beside: bool = False) -> tuple[dict, dict | None]:
-    """Synthesise, init, train text -> pretrain -> SFT -> DPO, evaluate, export: the listening half's figures.
+    """Synthesise, init, train text -> speaker -> pretrain -> SFT -> DPO, evaluate, export: the listening figures.
     With ``voice_beside`` the voice trains in a second process from the moment the corpus exists; returns its
     folders too (else None)."""
     from audiollm.build import build_tiny
@@ -334,12 +334,13 @@ def report_markdown(results: dict, table: str) -> str:
     voices = results.get("per_voice")
     return (
         "# audiollm demo\n\nA tiny listening model trained on CPU from speech synthesised with eSpeak NG, through "
-        "text -> pretrain -> SFT -> DPO, scored on a held-out split whose voices, accents and word sequences never "
-        "occur in training. The validation column is a second split of unseen sentences, voices and accents: the "
-        "recipes' settings are chosen on it, never on the held-out split. The rows \"in training accents\" are the "
-        "held-out rows again with every clip re-spoken in an accent training used, its voice, text, rate and pitch "
-        "kept: they part what the listener misses on new voices from what it misses on new accents. Every WER counts "
-        f"each spoken word (Whisper's English normaliser word by word: `{WER_NORMALIZER}`, eval/metrics.py).\n\n"
+        "text -> speaker -> pretrain -> SFT -> DPO, scored on a held-out split whose voices, accents and word "
+        "sequences never occur in training. The validation column is a second split of unseen sentences, voices "
+        "and accents: the recipes' settings are chosen on it, never on the held-out split. The rows \"in training "
+        "accents\" are the held-out rows again with every clip re-spoken in an accent training used, its voice, text, "
+        "rate and pitch kept: they part what the listener misses on new voices from what it misses on new accents. "
+        "Every WER counts each spoken word (Whisper's English normaliser word by word: "
+        f"`{WER_NORMALIZER}`, eval/metrics.py).\n\n"
         f"{table}\n\n## Time per step (s)\n\n"
         f"| step | seconds |\n|---|---|\n{steps}\n\n"
         + (f"## Per voice\n\n{per_voice_markdown(voices)}\n\n" if voices else "")
