@@ -119,7 +119,6 @@ def run_listening(out: Path, clock: Clock, seed: int, max_steps: int | None, cor
     with clock.step("synthesise a spoken corpus"):
         corpus = synth(data, seed=seed, size=corpus_size)
         respeak(data, held_out_rows(data), seed)  # the held-out rows in training accents, scored beside them
-        task_rows(data / "pretrain.jsonl", "sex", data / "sex.jsonl")  # the speaker phase's rows, again
     beside = Beside(train_voice, out / "voice" / "train.log", data, out / "voice", seed, max_steps) \
         if voice_beside else None
     with sharing_cores(beside) as share, stop_on_error(beside):
@@ -155,16 +154,6 @@ def run_stage(stage: str, model: Path, output: Path, data: Path, seed: int, max_
     run_recipe(module, recipe, ["--model_name_or_path", str(model), "--train_files",
                                 *[str(data / name) for name in STAGE_DATA[stage]], "--output_dir", str(output),
                                 "--seed", str(seed)], max_steps, callbacks)
-
-
-def task_rows(manifest: Path, task: str, out: Path) -> int:
-    """Write the rows of a pretraining ``manifest`` that ask ``task`` to ``out`` (same audio paths, relative to the
-    same folder); returns how many."""
-    from audiollm.synth.respeak import read_jsonl
-
-    rows = [row for row in read_jsonl(manifest) if row["task"] == task]
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return len(rows)
 
 
 def is_voice_chat(row: dict) -> bool:

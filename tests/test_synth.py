@@ -355,6 +355,15 @@ def test_replies_manifest_repeats_the_training_reply_rows_of_pretraining(corpus)
     assert not list(corpus.glob("*_replies.jsonl"))
 
 
+def test_sex_manifest_repeats_the_sex_rows_of_pretraining(corpus):
+    """sex.jsonl (the demo's speaker phase) is exactly pretrain.jsonl's sex rows, in order; no other split has one."""
+    sex, pretrain = read_jsonl(corpus / "sex.jsonl"), read_jsonl(corpus / "pretrain.jsonl")
+    summary = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))["splits"]
+    assert sex and sex == [r for r in pretrain if r["task"] == "sex"]
+    assert summary["train"]["manifests"]["sex.jsonl"] == {"sex": len(sex)}
+    assert not list(corpus.glob("*_sex.jsonl"))
+
+
 def test_labels_describe_the_clips(corpus):
     clips = {c["audio"]: c for c in read_jsonl(corpus / "clips.jsonl")}
     for row in [r for s in ("", "heldout_", "validation_") for r in read_jsonl(corpus / f"{s}pretrain.jsonl")]:

@@ -13,6 +13,8 @@ synthesised, and every manifest written. Written under DIR:
     text.jsonl       {"messages", "audios": []}: every spoken question typed, in its training sentences only
     replies.jsonl    the pretraining ASR rows that speak a reply-shaped sentence (taught answers and random
                      statements), again: SFT replays them at a weight of their own (stages/configs/sft_demo.yaml)
+    sex.jsonl        the pretraining rows that ask the speaker's sex, again: the demo's speaker phase trains on them
+                     at half its mix (stages/configs/pretrain_speaker_demo.yaml)
     heldout_pretrain.jsonl, heldout_sft.jsonl, heldout_dpo.jsonl, heldout_text.jsonl
     validation_pretrain.jsonl, validation_sft.jsonl, validation_dpo.jsonl, validation_text.jsonl
     clips.jsonl      one line per clip: what was said, by which voice, rate and pitch, the vowel moves of its own
@@ -135,6 +137,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
         for split, rows in typed.items():
             write_jsonl(tmp / manifest_name(split, "text"), rows)
         write_jsonl(tmp / "replies.jsonl", plans["train"][0]["replies"])  # rows of pretrain.jsonl, again
+        sex = [row for row in plans["train"][0]["pretrain"] if row["task"] == "sex"]
+        write_jsonl(tmp / "sex.jsonl", sex)  # the speaker phase's rows, again
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
         summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share,
                                                                     "formant_range": list(formant_range)}
@@ -142,6 +146,7 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["splits"]["train"]["manifests"]["replies.jsonl"] = {
             kind: split_counts(size, "train")["pretrain"][kind] for kind in TRAIN_ONLY}
+        summary["splits"]["train"]["manifests"]["sex.jsonl"] = {"sex": len(sex)}
         summary["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _require_empty(out)

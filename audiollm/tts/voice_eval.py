@@ -32,7 +32,6 @@ BEST_OF = 4
 NORMALIZER = WER_NORMALIZER  # the texts are the corpus's: words one after another, each a unit of WER
 CLONING_PROMPTS = 24  # prompt clips, half of each held-out voice's first clips
 QUESTIONS = {"sex": PROMPT_POOLS["sex"][0], "pitch": PROMPT_POOLS["pitch"][0]}
-ESPEAK_RATE = 16_000  # Hz, what spoken_by_espeak returns (audiollm.synth.espeak.SAMPLE_RATE)
 EMPTY_ANSWER_SECONDS = 0.1  # an empty answer "spoken": silence the listener hears (espeak refuses an empty text)
 
 
@@ -82,12 +81,13 @@ def spoken_by_espeak(texts: list[str], voices: list[str], out: Path) -> list[np.
     A blank text (a listener may answer nothing) comes back as EMPTY_ANSWER_SECONDS of silence."""
     import soundfile
 
+    from audiollm.synth.espeak import SAMPLE_RATE
     from audiollm.synth.render import render
 
     clips = [(f"{i:04d}.wav", text, voices[i % len(voices)], 175, 50) for i, text in enumerate(texts) if text.strip()]
     if clips:
         render(clips, out)
-    silence = np.zeros(int(EMPTY_ANSWER_SECONDS * ESPEAK_RATE), dtype=np.float32)
+    silence = np.zeros(int(EMPTY_ANSWER_SECONDS * SAMPLE_RATE), dtype=np.float32)
     return [soundfile.read(out / f"{i:04d}.wav", dtype="float32")[0] if text.strip() else silence
             for i, text in enumerate(texts)]
 
