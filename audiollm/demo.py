@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from audiollm.beside import Beside, ShareCores, sharing_cores, stop_on_error
-from audiollm.synth.corpus import WER_NORMALIZER
+from audiollm.synth.corpus import WER_NORMALIZER, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -163,22 +163,20 @@ def is_voice_chat(row: dict) -> bool:
 
 def split_chat(data: Path, split: str) -> dict[str, Path]:
     """A split's SFT rows as two manifests: voice chat (every user turn is only spoken audio) and analysis."""
-    rows = [json.loads(line) for line in (data / f"{split}_sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(data / f"{split}_sft.jsonl")
     spoken = [is_voice_chat(r) for r in rows]
     parts = {"voice_chat": [r for r, s in zip(rows, spoken) if s],
              "analysis": [r for r, s in zip(rows, spoken) if not s]}
     paths = {}
     for name, part in parts.items():
         paths[name] = data / f"{split}_{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        write_jsonl(paths[name], part)
     return paths
 
 
 def held_out_rows(data: Path) -> dict[str, list[dict]]:
     """The held-out ASR, voice-chat and analysis rows, by the name their re-spoken manifests take
     (``audiollm.synth.respeak``)."""
-    from audiollm.synth.respeak import read_jsonl
-
     chat = split_chat(data, "heldout")
     return {"asr": [r for r in read_jsonl(data / "heldout_pretrain.jsonl") if r["task"] == "asr"],
             "voice_chat": read_jsonl(chat["voice_chat"]), "analysis": read_jsonl(chat["analysis"])}
@@ -244,7 +242,7 @@ def per_voice(predictions: Path, data: Path) -> dict:
     from eval.items import read_records
     from eval.tasks import aggregator
 
-    clips = (json.loads(line) for line in (data / "clips.jsonl").read_text(encoding="utf-8").splitlines())
+    clips = read_jsonl(data / "clips.jsonl")
     voice_of = {clip["audio"]: clip["voice"] for clip in clips}
     records = [r for r in read_records(predictions) if r.get("stats") is not None and r.get("audios")]
     table: dict = {}

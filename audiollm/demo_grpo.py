@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 
 from audiollm.demo import figure_tasks, is_voice_chat, listening_tasks, split_figures
+from audiollm.synth.corpus import read_jsonl, write_jsonl
 from audiollm.tts.demo import run_recipe
 from eval.report import paired_gain
 
 
 def voice_chat_prompts(data: Path) -> Path:
     """The training split's voice-chat rows (``sft.jsonl``) as the GRPO manifest, beside it in ``data``."""
-    rows = [json.loads(line) for line in (data / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     path = data / "voice_chat_train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if is_voice_chat(r)), encoding="utf-8")
+    write_jsonl(path, [r for r in read_jsonl(data / "sft.jsonl") if is_voice_chat(r)])
     return path
 
 

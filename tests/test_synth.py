@@ -18,7 +18,7 @@ from audiollm.prompts import PROMPT_POOLS
 from audiollm.synth import espeak
 from audiollm.synth import questions
 from audiollm.synth.build import check_heldout, synth
-from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, plan_split, taught_answers
+from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, plan_split, read_jsonl, taught_answers
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.render import render
@@ -242,10 +242,6 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "seed0"
     synth(out, seed=0, size="tiny")
     return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def manifest_files(root: Path) -> dict[str, list[dict]]:

@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from audiollm.chat import count_audio_markers
-from audiollm.synth.corpus import LANGUAGES, MANIFESTS, Clip, plan_split, typed_rows
+from audiollm.synth.corpus import LANGUAGES, MANIFESTS, Clip, plan_split, typed_rows, write_jsonl
 from audiollm.synth.espeak import FORMANT_SCALE_MAX, FORMANT_SCALE_MIN, SAMPLE_RATE
 from audiollm.synth.render import render
 from audiollm.synth.splits import SPLITS, TRAIN_ONLY, CorpusError, split_counts
@@ -74,11 +74,6 @@ def check_chat_rows(rows: list[dict], name: str) -> None:
 def manifest_name(split: str, manifest: str) -> str:
     """``sft.jsonl`` for training, ``heldout_sft.jsonl`` / ``validation_sft.jsonl`` for the others."""
     return f"{manifest}.jsonl" if split == "train" else f"{split}_{manifest}.jsonl"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def summarise(seed: int, size: str, clips: list[Clip], samples: list[int], espeak: str) -> dict:

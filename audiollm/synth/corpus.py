@@ -11,8 +11,10 @@ untuned. The plan depends on the seed and size only.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from audiollm.chat import AUDIO_MARKER
 from audiollm.synth.accents import draw_accent
@@ -135,6 +137,16 @@ class Speaker:
             scale = round(self.rng(f"formants {path}").uniform(*self.formant_range), 3)
         self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels, scale))
         return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """A manifest of the corpus (or one the demo derives from it), one JSON object per line."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def words_text(rng: random.Random, language: str = "en", span: tuple[int, int] = WORDS_PER_CLIP) -> str:

@@ -18,18 +18,14 @@ held-out split's, so they are as unseen as before; only the accent is a familiar
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from audiollm.synth.corpus import read_jsonl, write_jsonl
 from audiollm.synth.render import render
 from audiollm.synth.voices import ACCENTS
 
 NAME = "heldout_training_accents"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def moved(audio: str) -> str:
@@ -74,9 +70,9 @@ def respeak(data: str | Path, rows: dict[str, list[dict]], seed: int = 0) -> dic
     render(plan, data)
     lines = [{"audio": a, "text": t, "voice": v, "rate": r, "pitch": p, "respeaks": o} for (a, t, v, r, p), o in
              zip(plan, audios)]
-    (data / f"{NAME}_clips.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    write_jsonl(data / f"{NAME}_clips.jsonl", lines)
     paths = {}
     for name, part in rows.items():
         paths[name] = data / f"{NAME}_{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(with_moved_audio(r)) + "\n" for r in part), encoding="utf-8")
+        write_jsonl(paths[name], [with_moved_audio(r) for r in part])
     return paths

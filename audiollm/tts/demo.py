@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from audiollm.synth.corpus import read_jsonl, write_jsonl
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "stages" / "configs"
 # English clips only: the TTS learns one language's spelling-to-sound; the codec hears the same speech.
 LANGUAGE = "en"
@@ -51,7 +53,7 @@ def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
     """{train, heldout, validation}: the corpus's English clips of each split as {"audio", "text", "voice", "sex",
     "words"} rows. Training's include the spoken answers the listener learns to transcribe (the corpus's
     ``taught_answers``), so the TTS speaks sentences of the form of its replies too ("before six comes five")."""
-    clips = [json.loads(line) for line in (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    clips = read_jsonl(corpus / "clips.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
     for split in ("train", "heldout", "validation"):
@@ -60,7 +62,7 @@ def voice_manifests(corpus: Path, out: Path) -> dict[str, Path]:
                 for c in clips if c["split"] == split and c["language"] == LANGUAGE]
         rows = rows if split == "train" else rows[:EVAL_ROWS]
         manifests[split] = out / f"voice_{split}.jsonl"
-        manifests[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_jsonl(manifests[split], rows)
     return manifests
 
 
@@ -71,7 +73,7 @@ def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
     from audiollm.synth.render import render
     from audiollm.synth.voices import PITCH_NORMAL, RATE_NORMAL
 
-    clips = [json.loads(line) for line in (corpus / "clips.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    clips = read_jsonl(corpus / "clips.jsonl")
     texts = list(dict.fromkeys(c["text"] for c in clips if c["split"] == "train" and c["language"] == LANGUAGE))
     texts = texts[:TTS_TEXTS]
     rng = random.Random(f"{seed}:tts voices")
@@ -81,7 +83,7 @@ def tts_corpus(corpus: Path, out: Path, seed: int) -> Path:
     rows = [{"audio": str((out / audio).resolve()), "text": text, "voice": voice, "sex": sex,
              **word_times(text, word_starts)} for (audio, text, voice, sex, *_), word_starts in zip(plan, starts)]
     manifest = out / "voice_tts_train.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(manifest, rows)
     return manifest
 
 

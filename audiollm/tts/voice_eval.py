@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from audiollm.prompts import PROMPT_POOLS
-from audiollm.synth.corpus import WER_NORMALIZER
+from audiollm.synth.corpus import WER_NORMALIZER, read_jsonl
 from eval import metrics
 from eval.speech import to_listener_rate
 
@@ -33,10 +33,6 @@ NORMALIZER = WER_NORMALIZER  # the texts are the corpus's: words one after anoth
 CLONING_PROMPTS = 24  # prompt clips, half of each held-out voice's first clips
 QUESTIONS = {"sex": PROMPT_POOLS["sex"][0], "pitch": PROMPT_POOLS["pitch"][0]}
 EMPTY_ANSWER_SECONDS = 0.1  # an empty answer "spoken": silence the listener hears (espeak refuses an empty text)
-
-
-def read_rows(manifest: Path) -> list[dict]:
-    return [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line]
 
 
 def ask(listener, wavs: list[np.ndarray], sample_rate: int, question: str) -> list[str]:
@@ -181,7 +177,7 @@ def measure_voice(tts_dir: Path, listener_dir: Path, manifest: Path, out: Path, 
 
     out.mkdir(parents=True, exist_ok=True)
     tts, listener, sampling = load_models(tts_dir, listener_dir, sampling, seed)
-    rows = read_rows(manifest)
+    rows = read_jsonl(manifest)
     unique = list(dict.fromkeys(r["text"] for r in rows))[:texts]
     clips = rows[:texts]
     codec = codec_resynthesis_wer(tts.codec, [r["audio"] for r in clips], [r["text"] for r in clips], listener,
