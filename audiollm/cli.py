@@ -23,7 +23,7 @@ from audiollm.data_check_cli import add_check_parser
 from audiollm.export_cli import add_export_parser
 from audiollm.model.config import PROJECTORS
 from audiollm.serve import add_serve_parser
-from audiollm.synth.voices import FORMANT_RANGE, VOWEL_SHARE
+from audiollm.synth.voices import FORMANT_RANGE, TABLE_SHARE, VOWEL_SHARE
 from audiollm.tts.cli import add_tts_commands
 from eval.cli import add_eval_parser, add_eval_tts_parser
 
@@ -141,6 +141,9 @@ def add_data_parser(subparsers) -> None:
     s.add_argument("--formant-range", type=float, nargs=2, default=FORMANT_RANGE, metavar=("LOW", "HIGH"),
                    help="each training clip in a vocal tract of its own: the voice's formant frequencies times a "
                    f"factor drawn from LOW-HIGH (default {FORMANT_RANGE[0]} {FORMANT_RANGE[1]}; 1 1: as shipped)")
+    s.add_argument("--table-share", type=float, default=TABLE_SHARE, metavar="P",
+                   help="each English training clip, with probability P, in its accent's rules spoken with another "
+                   f"training accent's phoneme table (default {TABLE_SHARE}; 0: every accent as shipped)")
     s.set_defaults(run=run_data_synth, parser=s)
     add_check_parser(jobs)
 
@@ -149,7 +152,7 @@ def run_data_synth(args) -> int:
     from audiollm.synth.build import synth
 
     summary = synth(args.out, seed=args.seed, size=args.size, vowel_share=args.vowel_share,
-                    formant_range=tuple(args.formant_range))
+                    formant_range=tuple(args.formant_range), table_share=args.table_share)
     for split, info in summary["splits"].items():
         print(f"{split}: {info['clips']} clips, {info['audio_seconds']:.0f} s of audio")
     print(f"wrote {args.out}")

@@ -22,7 +22,7 @@ from audiollm.synth.corpus import ANALYSIS_QUESTIONS, Clip, Speaker, plan_split,
 from audiollm.synth.splits import CorpusError, question_splits, text_split
 from audiollm.synth.espeak import Espeak, EspeakError
 from audiollm.synth.render import render
-from audiollm.synth.voices import ACCENTS, VARIANTS
+from audiollm.synth.voices import ACCENTS, PHONEME_TABLES, VARIANTS
 from audiollm.synth.questions import NUMBER_WORDS, QUESTION_FORMS, spoken_question
 
 SENTENCE = "what is three plus four"
@@ -111,18 +111,18 @@ def test_formant_scale_moves_the_formants_and_keeps_the_pitch(tts, voice):
         tts.synth(text, voice, formant_scale=3.0)
 
 
-def test_scaled_voice_is_the_language_file_then_the_variant_with_all_formants_written_out():
-    text = espeak.scaled_voice("en-029+m6", 1.1)
+def test_composed_voice_is_the_language_file_then_the_variant_with_all_formants_written_out():
+    text = espeak.composed_voice("en-029+m6", 1.1)
     lines = text.splitlines()
     assert lines[0] == "name English (Caribbean)" and "name male6" not in lines  # the variant's name is dropped
     formants = [line.split() for line in lines if line.startswith("formant")]
     assert [int(f[1]) for f in formants] == list(range(espeak.FORMANTS))
     assert formants[0][2:] == ["110", "90", "120"]  # m6: formant 0 100 90 120, times 1.1
     assert formants[7][2:] == ["110", "-1", "-1"]  # m6 leaves formant 7 at espeak's own: 100 %, scaled
-    assert espeak.scaled_voice("en-029", 1.0).count("formant 1 98 100 100") == 1  # no variant: the language's
+    assert espeak.composed_voice("en-029", 1.0).count("formant 1 98 100 100") == 1  # no variant: the language's
     assert lines.index("pitch 82 117") > lines.index("phonemes en-wi")  # the variant's settings come last
     with pytest.raises(EspeakError, match="unknown language voice 'xx'"):
-        espeak.scaled_voice("xx+m6", 1.1)
+        espeak.composed_voice("xx+m6", 1.1)
 
 
 SPEAK_ONCE = """
@@ -130,26 +130,55 @@ import ctypes, sys
 from audiollm.synth import espeak
 with espeak._Engine.lock:
     lib = espeak._engine().lib
-if sys.argv[1] == "file":
-    path = espeak._voice_file(espeak.scaled_voice(sys.argv[2], 1.0), "test")
+how, voice, table = sys.argv[1:4]
+if how == "file":
+    path = espeak._voice_file(espeak.composed_voice(voice, 1.0, table), "test")
     assert lib.espeak_ng_SetVoiceByFile(path.encode()) == 0
     lib.espeak_SetVoiceByName = lambda name: 0  # synth() must not reselect the voice by name
-sys.stdout.buffer.write(espeak.Espeak().synth("what is three plus four", sys.argv[2]).tobytes())
+sys.stdout.buffer.write(espeak.Espeak().synth("what is three plus four", voice).tobytes())
 """
+
+
+def speak_once(how: str, voice: str, table: str = "") -> np.ndarray:
+    """In a fresh process (espeak's wave generator keeps state between utterances): by name or a composed file."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SPEAK_ONCE, how, voice, table], capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    return np.frombuffer(run.stdout, dtype=np.float32)
 
 
 @pytest.mark.parametrize("voice", ["en-US+m1", "en-029+klatt5", "en-029+fast", "en-029"])
 def test_a_voice_file_composed_at_scale_one_speaks_as_the_named_voice_sample_for_sample(voice):
-    import subprocess
-    import sys
-
-    def speak(how):  # each in a fresh process: espeak's wave generator keeps state between utterances
-        run = subprocess.run([sys.executable, "-c", SPEAK_ONCE, how, voice], capture_output=True)
-        assert run.returncode == 0, run.stderr.decode()
-        return np.frombuffer(run.stdout, dtype=np.float32)
-
-    by_name, by_file = speak("name"), speak("file")
+    by_name, by_file = speak_once("name", voice), speak_once("file", voice)
     assert by_name.size > 8_000 and np.array_equal(by_name, by_file)
+
+
+@pytest.mark.parametrize("accent", ACCENTS["train"])
+def test_each_training_accent_with_its_own_phoneme_table_is_the_shipped_accent(accent):
+    """PHONEME_TABLES names each training accent's own table: composed with it, the voice is espeak's own."""
+    voice = f"{accent}+m3"
+    assert np.array_equal(speak_once("name", voice), speak_once("file", voice, PHONEME_TABLES[accent]))
+
+
+def test_new_york_english_is_american_rules_with_a_phoneme_table_of_its_own():
+    """What --table-share builds on: an accent is its rules plus its table, and swapping the table alone gives
+    another accent (here the held-out one, which training never hears)."""
+    nyc = speak_once("name", "en-US-nyc+f1")
+    assert np.array_equal(nyc, speak_once("file", "en-US+f1", "en-us-nyc"))
+    assert not np.array_equal(nyc[:8_000], speak_once("name", "en-US+f1")[:8_000])
+    assert {"en", "en-us", "en-us-nyc", "en-rp", "en-sc", "fr"} <= espeak.phoneme_tables()
+    assert espeak.language_table("en-US-nyc") == "en-us-nyc" and espeak.language_table("en") == ""
+
+
+def test_an_unknown_phoneme_table_is_refused_before_espeak_speaks_garbage(tts):
+    with pytest.raises(EspeakError, match="unknown phoneme table 'en-xx'"):
+        tts.synth("three", "en-US+f1", phoneme_table="en-xx")
+    with pytest.raises(EspeakError, match="unknown phoneme table 'en-xx'"):
+        espeak.composed_voice("en-US+f1", 1.0, "en-xx")
+    wav = tts.synth("three plus four", "en-US+f1", phoneme_table="en-rp")
+    assert wav.size > 8_000 and np.isfinite(wav).all() and np.abs(wav).max() <= 1.0
 
 
 def test_spoken_questions_have_right_answers():
@@ -453,7 +482,24 @@ def test_formant_range_gives_each_training_clip_a_vocal_tract_of_its_own_and_cha
     assert not (tmp_path / "corpus").exists()
 
 
-def test_data_synth_command_passes_the_formant_range_and_refuses_a_reversed_one(tmp_path, monkeypatch, capsys):
+def test_table_share_mixes_two_training_accents_in_training_clips_only_and_changes_nothing_else(tmp_path):
+    _, clips = plan_split("train", 0, "small")
+    _, mixed = plan_split("train", 0, "small", table_share=0.5)
+    assert [replace(c, phoneme_table="") for c in mixed] == clips  # the same utterances, voices, rates, pitches
+    english = [c for c in mixed if c.language == "en"]
+    tabled = [c for c in english if c.phoneme_table]
+    assert 0.4 < len(tabled) / len(english) < 0.6 and not any(c.phoneme_table for c in mixed if c.language != "en")
+    accents = {table: accent for accent, table in PHONEME_TABLES.items()}
+    assert all(accents[c.phoneme_table] != c.voice.partition("+")[0] for c in tabled)  # another accent's table
+    assert len({(c.voice.partition("+")[0], c.phoneme_table) for c in tabled}) == 20  # every pair of the five
+    for split in ("heldout", "validation"):  # the shipped accents in the splits that measure
+        assert not any(c.phoneme_table for c in plan_split(split, 0, "small", table_share=0.5)[1])
+    with pytest.raises(CorpusError, match="table_share must be within 0-1"):
+        synth(tmp_path / "corpus", table_share=-0.1)
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_data_synth_command_passes_its_options_and_refuses_a_reversed_formant_range(tmp_path, monkeypatch, capsys):
     from audiollm import cli
     from audiollm.synth import build
 
@@ -464,8 +510,9 @@ def test_data_synth_command_passes_the_formant_range_and_refuses_a_reversed_one(
         return {"splits": {}}
 
     monkeypatch.setattr(build, "synth", fake_synth)
-    assert cli.main(["data", "synth", "--out", str(tmp_path / "c"), "--formant-range", "0.9", "1.1"]) == 0
-    assert seen["formant_range"] == (0.9, 1.1)
+    assert cli.main(["data", "synth", "--out", str(tmp_path / "c"), "--formant-range", "0.9", "1.1",
+                     "--table-share", "0.5"]) == 0
+    assert seen["formant_range"] == (0.9, 1.1) and seen["table_share"] == 0.5
     monkeypatch.undo()
     with pytest.raises(SystemExit) as stop:
         cli.main(["data", "synth", "--out", str(tmp_path / "c"), "--formant-range", "1.1", "0.9"])
@@ -494,6 +541,12 @@ def test_check_heldout_refuses_shared_words_or_voices():
     with pytest.raises(CorpusError, match="train and heldout"):  # a typed question is a training utterance
         check_heldout([clip("train", "one two", "en+f1"), validation, clip("heldout", "three", "en-029+f4")],
                       typed=("three",))
+    heldout = clip("heldout", "three", "en-029+f4")
+    check_heldout([replace(clip("train", "one two", "en+f1"), phoneme_table="en-us"), validation, heldout])
+    with pytest.raises(CorpusError, match="phoneme tables of other accents"):  # New York's table, in training
+        check_heldout([replace(clip("train", "one two", "en-US+f1"), phoneme_table="en-us-nyc"), validation, heldout])
+    with pytest.raises(CorpusError, match="phoneme tables of other accents"):
+        check_heldout([clip("train", "one two", "en+f1"), replace(validation, phoneme_table="en"), heldout])
 
 
 def test_full_corpus_evaluates_on_the_same_rows_whatever_its_training_size(monkeypatch):

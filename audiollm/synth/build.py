@@ -38,10 +38,10 @@ from pathlib import Path
 
 from audiollm.chat import count_audio_markers
 from audiollm.synth.corpus import LANGUAGES, MANIFESTS, Clip, plan_split, typed_rows, write_jsonl
-from audiollm.synth.espeak import FORMANT_SCALE_MAX, FORMANT_SCALE_MIN, SAMPLE_RATE
+from audiollm.synth.espeak import FORMANT_SCALE_MAX, FORMANT_SCALE_MIN, SAMPLE_RATE, language_table
 from audiollm.synth.render import render
 from audiollm.synth.splits import SPLITS, TRAIN_ONLY, CorpusError, split_counts
-from audiollm.synth.voices import FORMANT_RANGE, VOWEL_SHARE
+from audiollm.synth.voices import ACCENTS, FORMANT_RANGE, TABLE_SHARE, VOWEL_SHARE
 
 
 def check_heldout(clips: list[Clip], typed: tuple[str, ...] = ()) -> None:
@@ -61,6 +61,11 @@ def check_heldout(clips: list[Clip], typed: tuple[str, ...] = ()) -> None:
             others = set().union(*(used[o] for o in SPLITS if o != split))
             if not used[split] or used[split] & others:
                 raise CorpusError(f"{split} {name} {sorted(used[split])} must all be unused in other splits")
+    mixed = {split: {c.phoneme_table for c in clips if c.split == split and c.phoneme_table} for split in SPLITS}
+    unheard = {language_table(a) for split in ("heldout", "validation") for a in ACCENTS[split]}
+    if mixed["heldout"] or mixed["validation"] or mixed["train"] & unheard:
+        raise CorpusError(f"phoneme tables of other accents are for training clips only, never a held-out or "
+                          f"validation accent's {sorted(unheard)}; got {mixed}")
 
 
 def check_chat_rows(rows: list[dict], name: str) -> None:
@@ -98,31 +103,39 @@ def _require_empty(out: Path) -> None:
                           "choose a new --out or delete this one")
 
 
-def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_share: float = VOWEL_SHARE,
-          formant_range: tuple[float, float] = FORMANT_RANGE) -> dict:
-    """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary. ``vowel_share``: how
-    much of each English training clip's vowel system its own accent moves (``audiollm.synth.accents``);
-    ``formant_range``: the (low, high) factor on each training clip's formant frequencies (``synth/voices.py``).
-
-    The corpus is assembled in a hidden sibling folder and renamed into place, so a failed build leaves nothing.
-    """
-    start = time.perf_counter()
-    out = Path(out)
-    _require_empty(out)
+def _check_options(vowel_share: float, formant_range: tuple[float, float], table_share: float) -> None:
     if not 0.0 <= vowel_share <= 1.0:
         raise CorpusError(f"vowel_share must be within 0-1 (a probability per vowel), got {vowel_share}")
     low, high = formant_range
     if not FORMANT_SCALE_MIN <= low <= high <= FORMANT_SCALE_MAX:
         raise CorpusError(f"formant_range must be (low, high) with {FORMANT_SCALE_MIN} <= low <= high <= "
                           f"{FORMANT_SCALE_MAX}, got {formant_range}")
-    plans = {split: plan_split(split, seed, size, vowel_share, formant_range) for split in SPLITS}
+    if not 0.0 <= table_share <= 1.0:
+        raise CorpusError(f"table_share must be within 0-1 (a probability per clip), got {table_share}")
+
+
+def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_share: float = VOWEL_SHARE,
+          formant_range: tuple[float, float] = FORMANT_RANGE, table_share: float = TABLE_SHARE) -> dict:
+    """Build the corpus in ``out`` (new or empty folder); returns the ``corpus.json`` summary. ``vowel_share``: how
+    much of each English training clip's vowel system its own accent moves (``audiollm.synth.accents``);
+    ``formant_range``: the (low, high) factor on each training clip's formant frequencies; ``table_share``: the
+    share of English training clips spoken with another training accent's phoneme table (``synth/voices.py``).
+
+    The corpus is assembled in a hidden sibling folder and renamed into place, so a failed build leaves nothing.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    _require_empty(out)
+    _check_options(vowel_share, formant_range, table_share)
+    plans = {split: plan_split(split, seed, size, vowel_share, formant_range, table_share) for split in SPLITS}
     clips = [c for split in SPLITS for c in plans[split][1]]
     typed = {split: typed_rows(seed, split) for split in SPLITS}
     check_heldout(clips, tuple(row["messages"][0]["content"] for row in typed["train"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        plan = [(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels, c.formant_scale) for c in clips]
+        plan = [(c.audio, c.text, c.voice, c.rate, c.pitch, c.vowels, c.formant_scale, c.phoneme_table)
+                for c in clips]
         samples, espeak, word_starts = render(plan, tmp)
         for split, (rows, _) in plans.items():
             for manifest in MANIFESTS:
@@ -135,8 +148,8 @@ def synth(out: str | os.PathLike, seed: int = 0, size: str = "small", vowel_shar
         sex = [row for row in plans["train"][0]["pretrain"] if row["task"] == "sex"]
         write_jsonl(tmp / "sex.jsonl", sex)  # the speaker phase's rows, again
         write_jsonl(tmp / "clips.jsonl", [asdict(c) | {"word_starts": w} for c, w in zip(clips, word_starts)])
-        summary = summarise(seed, size, clips, samples, espeak) | {"vowel_share": vowel_share,
-                                                                    "formant_range": list(formant_range)}
+        summary = summarise(seed, size, clips, samples, espeak) | {
+            "vowel_share": vowel_share, "formant_range": list(formant_range), "table_share": table_share}
         for split, rows in typed.items():
             summary["splits"][split]["manifests"][manifest_name(split, "text")] = {"typed_question": len(rows)}
         summary["splits"]["train"]["manifests"]["replies.jsonl"] = {

@@ -23,8 +23,8 @@ from audiollm.synth.questions import (
 )
 from audiollm.synth.splits import CorpusError, question_splits, split_counts, text_split
 from audiollm.synth.voices import (
-    ACCENTS, FORMANT_RANGE, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW, VARIANTS,
-    VOWEL_SHARE,
+    ACCENTS, FORMANT_RANGE, PHONEME_TABLES, PITCH_HIGH, PITCH_LOW, PITCH_NORMAL, RATE_FAST, RATE_NORMAL, RATE_SLOW,
+    TABLE_SHARE, VARIANTS, VOWEL_SHARE,
 )
 
 MANIFESTS = ("pretrain", "sft", "dpo")
@@ -77,6 +77,7 @@ class Clip:
     pitch: int  # espeak 0-100
     vowels: dict[str, str] = field(default_factory=dict)  # vowel moves of the clip's own accent (synth/accents.py)
     formant_scale: float = 1.0  # on the voice's formant frequencies (its own vocal tract; synth/voices.py)
+    phoneme_table: str = ""  # another accent's phoneme table for the voice's accent ("": its own; synth/voices.py)
 
 
 @dataclass
@@ -93,10 +94,11 @@ class Speaker:
     """Draws what one split says and who says it, and records every clip it creates."""
 
     def __init__(self, split: str, seed: int, vowel_share: float = VOWEL_SHARE,
-                 formant_range: tuple[float, float] = FORMANT_RANGE):
+                 formant_range: tuple[float, float] = FORMANT_RANGE, table_share: float = TABLE_SHARE):
         self.split, self.seed = split, seed
         self.vowel_share = vowel_share if split == "train" else 0.0  # made-up accents: training clips only
         self.formant_range = formant_range if split == "train" else (1.0, 1.0)  # and made-up vocal tracts
+        self.table_share = table_share if split == "train" else 0.0  # and accents that mix two of training's
         self.clips: list[Clip] = []
 
     def rng(self, name: str) -> random.Random:
@@ -135,8 +137,18 @@ class Speaker:
         scale = 1.0
         if self.formant_range != (1.0, 1.0):  # its own generator too
             scale = round(self.rng(f"formants {path}").uniform(*self.formant_range), 3)
-        self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels, scale))
+        table = self.other_table(path, accent) if language == "en" else ""
+        self.clips.append(Clip(path, self.split, text, language, voice, sex, words_per_minute, pitch, vowels, scale,
+                               table))
         return path
+
+    def other_table(self, path: str, accent: str) -> str:
+        """With probability ``table_share``, the phoneme table of another training accent than ``accent`` (its own
+        generator, so the share changes nothing else); otherwise "" (the accent's own)."""
+        rng = self.rng(f"table {path}")
+        if not self.table_share or rng.random() >= self.table_share:
+            return ""
+        return PHONEME_TABLES[rng.choice([a for a in ACCENTS["train"] if a != accent])]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -320,10 +332,11 @@ def typed_rows(seed: int, split: str = "train") -> list[dict]:
 
 
 def plan_split(split: str, seed: int, size: str, vowel_share: float = VOWEL_SHARE,
-               formant_range: tuple[float, float] = FORMANT_RANGE) -> tuple[dict[str, list[dict]], list[Clip]]:
+               formant_range: tuple[float, float] = FORMANT_RANGE, table_share: float = TABLE_SHARE
+               ) -> tuple[dict[str, list[dict]], list[Clip]]:
     """Every row of one split (shuffled per manifest) and the clips they need, without synthesising anything."""
     counts = split_counts(size, split)
-    s = Speaker(split, seed, vowel_share, formant_range)
+    s = Speaker(split, seed, vowel_share, formant_range, table_share)
     rows = dict(zip(("pretrain", "replies"), pretrain_rows(s, counts["pretrain"])))
     for manifest in ("sft", "dpo"):
         rows[manifest] = chat_rows(s, manifest, counts[manifest])

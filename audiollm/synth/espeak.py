@@ -43,6 +43,9 @@ VOLUME_DEFAULT = 100  # percent
 FORMANTS = 9  # a voice file's "formant <n> <frequency %> <height %> <width %>" lines, n = 0-8; 100 % by default
 FORMANT_SCALE_MIN, FORMANT_SCALE_MAX = 0.5, 2.0  # formant_scale accepted (a vocal tract half to twice as long)
 VOICE_PATH_MAX = 59  # characters of a voice file path that espeak_ng_SetVoiceByFile reads (58 loads, 60 not)
+# phontab, the compiled phoneme tables: a 4-byte header whose first byte counts the tables, then per table a 4-byte
+# header (first byte: its phoneme count), its name (NUL-padded to 32 bytes) and 16 bytes per phoneme.
+PHONTAB_NAME_BYTES, PHONTAB_PHONEME_BYTES = 32, 16
 
 # speak_lib.h constants (ESPEAK_API_REVISION 12, espeak-ng 1.52).
 AUDIO_OUTPUT_SYNCHRONOUS = 2  # no audio device; espeak_Synth returns after the callback received everything
@@ -187,23 +190,66 @@ def _language_files() -> dict[str, str]:
     return {name: os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names}
 
 
-def scaled_voice(voice: str, formant_scale: float) -> str:
+@functools.lru_cache(maxsize=1)
+def phoneme_tables() -> frozenset[str]:
+    """The phoneme tables the voice data holds ("en", "en-us", "en-us-nyc", "fr"...), read from its phontab. espeak
+    itself takes an unknown table with a message on stderr and speaks garbage, so names are checked against these."""
+    import espeakng_loader
+
+    with open(os.path.join(espeakng_loader.get_data_path(), "phontab"), "rb") as f:
+        data = f.read()
+    names, at = set(), 4
+    for _ in range(data[0]):
+        name = data[at + 4:at + 4 + PHONTAB_NAME_BYTES]
+        names.add(name.split(b"\0", 1)[0].decode("ascii"))
+        at += 4 + PHONTAB_NAME_BYTES + data[at] * PHONTAB_PHONEME_BYTES
+    return frozenset(names)
+
+
+def composed_voice(voice: str, formant_scale: float = 1.0, phoneme_table: str = "") -> str:
     """The text of a voice file that speaks as ``voice`` ("en-US+m1") with every formant frequency multiplied by
     ``formant_scale``: the same speaker with a vocal tract 1/formant_scale as long (vocal tract length perturbation,
     done where the formants are made). Pitch, rate and everything else the voice sets are kept.
+
+    ``phoneme_table`` ("en-rp") replaces the language's phoneme table: the accent's rules (which phonemes a word has:
+    the dictionary rules and ``replace`` lines its file selects) spoken with another table's sounds. espeak's New
+    York voice is exactly that, the American voice with a table of its own. It takes the place of the language's
+    ``phonemes`` line, since the ``replace`` lines after it name phonemes of the table then in force; a language
+    without one (``en``) gets it after its ``language`` lines.
 
     It is the language file's lines, then the variant's, so that the variant's settings win as when espeak loads
     ``language+variant``; and like espeak, which forgets the language's formants when it loads a variant, the
     formants come from the variant if there is one. Scaled, all nine are written out (height and width -1 keep
     espeak's own for those the file leaves out; a line for one, even at 100 %, changes a wave-generator voice's
-    sound). With a scale of 1 the audio is the named voice's, sample for sample (tests/test_synth.py).
+    sound). With a scale of 1 and the language's own table the audio is the named voice's, sample for sample
+    (tests/test_synth.py).
     """
     lines, formants = _voice_parts(voice)
+    if phoneme_table:
+        lines = _with_table(list(lines), phoneme_table, voice)
     if formant_scale != 1.0:  # those left out are at espeak's 100 %; -1 keeps their height and width
         formants = {n: ("100", "-1", "-1") for n in range(FORMANTS)} | dict(formants)
     scaled = [" ".join(["formant", str(n), str(round(int(frequency) * formant_scale)), *rest])
               for n, (frequency, *rest) in sorted(formants.items())]
     return "\n".join([*lines, *scaled]) + "\n"
+
+
+def language_table(language: str) -> str:
+    """The phoneme table a language voice's file names ("en-US-nyc" -> "en-us-nyc"); "" where it names none."""
+    tables = [line.split()[1] for line in _voice_parts(language)[0] if line.split()[:1] == ["phonemes"]]
+    return tables[0] if tables else ""
+
+
+def _with_table(lines: list[str], table: str, voice: str) -> list[str]:
+    if table not in phoneme_tables():
+        raise EspeakError(f"voice {voice!r}: unknown phoneme table {table!r}")
+    keys = [line.split()[:1] for line in lines]
+    if ["phonemes"] in keys:
+        lines[keys.index(["phonemes"])] = f"phonemes {table}"
+    else:
+        last_language = max(i for i, key in enumerate(keys) if key == ["language"])
+        lines.insert(last_language + 1, f"phonemes {table}")
+    return lines
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,10 +295,11 @@ class Espeak:
             _engine()
 
     def synth(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT,
-              formant_scale: float = 1.0) -> np.ndarray:
+              formant_scale: float = 1.0, phoneme_table: str = "") -> np.ndarray:
         """Speak ``text``; returns float32 samples at 16 kHz, shape (n,). Raises EspeakError naming voice and text.
-        ``formant_scale`` multiplies the voice's formant frequencies (``scaled_voice``): another vocal tract."""
-        return self.synth_words(text, voice, rate, pitch, formant_scale=formant_scale)[0]
+        ``formant_scale`` multiplies the voice's formant frequencies: another vocal tract; ``phoneme_table``
+        speaks the voice's accent with another table's sounds (``composed_voice``)."""
+        return self.synth_words(text, voice, rate, pitch, formant_scale=formant_scale, phoneme_table=phoneme_table)[0]
 
     def phonemes(self, text: str, voice: str = "en") -> list[list[str]]:
         """How ``voice`` pronounces ``text``: per word, espeak's ascii phoneme names, stress marks attached to the
@@ -270,7 +317,8 @@ class Espeak:
         return [word.split(PHONEME_SEPARATOR) for clause in clauses for word in clause.split()]
 
     def synth_words(self, text: str, voice: str = "en", rate: int = RATE_DEFAULT, pitch: int = PITCH_DEFAULT,
-                    phonemes: bool = False, formant_scale: float = 1.0) -> tuple[np.ndarray, list[float]]:
+                    phonemes: bool = False, formant_scale: float = 1.0, phoneme_table: str = ""
+                    ) -> tuple[np.ndarray, list[float]]:
         """``synth``, plus where each word starts (seconds into the audio; one per word espeak spoke, which for
         plain words is one per whitespace-separated word of ``text``). With ``phonemes``, ``text`` is espeak
         phoneme names, words separated by spaces (what ``phonemes`` gives, each word joined)."""
@@ -281,11 +329,13 @@ class Espeak:
         if not FORMANT_SCALE_MIN <= formant_scale <= FORMANT_SCALE_MAX:
             raise EspeakError(f"{where}: formant_scale must be {FORMANT_SCALE_MIN}-{FORMANT_SCALE_MAX}, "
                               f"got {formant_scale}")
+        if phoneme_table and phoneme_table not in phoneme_tables():
+            raise EspeakError(f"{where}: unknown phoneme table {phoneme_table!r}")
         if not text.strip():
             raise EspeakError(f"{where}: nothing to say")
         with _Engine.lock:
             engine = _engine()
-            self._set_voice(engine.lib, voice, where, formant_scale)
+            self._set_voice(engine.lib, voice, where, formant_scale, phoneme_table)
             for param, value in ((PARAM_RATE, rate), (PARAM_PITCH, pitch), (PARAM_RANGE, RANGE_DEFAULT),
                                  (PARAM_VOLUME, VOLUME_DEFAULT)):
                 _check(engine.lib.espeak_SetParameter(param, int(value), 0), f"espeak_SetParameter({param})", where)
@@ -301,17 +351,19 @@ class Espeak:
         return resample(np.concatenate(chunks).astype(np.float32) / INT16_SCALE), starts
 
     @staticmethod
-    def _set_voice(lib: ctypes.CDLL, voice: str, where: str, formant_scale: float = 1.0) -> None:
+    def _set_voice(lib: ctypes.CDLL, voice: str, where: str, formant_scale: float = 1.0, phoneme_table: str = ""
+                   ) -> None:
         """Select ``voice``. espeak ignores an unknown variant silently (``en+nope`` speaks plain ``en``) and keeps
-        the previous voice after an unknown language, so both are checked here. Another ``formant_scale`` than 1
-        loads a voice file composed for it (``scaled_voice``), written once per process into a folder of its own."""
+        the previous voice after an unknown language, so both are checked here. Another ``formant_scale`` than 1,
+        or a ``phoneme_table``, loads a voice file composed for it (``composed_voice``), written once per process
+        into a folder of its own."""
         variant = voice.partition("+")[2]
         if variant and variant not in voice_variants():
             raise EspeakError(f"{where}: unknown voice variant {variant!r}; known: {', '.join(voice_variants())}")
-        if formant_scale == 1.0:
+        if formant_scale == 1.0 and not phoneme_table:
             _check(lib.espeak_SetVoiceByName(voice.encode()), "espeak_SetVoiceByName", where)
             return
-        path = _voice_file(scaled_voice(voice, formant_scale), where)
+        path = _voice_file(composed_voice(voice, formant_scale, phoneme_table), where)
         _check(lib.espeak_ng_SetVoiceByFile(path.encode()), "espeak_ng_SetVoiceByFile", where)
 
 

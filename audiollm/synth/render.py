@@ -4,10 +4,11 @@ espeak's wave generator keeps state from one utterance to the next (``audiollm.s
 sounds slightly different depending on what the process said before. A fresh process per fixed-size shard makes a
 build byte-identical to any other with the same plan, whatever the core count.
 
-A clip is ``(audio, text, voice, rate, pitch[, vowels[, formant_scale]])``: its path relative to the output folder,
-what is said, the espeak voice ("en+f1"), words per minute, pitch (0-100), optionally the vowel moves of an accent
-of its own (``audiollm.synth.accents``; spoken from the voice's own phonemes with those vowels moved) and a factor on
-the voice's formant frequencies (``audiollm.synth.espeak.scaled_voice``; 1 keeps the voice as shipped).
+A clip is ``(audio, text, voice, rate, pitch[, vowels[, formant_scale[, phoneme_table]]])``: its path relative to
+the output folder, what is said, the espeak voice ("en+f1"), words per minute, pitch (0-100), optionally the vowel
+moves of an accent of its own (``audiollm.synth.accents``; spoken from the voice's own phonemes with those vowels
+moved), a factor on the voice's formant frequencies and another phoneme table for its accent
+(``audiollm.synth.espeak.composed_voice``; 1 and "" keep the voice as shipped).
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def _render_worker() -> None:
     for audio, text, voice, rate, pitch, *extra in job["clips"]:
         vowels = extra[0] if extra else {}
         formant_scale = extra[1] if len(extra) > 1 else 1.0
+        sound = {"formant_scale": formant_scale, "phoneme_table": extra[2] if len(extra) > 2 else ""}
         if vowels:
             said = speak_with_accent(engine.phonemes(text, voice), vowels)
-            wav, starts = engine.synth_words(said, voice, rate, pitch, phonemes=True, formant_scale=formant_scale)
+            wav, starts = engine.synth_words(said, voice, rate, pitch, phonemes=True, **sound)
         else:
-            wav, starts = engine.synth_words(text, voice, rate, pitch, formant_scale=formant_scale)
+            wav, starts = engine.synth_words(text, voice, rate, pitch, **sound)
         wav = np.clip(wav, -1.0, 1.0)  # resampling can overshoot full scale
         path = Path(job["root"]) / audio
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ PITCH_NORMAL, PITCH_LOW, PITCH_HIGH = (30, 70), (10, 20), (80, 90)
 # docs/demo_history.md, "What the voices did".
 VOWEL_SHARE = 0.0
 # Every training clip in a vocal tract of its own (`audiollm data synth --formant-range LOW HIGH`): the voice's formant
-# frequencies all multiplied by a factor drawn uniformly from the range per clip (audiollm.synth.espeak.scaled_voice;
+# frequencies all multiplied by a factor drawn uniformly from the range per clip (audiollm.synth.espeak.composed_voice;
 # vocal tract length perturbation made at the synthesiser, pitch kept), so that no training voice is heard twice the
 # same. Held-out and validation clips keep the shipped voices. Off in the demo: it lowers WER but not the rest.
 # Validation after pretraining (demo recipe, seed 0), WER / speaker sex / pitch accuracy: off 0.294 / 0.550 / 0.600,
@@ -50,3 +50,11 @@ VOWEL_SHARE = 0.0
 # 0.867 / 0.776 / 0.256 against 0.867 / 0.842 / 0.291 off; the whole demo with every training clip scaled 0.786 /
 # 0.697 / 0.251 against 0.896 / 0.848 / 0.308 (held-out voice chat 0.606 against 0.736, WER 0.500 against 0.512).
 FORMANT_RANGE = (1.0, 1.0)
+# An accent, to espeak, is rules (which phonemes a word has: the dictionary rules and `replace` lines its voice file
+# selects) and a phoneme table (how each phoneme sounds). The held-out New York voice is the American voice with a
+# table of its own, nothing else, and the listener misses it on sound, not on phonemes (docs/demo_history.md, "What
+# the misses are"). With TABLE_SHARE > 0 each English training clip is, with that probability, spoken in its accent's
+# rules with another training accent's table, drawn per clip (`audiollm data synth --table-share`): twenty accents
+# that mix two of the five, none of them a held-out or validation table. The tables of the training accents:
+PHONEME_TABLES = {"en": "en", "en-US": "en-us", "en-GB-x-rp": "en-rp", "en-GB-x-gbclan": "en-n", "en-GB-x-gbcwmd": "en-wm"}
+TABLE_SHARE = 0.0
