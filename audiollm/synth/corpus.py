@@ -145,8 +145,10 @@ class Speaker:
     def other_table(self, path: str, accent: str) -> str:
         """With probability ``table_share``, the phoneme table of another training accent than ``accent`` (its own
         generator, so the share changes nothing else); otherwise "" (the accent's own)."""
+        if not self.table_share:  # the default: no generator made for each of ~32,000 clips
+            return ""
         rng = self.rng(f"table {path}")
-        if not self.table_share or rng.random() >= self.table_share:
+        if rng.random() >= self.table_share:
             return ""
         return PHONEME_TABLES[rng.choice([a for a in ACCENTS["train"] if a != accent])]
 

@@ -329,8 +329,6 @@ class Espeak:
         if not FORMANT_SCALE_MIN <= formant_scale <= FORMANT_SCALE_MAX:
             raise EspeakError(f"{where}: formant_scale must be {FORMANT_SCALE_MIN}-{FORMANT_SCALE_MAX}, "
                               f"got {formant_scale}")
-        if phoneme_table and phoneme_table not in phoneme_tables():
-            raise EspeakError(f"{where}: unknown phoneme table {phoneme_table!r}")
         if not text.strip():
             raise EspeakError(f"{where}: nothing to say")
         with _Engine.lock:
